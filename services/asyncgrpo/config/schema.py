@@ -1,0 +1,140 @@
+"""The typed configuration of a run: one tree of sections, every knob with a default and a doc string.
+
+Key names follow the anchors' vocabulary (AReaL's cli_args, verl's loss_agg_mode) so that a user coming
+from them finds the same knob under the same name. Later services add their own sections here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+NormLevel = Literal["group", "batch", "none"]
+LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+KLEstimator = Literal["k1", "k2", "k3"]
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors and assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+
+
+class AdvNormConfig(Section):
+    mean_level: NormLevel = Field("group", description="Where the reward mean is taken: group, batch or none (no centering).")
+    mean_leave1out: bool = Field(False, description="Leave-one-out mean (RLOO): each completion is compared with the mean of the others.")
+    std_level: NormLevel = Field("group", description="Where the reward std is taken: group, batch or none (Dr.GRPO: no division).")
+    std_unbiased: bool = Field(True, description="Use the unbiased (n-1) std, as verl and torch.std do.")
+    eps: float = Field(1e-6, gt=0, description="Added to the std before dividing, so all-equal rewards give 0, not NaN.")
+
+
+class OverlongPenaltyConfig(Section):
+    enabled: bool = Field(False, description="Apply DAPO's soft overlong penalty to the reward.")
+    max_len: int | None = Field(None, gt=0, description="L_max in tokens; null means rollout.max_new_tokens.")
+    buffer_len: int = Field(64, gt=0, description="L_buf: the penalty ramps linearly over the last buffer_len tokens.")
+    factor: float = Field(1.0, ge=0, description="Penalty reached at L_max (reward -= factor at full length).")
+
+
+class ActorConfig(Section):
+    path: str = Field("", description="HF checkpoint directory of the policy (config.json, safetensors, tokenizer).")
+    group_size: int = Field(8, ge=1, description="G: completions sampled per prompt.")
+    adv_norm: AdvNormConfig = Field(default_factory=AdvNormConfig, description="Advantage normalisation.")
+    eps_clip: float = Field(0.2, gt=0, lt=1, description="Lower PPO clip: ratio clipped to [1 - eps_clip, ...].")
+    eps_clip_higher: float | None = Field(None, gt=0, description="Upper PPO clip (DAPO clip-higher); null means eps_clip.")
+    c_clip: float | None = Field(None, gt=1, description="Dual clip constant c > 1 for negative advantages; null disables.")
+    behav_imp_weight_cap: float | None = Field(5.0, gt=1, description="Cap on the behaviour weight pi_prox/pi_behave; null disables.")
+    behav_imp_weight_mode: Literal["clamp", "mask"] = Field("clamp", description="clamp: w = min(w, cap); mask: drop tokens with w > cap.")
+    loss_agg_mode: LossAggMode = Field("seq-mean-token-mean", description="How per-token losses become one number (verl's loss_agg_mode).")
+    loss_agg_norm_len: int | None = Field(None, gt=0, description="Constant length for seq-mean-token-sum-norm; null means rollout.max_new_tokens.")
+    kl_ctl: float = Field(0.0, ge=0, description="Weight beta of the KL to the reference policy; 0 disables the reference model.")
+    kl_estimator: KLEstimator = Field("k3", description="KL estimator: k1 = logp - ref, k2 = 0.5 (logp - ref)^2, k3 = exp(ref - logp) - (ref - logp) - 1.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; the trainer recomputes log-probs of logits / temperature.")
+    dynamic_filtering: bool = Field(False, description="Drop groups whose rewards are all equal (zero advantage) before training.")
+    overlong_penalty: OverlongPenaltyConfig = Field(default_factory=OverlongPenaltyConfig, description="DAPO overlong reward shaping.")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward micro-batch (gradient accumulation).")
+
+    @model_validator(mode="after")
+    def _clip_higher_default(self) -> "ActorConfig":
+        if self.eps_clip_higher is not None and self.eps_clip_higher < self.eps_clip:
+            raise ValueError(
+                f"actor.eps_clip_higher ({self.eps_clip_higher}) is below actor.eps_clip ({self.eps_clip}); "
+                "set it >= eps_clip or null"
+            )
+        return self
+
+
+class RefConfig(Section):
+    path: str | None = Field(None, description="HF checkpoint of the frozen reference policy; null means actor.path.")
+
+
+class OptimizerConfig(Section):
+    type: Literal["adam", "sgd"] = Field("adam", description="Optimizer (megatron's Adam is AdamW).")
+    lr: float = Field(1e-6, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
+    beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1.")
+    beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2.")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = Field("constant", description="LR decay after warmup.")
+    warmup_steps_proportion: float = Field(0.0, ge=0, le=1, description="Fraction of total steps spent in linear warmup.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final LR as a fraction of lr for linear/cosine decay.")
+    gradient_clipping: float = Field(1.0, ge=0, description="Max global grad norm; 0 disables clipping.")
+
+
+class DatasetConfig(Section):
+    path: str = Field("", description="JSONL (or parquet) file of prompts.")
+    batch_size: int = Field(8, ge=1, description="Prompts (groups) per training batch.")
+    shuffle: bool = Field(True, description="Shuffle prompts each epoch (seeded by run seed and epoch).")
+    prompt_key: str = Field("prompt", description="Field of a record that holds the prompt text.")
+    answer_key: str = Field("answer", description="Field of a record that holds the reference answer.")
+    prompt_template: str = Field("{prompt}", description="Python format string applied to a record to build the prompt text.")
+
+
+class RewardConfig(Section):
+    fns: list[str] = Field(default_factory=lambda: ["gsm8k"], description="Reward functions by name (exact, gsm8k, boxed); weights below.")
+    weights: list[float] | None = Field(None, description="Per-function weights; null means all 1.")
+    timeout_s: float = Field(10.0, gt=0, description="A reward call running longer scores 0 and is counted.")
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> "RewardConfig":
+        from asyncgrpo.rewards import REWARD_FNS
+
+        unknown = [f for f in self.fns if f not in REWARD_FNS]
+        if unknown:
+            raise ValueError(f"reward.fns: unknown {unknown}; choose from {sorted(REWARD_FNS)}")
+        if self.weights is not None and len(self.weights) != len(self.fns):
+            raise ValueError(f"reward.weights has {len(self.weights)} entries but reward.fns has {len(self.fns)}; give one weight per function")
+        return self
+
+
+class RolloutConfig(Section):
+    max_head_offpolicyness: int = Field(2, ge=0, description="Max policy versions a sample may lag the trainer (staleness bound).")
+    max_concurrent_rollouts: int = Field(64, ge=1, description="Groups generated at the same time.")
+    max_new_tokens: int = Field(256, ge=1, description="Completion length limit in tokens.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    top_k: int = Field(-1, description="Top-k sampling; -1 disables.")
+
+
+class RedisConfig(Section):
+    url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (redis:// or unix://) holding the queue and run state.")
+
+
+class RunConfig(Section):
+    """The whole run. Load with asyncgrpo.config.load_config()."""
+
+    experiment_name: str = Field("asyncgrpo", min_length=1, description="Name of the experiment (groups runs).")
+    trial_name: str = Field("trial0", min_length=1, description="Name of this run within the experiment; with experiment_name it is the run id.")
+    seed: int = Field(1, description="Seed for data order, sampling and initialisation.")
+    fileroot: str = Field("runs", description="Directory for checkpoints, logs and generated artefacts.")
+    total_train_epochs: int = Field(1, ge=1, description="Passes over the training prompts.")
+    actor: ActorConfig = Field(default_factory=ActorConfig, description="The policy being trained and its loss.")
+    ref: RefConfig = Field(default_factory=RefConfig, description="The frozen reference policy for the KL term.")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Optimizer and LR schedule.")
+    train_dataset: DatasetConfig = Field(default_factory=DatasetConfig, description="Training prompts.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward functions.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Generation and staleness control.")
+    redis: RedisConfig = Field(default_factory=RedisConfig, description="The Redis server shared by the services.")
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.experiment_name}/{self.trial_name}"

@@ -1,0 +1,1 @@
+"""Shared plumbing: logging, metrics, process helpers."""

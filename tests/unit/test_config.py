@@ -1,0 +1,86 @@
+"""The config system: YAML + dotted overrides, unknown keys rejected with the valid ones listed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from asyncgrpo.config import ConfigError, RunConfig, describe, dump_config, load_config, parse_overrides
+
+
+def test_defaults_are_valid_and_documented() -> None:
+    cfg = load_config()
+    assert isinstance(cfg, RunConfig)
+    assert cfg.actor.group_size == 8 and cfg.actor.adv_norm.std_level == "group"
+    rows = describe()
+    keys = {k for k, _, _ in rows}
+    for key in ["actor.path", "ref.path", "actor.group_size", "actor.adv_norm.mean_level", "actor.adv_norm.std_level",
+                "actor.eps_clip", "actor.eps_clip_higher", "actor.c_clip", "actor.behav_imp_weight_cap",
+                "actor.behav_imp_weight_mode", "actor.loss_agg_mode", "actor.kl_ctl", "actor.kl_estimator",
+                "rollout.max_head_offpolicyness", "actor.dynamic_filtering", "actor.overlong_penalty.enabled",
+                "optimizer.lr", "total_train_epochs", "train_dataset.batch_size"]:
+        assert key in keys, key
+    assert all(doc for _, _, doc in rows), [k for k, _, d in rows if not d]
+
+
+def test_yaml_then_overrides(tmp_path: Path) -> None:
+    f = tmp_path / "run.yaml"
+    f.write_text("actor:\n  group_size: 4\n  eps_clip: 0.1\noptimizer:\n  lr: 1.0e-5\n")
+    cfg = load_config([f], ["--actor.group_size=16", "--actor.adv_norm.std_level", "none", "--rollout.max-head-offpolicyness=0"])
+    assert cfg.actor.group_size == 16
+    assert cfg.actor.eps_clip == 0.1
+    assert cfg.optimizer.lr == 1e-5
+    assert cfg.actor.adv_norm.std_level == "none"
+    assert cfg.rollout.max_head_offpolicyness == 0
+
+
+def test_dump_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(overrides=["--actor.c_clip=3", "--reward.fns=[boxed, gsm8k]"])
+    f = tmp_path / "dumped.yaml"
+    f.write_text(dump_config(cfg))
+    assert load_config([f]) == cfg
+
+
+def test_unknown_key_lists_valid_ones_and_suggests() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["--actor.grup_size=4"])
+    msg = str(e.value)
+    assert "actor.grup_size" in msg and "Did you mean 'actor.group_size'" in msg and "eps_clip" in msg
+
+
+def test_unknown_top_level_key_in_yaml(tmp_path: Path) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text("actr:\n  group_size: 4\n")
+    with pytest.raises(ConfigError, match="unknown config key 'actr'.*Did you mean 'actor'"):
+        load_config([f])
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("--actor.eps_clip=-1", "actor.eps_clip"),
+        ("--actor.adv_norm.mean_level=grup", "actor.adv_norm.mean_level"),
+        ("--actor.loss_agg_mode=mean", "actor.loss_agg_mode"),
+        ("--actor.kl_estimator=k4", "actor.kl_estimator"),
+        ("--actor.group_size=zero", "actor.group_size"),
+        ("--actor.c_clip=0.5", "actor.c_clip"),
+        ("--actor.eps_clip_higher=0.1", "eps_clip_higher"),
+        ("--reward.fns=[nope]", "reward.fns"),
+    ],
+)
+def test_bad_values_name_the_field(override: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        load_config(overrides=[override])
+
+
+def test_override_syntax_errors() -> None:
+    with pytest.raises(ConfigError, match="no value"):
+        parse_overrides(["--actor.group_size"])
+    with pytest.raises(ConfigError, match="overrides look like"):
+        parse_overrides(["actor.group_size=3"])
+
+
+def test_missing_file_is_clear() -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(["/nonexistent/run.yaml"])
