@@ -1,0 +1,23 @@
+"""The Redis side of a run: the stream of scored groups and the shared run state (version, pause,
+prompt cursor and leases, re-queue list, counters)."""
+
+from asyncgrpo.queue.group_queue import DEFAULT_CONSUMER_GROUP, GroupQueue
+from asyncgrpo.queue.keys import RunKeys
+from asyncgrpo.queue.run_state import Admission, CursorMismatchError, RunState
+from asyncgrpo.queue.schema import (
+    SCHEMA_VERSION,
+    Completion,
+    Group,
+    GroupSchemaError,
+    GroupTooLargeError,
+    PromptRef,
+    decode_group,
+    encode_group,
+    version_number,
+)
+
+__all__ = [
+    "SCHEMA_VERSION", "Admission", "Completion", "CursorMismatchError", "DEFAULT_CONSUMER_GROUP", "Group",
+    "GroupQueue", "GroupSchemaError", "GroupTooLargeError", "PromptRef", "RunKeys", "RunState",
+    "decode_group", "encode_group", "version_number",
+]

@@ -1,0 +1,81 @@
+"""The group message encoding: round trip, compactness, versioning and the size limit."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from asyncgrpo.queue import GroupSchemaError, GroupTooLargeError, PromptRef, decode_group, encode_group, version_number
+from asyncgrpo.queue.schema import Completion, spans_from_versions, versions_from_spans
+
+from .helpers import make_group
+
+
+def test_round_trip_keeps_every_field() -> None:
+    g = make_group(split=2)
+    g.completions[0].reward_error = "TimeoutError"
+    g.completions[1].resumes = 1
+    back = decode_group(encode_group(g))
+    assert back == g
+    assert back.completions[0].token_versions == ["0", "0", "1", "1"]
+    assert back.oldest_version == 0 and back.newest_version == 1
+
+
+def test_logprobs_travel_as_float32() -> None:
+    g = make_group()
+    g.completions[0].logprobs = [-0.123456789] * 4
+    back = decode_group(encode_group(g))
+    assert back.completions[0].logprobs[0] == pytest.approx(-0.123456789, abs=1e-7)
+    assert back.completions[0].logprobs[0] != -0.123456789
+
+
+def test_g16_512_tokens_is_compact() -> None:
+    g = make_group(g=16, n=512)
+    size = len(encode_group(g))
+    # 16 * 512 tokens * (4 B id + 4 B logprob) = 64 KiB of payload plus small per-completion overhead
+    assert 16 * 512 * 8 < size < 16 * 512 * 8 + 4096
+
+
+def test_unknown_schema_version_is_a_clear_error() -> None:
+    body = msgpack.unpackb(encode_group(make_group()))
+    body["schema_version"] = 99
+    with pytest.raises(GroupSchemaError, match="schema_version 99"):
+        decode_group(msgpack.packb(body))
+
+
+def test_missing_field_and_garbage_are_schema_errors() -> None:
+    body = msgpack.unpackb(encode_group(make_group()))
+    del body["prompt_ids"]
+    with pytest.raises(GroupSchemaError, match="prompt_ids"):
+        decode_group(msgpack.packb(body))
+    with pytest.raises(GroupSchemaError, match="msgpack"):
+        decode_group(b"\xc1\xc1")
+
+
+def test_size_limit_names_the_knob() -> None:
+    with pytest.raises(GroupTooLargeError, match="max_message_bytes"):
+        encode_group(make_group(g=16, n=512), max_bytes=10_000)
+
+
+def test_version_spans() -> None:
+    assert spans_from_versions(["3", "3", "4"]) == [("3", 0, 2), ("4", 2, 3)]
+    assert spans_from_versions([]) == []
+    assert versions_from_spans([("3", 0, 2), ("4", 2, 3)], 3) == ["3", "3", "4"]
+    with pytest.raises(GroupSchemaError):
+        versions_from_spans([("3", 0, 2)], 3)
+    with pytest.raises(GroupSchemaError):
+        Completion([1, 2], [0.0], [("1", 0, 2)], "stop", 0.0)
+
+
+def test_version_number() -> None:
+    assert version_number("default") == 0 and version_number("7") == 7 and version_number(3) == 3
+    with pytest.raises(GroupSchemaError, match="weight_version"):
+        version_number("v7-abc")
+
+
+def test_prompt_ref() -> None:
+    ref = PromptRef(2, 17, 1)
+    assert PromptRef.parse(ref.key()) == ref and PromptRef.parse(ref.key().encode()) == ref
+    assert ref.retry() == PromptRef(2, 17, 2) and ref.retry().group_id() != ref.group_id()
+    with pytest.raises(ValueError, match="epoch:position:attempt"):
+        PromptRef.parse("1:2")
