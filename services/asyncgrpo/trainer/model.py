@@ -1,0 +1,236 @@
+"""The megatron-core GPTModel policy: parallel setup, construction from an HF checkpoint, HF export.
+
+Local layer spec on CPU (and wherever Transformer Engine is missing), TE spec where it imports. The
+weights come in through our own mapping (hf_mapping.py) and go out the same way, gathered over TP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from asyncgrpo.trainer import megatron_compat
+from asyncgrpo.trainer.hf_mapping import ModelArch, hf_to_megatron, megatron_param_names, megatron_param_to_hf, tp_split_dim
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "asyncgrpo_tiny.json")
+
+
+def te_available() -> bool:
+    """Transformer Engine importable (then the TE layer spec is used)."""
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available()
+
+
+def init_parallel(tp_size: int = 1, seed: int = 0, backend: str | None = None, timeout_s: float = 600) -> None:
+    """Initialise torch.distributed (world size 1 from defaults if no launcher set the env) and megatron's
+    model-parallel groups: TP = tp_size, DP = world_size / tp_size. Idempotent."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    megatron_compat.install()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    world = dist.get_world_size()
+    if world % tp_size:
+        raise ValueError(f"trainer.tensor_parallel_size={tp_size} does not divide the world size {world}")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size)
+    # Dropout is 0 in GRPO, so the inference tracker (fork = no-op) is exact and needs no CUDA RNG.
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not torch.cuda.is_available())
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def transformer_config(arch: ModelArch, tp_size: int, dtype: torch.dtype):
+    from megatron.core.transformer import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_heads,
+        num_query_groups=arch.num_kv_heads,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp_size,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        pipeline_dtype=dtype,
+        attention_softmax_in_fp32=True,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=False,  # every weight is loaded from the checkpoint
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def build_gpt_model(arch: ModelArch, tp_size: int, dtype: torch.dtype = torch.float32):
+    """An uninitialised GPTModel of the given architecture (weights come from load_hf_weights)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec
+
+    arch.check_tp(tp_size)
+    cfg = transformer_config(arch, tp_size, dtype)
+    spec = get_gpt_layer_with_transformer_engine_spec() if te_available() else get_gpt_layer_local_spec(normalization="RMSNorm")
+    with megatron_compat.cuda_on_cpu():
+        model = GPTModel(
+            config=cfg,
+            transformer_layer_spec=spec,
+            vocab_size=arch.padded_vocab_size(tp_size),
+            max_sequence_length=arch.max_position_embeddings,
+            parallel_output=True,
+            share_embeddings_and_output_weights=arch.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_percent=1.0,
+            rotary_base=int(arch.rope_theta) if float(arch.rope_theta).is_integer() else arch.rope_theta,
+        )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+class LazySafetensors(Mapping):
+    """A read-only name -> tensor view over the *.safetensors files of an HF directory, loading on access."""
+
+    def __init__(self, path: str | Path) -> None:
+        from safetensors import safe_open
+
+        files = sorted(Path(path).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors in {path}: save the HF checkpoint with safe_serialization=True")
+        self._handles = [safe_open(str(f), framework="pt") for f in files]
+        self._where = {k: h for h in self._handles for k in h.keys()}
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._where[name].get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel under DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def is_te_model(model: torch.nn.Module) -> bool:
+    return any("layer_norm_weight" in n for n, _ in unwrap(model).named_parameters())
+
+
+def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, arch: ModelArch) -> None:
+    """Load this TP rank's slice of the HF checkpoint into the GPTModel (strict on parameters)."""
+    from megatron.core import parallel_state
+
+    gpt = unwrap(model)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    sd = hf_to_megatron(LazySafetensors(hf_dir), arch, tp_rank, tp_size, te_spec=is_te_model(gpt))
+    load_megatron_state(gpt, sd)
+
+
+def load_megatron_state(gpt: torch.nn.Module, sd: dict[str, Tensor]) -> None:
+    params = dict(gpt.named_parameters())
+    missing = sorted(set(params) - set(sd))
+    unexpected = sorted(set(sd) - set(params))
+    if missing or unexpected:
+        raise RuntimeError(f"megatron state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            src = sd[name]
+            if tuple(src.shape) != tuple(p.shape):
+                raise RuntimeError(f"{name}: checkpoint shape {tuple(src.shape)} != model shape {tuple(p.shape)}")
+            p.copy_(src.to(p.dtype))
+
+
+def export_hf_state_dict(model: torch.nn.Module, arch: ModelArch, dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
+    """Yield (hf_name, full tensor) for every HF weight in a stable order, gathering TP shards.
+
+    Collective over the TP group: every TP rank must iterate it to the end. Tensors are CPU copies.
+    """
+    from megatron.core import parallel_state
+
+    gpt = unwrap(model)
+    params = dict(gpt.named_parameters())
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    group = parallel_state.get_tensor_model_parallel_group()
+    for name in megatron_param_names(arch, te_spec=is_te_model(gpt)):
+        local = params[name].detach()
+        if tp_size > 1 and tp_split_dim(name) is not None:
+            shards = [torch.empty_like(local) for _ in range(tp_size)]
+            dist.all_gather(shards, local.contiguous(), group=group)
+        else:
+            shards = [local]
+        for hf_name, t in megatron_param_to_hf(name, [s.cpu() for s in shards], arch):
+            yield hf_name, t.to(dtype or t.dtype).contiguous()
+
+
+def save_hf_checkpoint(model: torch.nn.Module, arch: ModelArch, src_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path | None:
+    """Write model.safetensors + config.json + tokenizer files to out_dir (on global rank 0; collective)."""
+    from safetensors.torch import save_file
+
+    tensors = dict(export_hf_state_dict(model, arch, dtype))
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((Path(src_dir) / "config.json").read_text())
+    if dtype is not None:
+        cfg["dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    for name in TOKENIZER_FILES:
+        if (Path(src_dir) / name).exists():
+            shutil.copy2(Path(src_dir) / name, out / name)
+    return out
