@@ -27,7 +27,7 @@ IGNORE_INDEX = -100
 
 @dataclass
 class WarmStartConfig:
-    steps: int = 1500
+    steps: int = 1750
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 0.0
