@@ -119,6 +119,22 @@ class RedisConfig(Section):
     url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (redis:// or unix://) holding the queue and run state.")
 
 
+class TrainerConfig(Section):
+    """The megatron-core trainer service (asyncgrpo trainer)."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="Tensor-parallel size; data-parallel size = world size / this.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Parameter dtype (bfloat16 keeps fp32 master weights in the optimizer).")
+    use_distributed_optimizer: bool = Field(False, description="Shard optimizer state over data-parallel ranks (megatron distributed optimizer).")
+    total_steps: int = Field(1000, ge=1, description="Optimizer steps the LR schedule spans (warmup proportion and decay refer to it).")
+    checkpoint_dir: str | None = Field(None, description="Where checkpoints go; null means {fileroot}/{experiment_name}/{trial_name}/checkpoints.")
+    checkpoint_interval: int = Field(10, ge=0, description="Save a checkpoint every K steps (0 disables periodic saves).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk; older ones are deleted.")
+    hf_save_interval: int = Field(0, ge=0, description="Also write an HF checkpoint (safetensors) every K steps (0 disables).")
+    max_steps: int | None = Field(None, ge=1, description="Stop the service after this many steps (null: run until stopped).")
+    poll_timeout_s: float = Field(5.0, gt=0, description="Block this long waiting for groups before checking for shutdown.")
+    metrics_port: int = Field(0, ge=0, description="Port of the trainer's Prometheus /metrics (0 disables).")
+
+
 class RunConfig(Section):
     """The whole run. Load with asyncgrpo.config.load_config()."""
 
@@ -134,6 +150,7 @@ class RunConfig(Section):
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward functions.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Generation and staleness control.")
     redis: RedisConfig = Field(default_factory=RedisConfig, description="The Redis server shared by the services.")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="The megatron-core trainer service.")
 
     @property
     def run_id(self) -> str:
