@@ -1,0 +1,292 @@
+"""One GRPO optimizer step on the megatron policy: the batch -> tensors -> pi_prox / pi_ref -> loss -> update.
+
+Every rank is handed the SAME global batch (the service broadcasts it). Advantages are computed on the
+whole batch (batch-level normalisation sees everything), then each data-parallel rank keeps its slice of
+groups and splits it into micro-batches. Each micro-batch loss is normalised by GLOBAL token / sequence
+counts (all-reduced over DP), and megatron DDP sums gradients (calculate_per_token_loss), so the step is
+the same for any micro-batch size and DP size. The math itself is asyncgrpo.core's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from asyncgrpo import core
+from asyncgrpo.config.schema import RunConfig
+from asyncgrpo.trainer import megatron_compat
+from asyncgrpo.trainer.hf_mapping import ModelArch
+from asyncgrpo.trainer.logprobs import token_logprobs
+from asyncgrpo.trainer.model import DTYPES, build_gpt_model, init_parallel, load_hf_weights
+
+STALENESS_BUCKETS = (0, 1, 2, 3, 4, 8)
+
+
+@dataclass
+class Sample:
+    """One completion of a prompt, as the rollout side scored it."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    behav_logprobs: list[float]  # per completion token, from the generation server (at the sampling temperature)
+    token_versions: list[int]  # policy version that produced each completion token
+    reward: float
+    group_id: str
+
+    def __post_init__(self) -> None:
+        n = len(self.completion_ids)
+        if not self.prompt_ids:
+            raise ValueError(f"group {self.group_id}: prompt_ids is empty; a completion needs at least one prompt token")
+        if len(self.behav_logprobs) != n or len(self.token_versions) != n:
+            raise ValueError(
+                f"group {self.group_id}: {n} completion tokens but {len(self.behav_logprobs)} behav_logprobs and "
+                f"{len(self.token_versions)} token_versions; give one of each per completion token"
+            )
+
+
+@dataclass
+class Batch:
+    """A training batch: whole groups (equal size G), in order."""
+
+    samples: list[Sample]
+    group_ids: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        order: dict[str, list[Sample]] = {}
+        for s in self.samples:
+            order.setdefault(s.group_id, []).append(s)
+        sizes = {len(v) for v in order.values()}
+        if len(sizes) > 1:
+            raise ValueError(f"batch groups have different sizes {sorted(sizes)}; every group needs actor.group_size samples")
+        self.group_ids = list(order)
+        self.samples = [s for v in order.values() for s in v]  # grouped contiguously
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.group_ids)
+
+    @property
+    def group_size(self) -> int:
+        return len(self.samples) // max(self.n_groups, 1)
+
+
+def pack(samples: Sequence[Sample], pad_id: int) -> dict[str, Tensor]:
+    """Right-padded [B, S] tensors: input_ids, loss_mask (completion tokens), behav_logp at token positions."""
+    lens = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
+    b, S = len(samples), max(lens)
+    ids = torch.full((b, S), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, S), dtype=torch.bool)
+    behav = torch.zeros((b, S), dtype=torch.float32)
+    for i, s in enumerate(samples):
+        p, c = len(s.prompt_ids), len(s.completion_ids)
+        ids[i, : p + c] = torch.tensor(s.prompt_ids + s.completion_ids, dtype=torch.long)
+        mask[i, p : p + c] = True
+        behav[i, p : p + c] = torch.tensor(s.behav_logprobs, dtype=torch.float32)
+    return {"input_ids": ids, "loss_mask": mask, "behav_logp": behav}
+
+
+def batch_advantages(batch: Batch, cfg: RunConfig) -> Tensor:
+    """Per-sample advantages [N] from the (shaped) rewards of the whole batch."""
+    a = cfg.actor
+    rewards = torch.tensor([s.reward for s in batch.samples], dtype=torch.float32)
+    if a.overlong_penalty.enabled:
+        lengths = torch.tensor([len(s.completion_ids) for s in batch.samples], dtype=torch.float32)
+        max_len = a.overlong_penalty.max_len or cfg.rollout.max_new_tokens
+        rewards = core.overlong_penalty(rewards, lengths, max_len, a.overlong_penalty.buffer_len, a.overlong_penalty.factor)
+    n = a.adv_norm
+    adv = core.group_advantages(
+        rewards.view(batch.n_groups, batch.group_size), n.mean_level, n.std_level, n.mean_leave1out, n.std_unbiased, n.eps
+    )
+    return adv.reshape(-1)
+
+
+class GRPOTrainer:
+    """The policy (megatron DDP), optional frozen reference, optimizer, LR schedule and policy version."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from megatron.core import parallel_state
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        if not cfg.actor.path:
+            raise ValueError("actor.path is empty: set it to an HF checkpoint directory")
+        self.cfg = cfg
+        t = cfg.trainer
+        init_parallel(t.tensor_parallel_size, cfg.seed)
+        self.arch = ModelArch.from_dir(cfg.actor.path)
+        self.dtype = DTYPES[t.dtype]
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+
+        gpt = build_gpt_model(self.arch, t.tensor_parallel_size, self.dtype)
+        load_hf_weights(gpt, cfg.actor.path, self.arch)
+        gpt.config.calculate_per_token_loss = True  # DDP sums gradients; our losses carry the global normalisers
+        module = gpt
+        if self.dtype != torch.float32:
+            from megatron.core.transformer.module import Float16Module
+
+            module = Float16Module(gpt.config, gpt)
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=t.use_distributed_optimizer,
+        )
+        o = cfg.optimizer
+        opt_cfg = OptimizerConfig(
+            optimizer=o.type, lr=o.lr, min_lr=o.lr * o.min_lr_ratio, weight_decay=o.weight_decay,
+            adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.gradient_clipping,
+            bf16=self.dtype == torch.bfloat16, params_dtype=self.dtype,
+            use_distributed_optimizer=t.use_distributed_optimizer,
+        )
+        with megatron_compat.cuda_on_cpu():
+            self.model = DistributedDataParallel(gpt.config, ddp_cfg, module)
+            self.optimizer = get_megatron_optimizer(opt_cfg, [self.model])
+        warmup = int(o.warmup_steps_proportion * t.total_steps)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if warmup else o.lr, max_lr=o.lr, min_lr=o.lr * o.min_lr_ratio,
+            lr_warmup_steps=warmup, lr_decay_steps=t.total_steps, lr_decay_style=o.lr_scheduler_type,
+            start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=t.total_steps, wd_incr_style="constant",
+        )
+        self.ref = None
+        if cfg.actor.kl_ctl > 0:
+            ref_path = cfg.ref.path or cfg.actor.path
+            self.ref = build_gpt_model(ModelArch.from_dir(ref_path), t.tensor_parallel_size, self.dtype)
+            load_hf_weights(self.ref, ref_path, self.arch)
+            self.ref.eval().requires_grad_(False)
+        self.version = 0  # policy version = optimizer steps taken
+        self.pad_id = 0
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+
+    def _all_reduce(self, t: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
+        if self.dp_size > 1:
+            dist.all_reduce(t, op=op, group=self.dp_group)
+        return t
+
+    def _logp(self, model: torch.nn.Module, ids: Tensor, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+        return token_logprobs(model, ids, self.cfg.actor.temperature, self.arch.vocab_size, with_entropy=entropy)
+
+    def local_samples(self, batch: Batch) -> tuple[list[Sample], slice]:
+        """This DP rank's contiguous slice of whole groups."""
+        g = batch.n_groups
+        if g % self.dp_size:
+            raise ValueError(f"batch has {g} groups, not divisible by the data-parallel size {self.dp_size}; set train_dataset.batch_size to a multiple")
+        per = g // self.dp_size * batch.group_size
+        sl = slice(self.dp_rank * per, (self.dp_rank + 1) * per)
+        return batch.samples[sl], sl
+
+    # -- the step ------------------------------------------------------------------------------------------------
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        """One optimizer step on `batch`; returns scalar metrics (identical on every rank)."""
+        t0 = time.perf_counter()
+        a = self.cfg.actor
+        adv_all = batch_advantages(batch, self.cfg)
+        samples, sl = self.local_samples(batch)
+        adv_local = adv_all[sl]
+        mbs = a.micro_batch_size
+        micro = []
+        self.model.eval()  # dropout is 0 anyway; eval only documents that the prox pass is a pure evaluation
+        with torch.no_grad():
+            for i in range(0, len(samples), mbs):
+                mb = pack(samples[i : i + mbs], self.pad_id)
+                mb["adv"] = adv_local[i : i + mbs]
+                mb["prox_logp"] = self._logp(self.model, mb["input_ids"])[0]
+                if self.ref is not None:
+                    mb["ref_logp"] = self._logp(self.ref, mb["input_ids"])[0]
+                micro.append(mb)
+        # Global normalisers: tokens that enter the loss (cap-masked tokens leave it in mask mode) and sequences.
+        counts = torch.zeros(2, dtype=torch.float64)
+        for mb in micro:
+            _, keep, _ = core.behaviour_weight(mb["prox_logp"], mb["behav_logp"], a.behav_imp_weight_cap, a.behav_imp_weight_mode)
+            eff = mb["loss_mask"] & keep
+            counts += torch.stack([core.count_tokens(eff), core.count_seqs(eff)]).double()
+        counts = self._all_reduce(counts)
+        g_tokens, g_seqs = float(counts[0]), float(counts[1])
+
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        sums: dict[str, Tensor] = {}
+        weights = {"tokens": torch.zeros((), dtype=torch.float64)}
+        for mb in micro:
+            logp, ent = self._logp(self.model, mb["input_ids"], entropy=True)
+            loss, stats = core.grpo_loss(
+                logp, mb["prox_logp"], mb["behav_logp"], mb["adv"], mb["loss_mask"],
+                eps_clip=a.eps_clip, eps_clip_higher=a.eps_clip_higher, c_clip=a.c_clip,
+                behav_imp_weight_cap=a.behav_imp_weight_cap, behav_imp_weight_mode=a.behav_imp_weight_mode,
+                loss_agg_mode=a.loss_agg_mode,
+                loss_agg_norm_len=a.loss_agg_norm_len or self.cfg.rollout.max_new_tokens,
+                global_token_count=g_tokens, global_seq_count=g_seqs,
+                ref_logp=mb.get("ref_logp"), kl_ctl=a.kl_ctl, kl_estimator=a.kl_estimator,
+            )
+            loss.backward()
+            n_tok = mb["loss_mask"].sum().double()
+            weights["tokens"] += n_tok
+            for k in ("loss", "policy_loss", "kl_ref"):
+                if k in stats:
+                    sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + stats[k].double()
+            # Token-weighted means over the whole global batch.
+            for k in ("clip_frac", "dual_clip_frac", "behav_cap_frac", "behav_weight_mean", "ratio_mean", "approx_kl"):
+                if k in stats:
+                    sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + stats[k].double() * n_tok
+            if ent is not None:
+                sums["entropy"] = sums.get("entropy", torch.zeros((), dtype=torch.float64)) + (ent * mb["loss_mask"]).sum().double()
+
+        with megatron_compat.cuda_on_cpu():
+            self.model.finish_grad_sync()
+            ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.version += 1
+
+        keys = sorted(sums)
+        vec = self._all_reduce(torch.stack([sums[k] for k in keys] + [weights["tokens"]]))
+        tot_tokens = float(vec[-1])
+        out: dict[str, float] = {}
+        for k, v in zip(keys, vec[:-1].tolist()):
+            out[k] = v if k in ("loss", "policy_loss", "kl_ref") else v / max(tot_tokens, 1.0)
+        rewards = torch.tensor([s.reward for s in batch.samples])
+        out.update(
+            reward_mean=float(rewards.mean()), reward_std=float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            adv_mean=float(adv_all.mean()), adv_std=float(adv_all.std()) if adv_all.numel() > 1 else 0.0,
+            adv_max=float(adv_all.max()), adv_min=float(adv_all.min()),
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            update_ok=float(bool(ok)), lr=float(self.optimizer.param_groups[0]["lr"]),
+            n_tokens=tot_tokens, n_seqs=float(len(batch.samples)), version=float(self.version),
+        )
+        all_tokens = sum(len(s.prompt_ids) + len(s.completion_ids) for s in batch.samples)
+        dt = time.perf_counter() - t0
+        out.update(step_time_s=dt, tokens_per_s=all_tokens / dt, completion_tokens_per_s=tot_tokens / dt)
+        out.update(staleness_histogram(batch, self.version - 1))
+        return out
+
+    # -- weights out ---------------------------------------------------------------------------------------------
+
+    def export_hf(self, dtype: torch.dtype | None = None):
+        """(hf_name, tensor) pairs of the current policy, for weight sync (collective over TP)."""
+        from asyncgrpo.trainer.model import export_hf_state_dict
+
+        return export_hf_state_dict(self.model, self.arch, dtype)
+
+
+def staleness_histogram(batch: Batch, trained_version: int) -> dict[str, float]:
+    """Counts of samples by staleness = version being trained - oldest token version (bucketed)."""
+    out = {f"staleness_le_{b}": 0.0 for b in STALENESS_BUCKETS}
+    out["staleness_gt_8"] = 0.0
+    worst = 0
+    for s in batch.samples:
+        st = trained_version - min(s.token_versions) if s.token_versions else 0
+        worst = max(worst, st)
+        for b in STALENESS_BUCKETS:
+            if st <= b:
+                out[f"staleness_le_{b}"] += 1
+                break
+        else:
+            out["staleness_gt_8"] += 1
+    out["staleness_max"] = float(worst)
+    return out
