@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "warm-start": ("asyncgrpo.tiny.warm_start", "Supervised warm start of a policy on the task's worked answers."),
     "prepare": ("asyncgrpo.tiny.prepare", "Build the tiny model and task, warm-start it and report its reward."),
     "evaluate": ("asyncgrpo.tiny.evaluate", "Sample a policy on a task file and report its reward."),
+    "rollout": ("asyncgrpo.rollout.command", "Sample G completions per prompt, score them and stream groups into Redis."),
 }
 
 

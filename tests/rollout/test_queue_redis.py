@@ -165,3 +165,11 @@ def test_version_and_snapshot(client) -> None:
         s.set_version(-1)
     snap = s.snapshot()
     assert snap["version"] == 5 and snap["queue_depth"] == 0 and snap["paused"] is False
+
+
+def test_abandoned_lease_is_requeued_first(client) -> None:
+    s = RunState(client, RUN)
+    a = admit(s, bg=5)
+    assert s.abandon_lease(a.ref) is True and s.abandon_lease(a.ref) is False
+    assert s.running() == 0 and s.requeued() == [a.ref]
+    assert admit(s, bg=5).ref == a.ref

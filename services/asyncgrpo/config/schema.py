@@ -113,6 +113,17 @@ class RolloutConfig(Section):
     max_new_tokens: int = Field(256, ge=1, description="Completion length limit in tokens.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
     top_k: int = Field(-1, description="Top-k sampling; -1 disables.")
+    # Rollout service (asyncgrpo rollout): max_concurrent_rollouts above is its number of asyncio workers.
+    server_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:30000"], min_length=1, description="Generation servers (SGLang or genserver) or one sglang-router URL; groups are spread round-robin.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Timeout of one /generate request.")
+    max_resubmits: int = Field(8, ge=0, description="Partial rollouts: times a completion aborted by a weight update is resubmitted with its tokens so far.")
+    lease_ttl_s: float = Field(120.0, gt=0, description="A prompt lease not renewed for this long (dead worker) is re-issued to another worker.")
+    reward_executor: Literal["thread", "process"] = Field("thread", description="Where reward functions run: a thread pool, or a process pool (isolates hangs).")
+    reward_workers: int = Field(4, ge=1, description="Size of the reward thread/process pool.")
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Size limit of one encoded group message in the queue.")
+    exit_when_exhausted: bool = Field(False, description="Exit once every epoch's prompts are done and none is leased or re-queued (else wait for re-queued prompts).")
+    metrics_port: int = Field(0, ge=0, description="Port of the rollout service's Prometheus /metrics (0 disables).")
+    log_interval_s: float = Field(10.0, gt=0, description="Seconds between progress log lines (groups/s, tokens/s, reward mean).")
 
 
 class RedisConfig(Section):

@@ -77,6 +77,15 @@ redis.call('PUBLISH', KEYS[3], 'lease')
 return removed
 """
 
+# KEYS: leases requeue counters events  ARGV: ref   -> 1 if the lease was held and the prompt is re-queued
+_ABANDON_LUA = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[1])
+redis.call('HINCRBY', KEYS[3], 'leases_abandoned', 1)
+redis.call('PUBLISH', KEYS[4], 'requeue')
+return 1
+"""
+
 # KEYS: requeue accepted counters events   ARGV: ref keys (already with attempt + 1)
 _REQUEUE_LUA = """
 for i = 1, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
@@ -117,6 +126,7 @@ class RunState:
         self._renew = client.register_script(_RENEW_LUA)
         self._release = client.register_script(_RELEASE_LUA)
         self._requeue = client.register_script(_REQUEUE_LUA)
+        self._abandon = client.register_script(_ABANDON_LUA)
 
     @classmethod
     def from_url(cls, url: str, run_id: str) -> "RunState":
@@ -202,6 +212,12 @@ class RunState:
         """Give up a lease without a group (e.g. dynamic filtering dropped it); frees its budget."""
         k = self.keys
         return bool(self._release(keys=[k.leases, k.counters, k.events], args=[ref.key(), counter]))
+
+    def abandon_lease(self, ref: PromptRef) -> bool:
+        """Give a prompt back for another worker to run now (e.g. every generation server failed), instead
+        of letting its lease expire. Same attempt: if this group somehow was pushed, the re-run dedups."""
+        k = self.keys
+        return bool(self._abandon(keys=[k.leases, k.requeue, k.counters, k.events], args=[ref.key()]))
 
     def leases(self) -> dict[PromptRef, float]:
         """Leases held now -> deadline (unix seconds)."""

@@ -1,0 +1,74 @@
+"""`asyncgrpo rollout --config run.yaml [--rollout.server_urls=[...]]`: sample G completions per prompt,
+score them and stream the groups into Redis until the prompts run out (or forever, waiting for
+re-queued prompts, unless rollout.exit_when_exhausted)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+
+ACCEPTS_OVERRIDES = True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from asyncgrpo.config.command import add_config_arguments
+
+    add_config_arguments(parser)
+
+
+async def serve(cfg) -> int:  # type: ignore[no-untyped-def]
+    """Run the service for a resolved RunConfig until done or signalled; returns an exit code."""
+    import logging
+
+    from asyncgrpo.queue import GroupQueue, RunState
+    from asyncgrpo.rollout.dataset import PromptDataset, load_records, tokenizer_encoder
+    from asyncgrpo.rollout.rewards import RewardRunner
+    from asyncgrpo.rollout.service import RolloutParams, RolloutService
+    from asyncgrpo.sglang.client import SGLangClient
+    from asyncgrpo.utils.metrics import serve_metrics
+
+    log = logging.getLogger("asyncgrpo.rollout")
+    if not cfg.actor.path:
+        from asyncgrpo.config import ConfigError
+
+        raise ConfigError("actor.path is empty; set it to the policy's HF directory (its tokenizer encodes the prompts)")
+    ds_cfg = cfg.train_dataset
+    encode, decode = tokenizer_encoder(cfg.actor.path)
+    records = load_records(ds_cfg.path, ds_cfg.prompt_key, ds_cfg.answer_key)
+    dataset = PromptDataset(records, encode, template=ds_cfg.prompt_template, prompt_key=ds_cfg.prompt_key,
+                            answer_key=ds_cfg.answer_key, seed=cfg.seed, shuffle=ds_cfg.shuffle)
+    r = cfg.rollout
+    state = RunState.from_url(cfg.redis.url, cfg.run_id)
+    queue = GroupQueue.from_url(cfg.redis.url, cfg.run_id, max_message_bytes=r.max_message_bytes)
+    rewards = RewardRunner(cfg.reward.fns, cfg.reward.weights, timeout_s=cfg.reward.timeout_s,
+                           executor=r.reward_executor, max_workers=r.reward_workers)
+    serve_metrics(r.metrics_port)
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(SGLangClient(url, timeout_s=r.request_timeout_s)) for url in r.server_urls]
+        service = RolloutService(RolloutParams.from_config(cfg), state=state, queue=queue, dataset=dataset,
+                                 decode=decode, clients=clients, rewards=rewards, redis_url=cfg.redis.url)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            # first signal: stop admitting and let running groups finish; the lease of any group cut
+            # short by a second signal is handed back (or expires) and is re-run elsewhere
+            loop.add_signal_handler(sig, service.stop)
+        log.info("rollout %s: %d prompts, G=%d, %d workers, servers %s", cfg.run_id, len(dataset),
+                 cfg.actor.group_size, r.max_concurrent_rollouts, r.server_urls)
+        try:
+            stats = await service.run()
+        finally:
+            rewards.close()
+        log.info("rollout done: %d groups pushed, %d filtered, %d failed, %d tokens, %d reward errors",
+                 stats.groups_pushed, stats.groups_filtered, stats.groups_failed, stats.tokens, stats.reward_errors)
+    return 0
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from asyncgrpo.config import load_config
+    from asyncgrpo.utils.logging import setup_logging
+
+    setup_logging("rollout")
+    cfg = load_config(args.config, overrides)
+    return asyncio.run(serve(cfg))

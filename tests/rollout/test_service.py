@@ -1,0 +1,120 @@
+"""The rollout service's worker logic against real Redis and an in-process generation stand-in: every
+prompt once, rewards, partial rollouts across a version change, dynamic filtering, admission budget."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import redis
+
+from asyncgrpo.queue import GroupQueue, RunState
+from asyncgrpo.rollout.dataset import PromptDataset, load_records
+from asyncgrpo.rollout.rewards import RewardRunner
+from asyncgrpo.rollout.sampling import PartialRolloutError, sample_completion
+from asyncgrpo.rollout.service import RolloutParams, RolloutService
+
+from .fakes import FakeGenClient
+
+RUN = "exp/svc"
+
+
+def byte_encode(s: str) -> list[int]:
+    return list(s.encode())
+
+
+def byte_decode(ids: list[int]) -> str:
+    return bytes(i for i in ids if i < 256).decode(errors="ignore")
+
+
+@pytest.fixture
+def dataset(tmp_path) -> PromptDataset:
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Q: {i}+0=?\nA:", "answer": str(i)}) + "\n" for i in range(6)))
+    return PromptDataset(load_records(p, "prompt", "answer"), byte_encode, seed=1)
+
+
+def make_service(url: str, dataset: PromptDataset, client: FakeGenClient, **kw) -> RolloutService:
+    params = RolloutParams(run_id=RUN, group_size=4, max_new_tokens=32, num_workers=3, batch_groups=2,
+                           max_head_offpolicyness=100, lease_ttl_s=30, exit_when_exhausted=True, log_interval_s=60)
+    for k, v in kw.items():
+        setattr(params, k, v)
+    r = redis.Redis.from_url(url)
+    return RolloutService(params, state=RunState(r, RUN), queue=GroupQueue(r, RUN), dataset=dataset, decode=byte_decode,
+                          clients=[client], rewards=RewardRunner(["gsm8k"], timeout_s=10), redis_url=url)
+
+
+def drain(url: str) -> list:
+    q = GroupQueue(redis.Redis.from_url(url), RUN)
+    return [g for _, g in q.consume("t", count=1000)]
+
+
+def test_every_prompt_once_with_rewards(redis_server, dataset) -> None:
+    svc = make_service(redis_server.url, dataset, FakeGenClient())
+    stats = asyncio.run(asyncio.wait_for(svc.run(), 30))
+    groups = drain(redis_server.url)
+    assert stats.groups_pushed == 6 and len(groups) == 6
+    assert sorted(g.prompt_id for g in groups) == [f"q{i}" for i in range(6)]
+    for g in groups:
+        assert len(g.completions) == 4 and g.rewards == [1.0, 0.0, 1.0, 0.0]
+        assert g.prompt_ids == byte_encode(f"Q: {g.answer}+0=?\nA:")
+        c = g.completions[0]
+        assert byte_decode(c.output_ids) == f" #### {g.answer}" and c.output_ids[-1] == 256
+        assert c.finish_reason == "stop" and c.logprobs == pytest.approx([-0.2] * len(c.output_ids))
+        assert c.token_versions == ["0"] * len(c.output_ids) and g.oldest_version == 0
+        assert c.reward_details == {"gsm8k": 1.0} and c.started_at <= c.finished_at
+    state = RunState(redis.Redis.from_url(redis_server.url), RUN)
+    assert state.running() == 0 and state.cursor() == (0, 6) and state.counters()["groups_pushed"] == 6
+
+
+def test_partial_rollout_carries_two_versions() -> None:
+    client = FakeGenClient(abort_every_first=True)
+    prompt = byte_encode("Q: 7+0=?\nA:")
+    s = asyncio.run(sample_completion(client, prompt, {"temperature": 1.0}, max_new_tokens=32, rid="r:g:0", max_resubmits=2))
+    assert byte_decode(s.output_ids) == " #### 7" and s.finish_reason == "stop" and s.resumes == 1
+    assert set(s.token_versions) == {"0", "1"} and s.token_versions[0] == "0" and s.token_versions[-1] == "1"
+    assert len(s.logprobs) == len(s.output_ids)
+    # the resubmission sent the prompt plus the partial tokens, with the remaining budget
+    (_, in0, max0), (_, in1, max1) = client.calls
+    first = len(s.token_versions) - s.token_versions.count("1")
+    assert (in0, max0) == (len(prompt), 32) and (in1, max1) == (len(prompt) + first, 32 - first)
+    with pytest.raises(PartialRolloutError, match="max_resubmits"):
+        asyncio.run(sample_completion(FakeGenClient(abort_every_first=True), prompt, {}, max_new_tokens=32,
+                                      rid="r:g:0", max_resubmits=0))
+
+
+def test_dynamic_filtering_drops_all_equal_groups(redis_server, dataset) -> None:
+    svc = make_service(redis_server.url, dataset, FakeGenClient(all_correct=True), dynamic_filtering=True)
+    stats = asyncio.run(asyncio.wait_for(svc.run(), 30))
+    assert stats.groups_filtered == 6 and stats.groups_pushed == 0 and drain(redis_server.url) == []
+    assert RunState(redis.Redis.from_url(redis_server.url), RUN).counters()["groups_filtered"] == 6
+
+
+def test_admission_budget_with_a_fake_trainer(redis_server, dataset) -> None:
+    """ofp = 0, 2 groups per batch: at version v at most 2 (v + 1) groups may have started. The fake
+    trainer bumps the version only once the service is stuck waiting over budget."""
+    url = redis_server.url
+    svc = make_service(url, dataset, FakeGenClient(), max_head_offpolicyness=0, batch_groups=2)
+    state, q = RunState(redis.Redis.from_url(url), RUN), GroupQueue(redis.Redis.from_url(url), RUN)
+    observed: list[tuple[int, int]] = []
+
+    async def trainer() -> None:
+        for version in range(3):
+            # stuck over budget and nothing running: everything admitted at this version is in the queue
+            while not (svc.stats.admission_waits["over_budget"] > 0 and await asyncio.to_thread(state.running) == 0):
+                await asyncio.sleep(0.01)
+            observed.append((version, await asyncio.to_thread(q.depth)))
+            svc.stats.admission_waits["over_budget"] = 0
+            await asyncio.to_thread(state.set_version, version + 1)
+
+    async def main() -> None:
+        t = asyncio.create_task(trainer())
+        await svc.run()
+        await t
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    assert observed == [(0, 2), (1, 4), (2, 6)]
+    for a in svc.stats.admissions:
+        assert a.started <= (a.version + 0 + 1) * 2 == a.capacity
+    assert sorted(g.admission_index for g in drain(url)) == [1, 2, 3, 4, 5, 6]
