@@ -1,0 +1,65 @@
+"""Evaluation: counts, determinism, and a policy overfit on a few problems scores high on them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from asyncgrpo.cli import main
+from asyncgrpo.tasks import write_task
+from asyncgrpo.tasks.jsonl import read_records, write_records
+from asyncgrpo.tiny.evaluate import EvalConfig, cut_at_eos, evaluate
+from asyncgrpo.tiny.warm_start import WarmStartConfig, warm_start
+
+
+def test_cut_at_eos() -> None:
+    assert cut_at_eos([5, 6, 256, 7, 256], 256) == ([5, 6], True)
+    assert cut_at_eos([5, 6], 256) == ([5, 6], False)
+
+
+@pytest.fixture(scope="module")
+def overfit(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A policy trained to memorise 4 problems, and the file holding them."""
+    root = tmp_path_factory.mktemp("overfit")
+    write_task(root, n_train=4, n_test=1, seed=0)
+    warm_start(tiny_model_dir, root / "train.jsonl", root / "warm",
+               WarmStartConfig(steps=150, batch_size=4, warmup_steps=10, lr=1e-2), log=lambda _: None)
+    return root / "warm", root / "train.jsonl"
+
+
+def test_untrained_policy_scores_zero(tiny_model_dir: Path, overfit: tuple[Path, Path]) -> None:
+    res = evaluate(tiny_model_dir, overfit[1], EvalConfig(n_samples=2, max_new_tokens=16))
+    assert res.prompts == 4 and res.samples == 8
+    assert res.reward == {"gsm8k": 0.0} and res.greedy_reward == {"gsm8k": 0.0}
+
+
+def test_memorised_problems_score_high_and_wrong_answers_score_zero(overfit: tuple[Path, Path], tmp_path: Path) -> None:
+    model, data = overfit
+    cfg = EvalConfig(n_samples=4, max_new_tokens=24, reward_fns=("gsm8k", "exact"))
+    res = evaluate(model, data, cfg)
+    assert res.greedy_reward["gsm8k"] == 1.0
+    assert res.reward["gsm8k"] >= 0.75
+    assert res.reward["exact"] == 0.0  # the completion is a worked answer, never the bare number
+    assert res.finished_fraction == 1.0
+    # Same completions, wrong references: the reward must drop to zero.
+    wrong = [{**r, "answer": str(int(r["answer"]) + 1)} for r in read_records(data)]
+    write_records(tmp_path / "wrong.jsonl", wrong)
+    assert evaluate(model, tmp_path / "wrong.jsonl", cfg).greedy_reward["gsm8k"] == 0.0
+
+
+def test_same_seed_same_result(overfit: tuple[Path, Path]) -> None:
+    cfg = EvalConfig(n_samples=3, max_new_tokens=24, temperature=2.0, greedy=False, seed=7)
+    a, b = (asdict(evaluate(*overfit, cfg)) for _ in range(2))
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+
+
+def test_evaluate_command_prints_json(overfit: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    model, data = overfit
+    assert main(["evaluate", "--model", str(model), "--data", str(data), "--n-samples", "2", "--max-new-tokens", "24"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["samples"] == 8 and set(out["reward"]) == {"gsm8k"} and out["greedy_reward"]["gsm8k"] == 1.0
