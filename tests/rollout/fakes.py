@@ -31,10 +31,13 @@ class FakeGenClient:
     abort_every_first: bool = False
     all_correct: bool = False
     calls: list[tuple[str, int, int]] = field(default_factory=list)  # (rid, input len, max_new_tokens)
+    gate: asyncio.Event | None = None  # when set, requests wait for it (a slow server)
 
     async def generate(self, input_ids: list[int], sampling_params: dict[str, Any], rid: str | None = None,
                        return_logprob: bool = True) -> FakeResult:
         await asyncio.sleep(0)
+        if self.gate is not None:
+            await self.gate.wait()
         assert rid is not None
         self.calls.append((rid, len(input_ids), sampling_params["max_new_tokens"]))
         base, resume = rid.rsplit(".", 1)

@@ -118,3 +118,31 @@ def test_admission_budget_with_a_fake_trainer(redis_server, dataset) -> None:
     for a in svc.stats.admissions:
         assert a.started <= (a.version + 0 + 1) * 2 == a.capacity
     assert sorted(g.admission_index for g in drain(url)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_pause_stops_admission_and_in_flight_groups_finish(redis_server, dataset) -> None:
+    url = redis_server.url
+    client = FakeGenClient()
+    svc = make_service(url, dataset, client)
+    state, q = RunState(redis.Redis.from_url(url), RUN), GroupQueue(redis.Redis.from_url(url), RUN)
+    seen: dict[str, int] = {}
+
+    async def control() -> None:
+        while await asyncio.to_thread(state.running) < 3:  # three groups in flight, held by the slow server
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(state.set_paused, True)
+        client.gate.set()
+        while not (svc.stats.admission_waits["paused"] >= 3 and await asyncio.to_thread(state.running) == 0):
+            await asyncio.sleep(0.01)
+        seen["depth_while_paused"] = await asyncio.to_thread(q.depth)
+        await asyncio.to_thread(state.set_paused, False)
+
+    async def main() -> None:
+        client.gate = asyncio.Event()
+        t = asyncio.create_task(control())
+        await svc.run()
+        await t
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    # the three in-flight groups finished and were queued; nothing new started while paused
+    assert seen["depth_while_paused"] == 3 and q.depth() == 6 and svc.stats.groups_pushed == 6
