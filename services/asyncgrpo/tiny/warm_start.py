@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,11 @@ from pathlib import Path
 from typing import Any
 
 IGNORE_INDEX = -100
+
+
+def _stderr(msg: str) -> None:
+    # Progress goes to stderr so that stdout carries only the command's JSON result.
+    print(msg, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -118,7 +124,7 @@ def save_checkpoint(model: Any, tok: Any, src_dir: Path, out_dir: Path, meta: di
 
 
 def warm_start(model_dir: str | Path, train_file: str | Path, out_dir: str | Path, cfg: WarmStartConfig | None = None,
-               prompt_key: str = "prompt", completion_key: str = "solution", log: Any = print) -> WarmStartResult:
+               prompt_key: str = "prompt", completion_key: str = "solution", log: Any = _stderr) -> WarmStartResult:
     """Fine-tune the checkpoint in model_dir on train_file's (prompt, solution) pairs; write out_dir."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -189,6 +195,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW; warmup then cosine)")
     parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed for data order and dropout-free training")
+    parser.add_argument("--log-every", type=int, default=d.log_every, help="print the mean loss every N steps (stderr)")
     parser.add_argument("--prompt-key", default="prompt", help="record field holding the prompt")
     parser.add_argument("--completion-key", default="solution", help="record field holding the target completion")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 keeps results reproducible)")
@@ -198,7 +205,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    cfg = WarmStartConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed)
+    cfg = WarmStartConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
+                          log_every=args.log_every)
     res = warm_start(args.model, args.data, args.out, cfg, prompt_key=args.prompt_key, completion_key=args.completion_key)
     print(json.dumps({"out": res.out_dir, "steps": res.steps, "seconds": round(res.seconds, 1),
                       "first_loss": round(res.first_loss, 4), "final_loss": round(res.final_loss, 4)}))
