@@ -38,11 +38,12 @@ def test_hanging_reward_times_out_off_the_loop(monkeypatch) -> None:
     release = threading.Event()
 
     def hang(completion: str, answer: str) -> float:
-        release.wait(10)
+        if completion == "hang":
+            release.wait(10)
         return 1.0
 
     monkeypatch.setitem(REWARD_FNS, "hang", hang)
-    runner = RewardRunner(["hang"], timeout_s=0.2)
+    runner = RewardRunner(["hang"], timeout_s=0.2, max_workers=1)
 
     async def main() -> tuple[list, int]:
         ticks = 0
@@ -54,13 +55,16 @@ def test_hanging_reward_times_out_off_the_loop(monkeypatch) -> None:
                 await asyncio.sleep(0.01)
 
         t = asyncio.create_task(ticker())
-        scores = await runner.score(["a"], "x")
+        scores = await runner.score(["hang"], "x")
         t.cancel()
+        # the only pool thread is still stuck: the next call must run on a fresh pool, not time out
+        scores += await runner.score(["fine"], "x")
         return scores, ticks
 
     scores, ticks = asyncio.run(main())
     release.set()
     assert scores[0].reward == 0.0 and "timeout" in (scores[0].error or "")
+    assert scores[1].reward == 1.0 and scores[1].error is None
     assert runner.errors == 1 and ticks > 2
     runner.close()
 

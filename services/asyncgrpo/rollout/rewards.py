@@ -1,9 +1,10 @@
 """Scoring completions off the event loop, with a timeout, without letting a bad reward function hurt the
 worker: a call that raises or runs past the timeout scores 0 for that completion and is counted.
 
-Thread mode (default) suits the registry's functions (pure Python regex/Decimal work, short). Process mode
-isolates functions that may hang or leak (math-verify on adversarial input): a timed-out call there
-poisons its pool, which is torn down (its processes killed) and rebuilt.
+Thread mode (default) suits the registry's functions (pure Python regex/Decimal work, short). A timed-out
+call cannot be stopped in a thread, so the pool is replaced and the stuck thread left to finish on its own;
+later groups never queue behind it. Process mode isolates functions that may hang or leak (math-verify on
+adversarial input): there the old pool's processes are killed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import logging
+import math
 import multiprocessing as mp
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -77,31 +79,43 @@ class RewardRunner:
         if isinstance(old, cf.ProcessPoolExecutor):
             for p in list(getattr(old, "_processes", {}).values()):  # the hung call holds one of these
                 p.kill()
-        old.shutdown(wait=False, cancel_futures=True)
+        old.shutdown(wait=False, cancel_futures=True)  # a hung thread finishes (or not) on its own
 
     async def score(self, completions: Sequence[str], answer: str) -> list[Score]:
+        """One Score per completion. Calls queue for the pool's workers, so the deadline of the batch is
+        timeout_s per round of max_workers calls; whatever is not done by then scores 0 as a timeout."""
         loop = asyncio.get_running_loop()
         futs = [loop.run_in_executor(self._pool, score_one, self.fns, self.weights, c, answer) for c in completions]
+        if not futs:
+            return []
+        rounds = math.ceil(len(futs) / self.max_workers)
+        await asyncio.wait(futs, timeout=self.timeout_s * rounds)
         out: list[Score] = []
         recycle = False
         for fut in futs:
-            try:
-                s = await asyncio.wait_for(fut, self.timeout_s)
-            except asyncio.TimeoutError:
+            if not fut.done():
+                fut.cancel()  # a queued call never starts; a running thread cannot be stopped, see _recycle_pool
                 s = Score(0.0, {n: 0.0 for n in self.fns}, f"timeout after {self.timeout_s}s")
-                recycle = self.kind == "process"
-            except Exception as e:  # e.g. a process pool broken by a crashed (segfaulted) worker
+                recycle = True
+            elif fut.exception() is not None:  # e.g. a process pool broken by a crashed (segfaulted) worker
+                e = fut.exception()
                 s = Score(0.0, {n: 0.0 for n in self.fns}, f"{type(e).__name__}: {e}")
                 recycle = recycle or isinstance(e, cf.BrokenExecutor)
+            else:
+                s = fut.result()
             if s.error is not None:
-                s.reward = 0.0  # a crash anywhere in the sum scores the whole completion 0, as documented
+                s.reward = 0.0  # a crash anywhere in the weighted sum scores the whole completion 0
                 self.errors += 1
                 log.warning("reward error (scored 0): %s", s.error)
             out.append(s)
         if recycle:
+            # the hung calls keep their workers busy: later groups get a fresh pool instead of waiting behind them
             self._recycle_pool()
         return out
 
     def close(self) -> None:
-        self._recycle_pool() if self.kind == "process" else None
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        old = self._pool
+        if isinstance(old, cf.ProcessPoolExecutor):
+            for p in list(getattr(old, "_processes", {}).values()):
+                p.kill()
+        old.shutdown(wait=False, cancel_futures=True)
