@@ -110,3 +110,12 @@ def test_dataset_errors_name_the_field(tmp_path) -> None:
         load_records(p, "prompt", "solution")
     with pytest.raises(TaskDataError, match="train_dataset.path"):
         load_records("", "prompt", "answer")
+
+
+def test_tokenizer_encoder_from_the_model_dir(tiny_model_dir) -> None:
+    from asyncgrpo.rollout.dataset import tokenizer_encoder
+
+    encode, decode = tokenizer_encoder(str(tiny_model_dir))
+    ids = encode("Q: 1+1=?\nA:")
+    assert ids and all(i < 256 for i in ids)  # byte-level, no special tokens added
+    assert decode(ids + [256]) == "Q: 1+1=?\nA:"  # eos is skipped when decoding a completion

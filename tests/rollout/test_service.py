@@ -50,8 +50,15 @@ def drain(url: str) -> list:
     return [g for _, g in q.consume("t", count=1000)]
 
 
+def metric(name: str, **labels: str) -> float:
+    from asyncgrpo.utils.metrics import REGISTRY
+
+    return REGISTRY.get_sample_value(f"asyncgrpo_{name}", labels) or 0.0
+
+
 def test_every_prompt_once_with_rewards(redis_server, dataset) -> None:
     svc = make_service(redis_server.url, dataset, FakeGenClient())
+    pushed0, tokens0 = metric("rollout_groups_total", outcome="pushed"), metric("rollout_tokens_total")
     stats = asyncio.run(asyncio.wait_for(svc.run(), 30))
     groups = drain(redis_server.url)
     assert stats.groups_pushed == 6 and len(groups) == 6
@@ -64,6 +71,9 @@ def test_every_prompt_once_with_rewards(redis_server, dataset) -> None:
         assert c.finish_reason == "stop" and c.logprobs == pytest.approx([-0.2] * len(c.output_ids))
         assert c.token_versions == ["0"] * len(c.output_ids) and g.oldest_version == 0
         assert c.reward_details == {"gsm8k": 1.0} and c.started_at <= c.finished_at
+    assert metric("rollout_groups_total", outcome="pushed") - pushed0 == 6
+    assert metric("rollout_tokens_total") - tokens0 == stats.tokens == sum(g.num_tokens for g in groups)
+    assert metric("rollout_queue_depth") == 6
     state = RunState(redis.Redis.from_url(redis_server.url), RUN)
     assert state.running() == 0 and state.cursor() == (0, 6) and state.counters()["groups_pushed"] == 6
 
