@@ -173,3 +173,25 @@ def test_abandoned_lease_is_requeued_first(client) -> None:
     assert s.abandon_lease(a.ref) is True and s.abandon_lease(a.ref) is False
     assert s.running() == 0 and s.requeued() == [a.ref]
     assert admit(s, bg=5).ref == a.ref
+
+
+def test_drop_stale_acks_and_requeues_once(client) -> None:
+    s, q = RunState(client, RUN), GroupQueue(client, RUN)
+    for i in range(2):
+        a = admit(s, bg=5)
+        q.push(make_group(ref=a.ref), lease=a.ref)
+    got = q.consume("trainer-0", count=10)
+    assert q.drop_stale(got[:1]) == 1
+    assert q.drop_stale(got[:1]) == 0  # a retry after a crash does not re-queue twice
+    assert s.requeued() == [got[0][1].prompt_ref().retry()] and s.accepted() == 1
+    assert q.pending() == 1 and q.depth() == 1 and s.counters()["stale_requeued"] == 1
+
+
+def test_restarted_consumer_reads_its_own_pending_first(client) -> None:
+    q = GroupQueue(client, RUN)
+    q.push(make_group())
+    [(mid, _)] = q.consume("trainer-0")
+    assert q.consume("trainer-0") == []
+    [(again, g)] = GroupQueue(client, RUN).consume_own_pending("trainer-0")
+    assert again == mid and g.group_id == make_group().group_id
+    assert q.consume_own_pending("trainer-1") == []

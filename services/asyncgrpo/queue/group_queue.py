@@ -46,6 +46,24 @@ redis.call('PUBLISH', KEYS[6], 'pushed')
 return {1, id}
 """
 
+# KEYS: stream requeue accepted counters events  ARGV: consumer_group, then (msg_id, retry_ref) pairs
+_DROP_STALE_LUA = """
+local n = 0
+for i = 2, #ARGV, 2 do
+  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
+    redis.call('XDEL', KEYS[1], ARGV[i])
+    redis.call('RPUSH', KEYS[2], ARGV[i + 1])
+    n = n + 1
+  end
+end
+if n > 0 then
+  redis.call('DECRBY', KEYS[3], n)
+  redis.call('HINCRBY', KEYS[4], 'stale_requeued', n)
+  redis.call('PUBLISH', KEYS[5], 'requeue')
+end
+return n
+"""
+
 
 def _s(x: bytes | str) -> str:
     return x.decode() if isinstance(x, bytes) else x
@@ -64,6 +82,7 @@ class GroupQueue:
         self.max_message_bytes = max_message_bytes
         self.maxlen = maxlen  # 0: unbounded (the admission budget bounds it already)
         self._push = client.register_script(_PUSH_LUA)
+        self._drop_stale = client.register_script(_DROP_STALE_LUA)
         self._group_ready = False
 
     @classmethod
@@ -106,6 +125,25 @@ class GroupQueue:
         self.ensure_consumer_group()
         resp = self.r.xreadgroup(self.consumer_group, consumer, {self.keys.stream: ">"}, count=count, block=block_ms)
         return self._decode_entries([e for _, entries in (resp or []) for e in entries])
+
+    def consume_own_pending(self, consumer: str, count: int = 100) -> list[tuple[str, Group]]:
+        """Groups delivered to `consumer` before and not yet acknowledged: a restarted trainer with the same
+        consumer name reads these first (XREADGROUP from id 0)."""
+        self.ensure_consumer_group()
+        resp = self.r.xreadgroup(self.consumer_group, consumer, {self.keys.stream: "0"}, count=count)
+        return self._decode_entries([e for _, entries in (resp or []) for e in entries])
+
+    def drop_stale(self, entries: Sequence[tuple[str, Group]]) -> int:
+        """The trainer drops these consumed groups as too stale: acknowledge them and re-queue their prompts
+        (next attempt) in one script, so a crash in between can neither lose a prompt nor re-queue it
+        twice. A message no longer pending (already dropped or acked) is skipped. Returns how many."""
+        if not entries:
+            return 0
+        args: list[str] = [self.consumer_group]
+        for msg_id, group in entries:
+            args += [msg_id, group.prompt_ref().retry().key()]
+        k = self.keys
+        return int(self._drop_stale(keys=[k.stream, k.requeue, k.accepted, k.counters, k.events], args=args))
 
     def _decode_entries(self, entries: Sequence[tuple[bytes, dict[bytes, bytes]] | None]) -> list[tuple[str, Group]]:
         out: list[tuple[str, Group]] = []

@@ -232,8 +232,9 @@ class RunState:
 
     # -- stale drops (trainer) -----------------------------------------------------------------------
     def requeue_prompts(self, items: Iterable[Group | PromptRef]) -> int:
-        """The trainer dropped these groups as stale: their prompts come back (as a new attempt) and their
-        budget is freed. Returns how many were re-queued."""
+        """These groups were dropped as stale: their prompts come back (as a new attempt) and their budget
+        is freed. Returns how many were re-queued. A trainer holding stream entries should prefer
+        GroupQueue.drop_stale, which also acknowledges them atomically."""
         refs = [(i.prompt_ref() if isinstance(i, Group) else i).retry().key() for i in items]
         if not refs:
             return 0
