@@ -188,7 +188,8 @@ def decoupled_ppo_loss(
     Tokens dropped by the cap in ``mask`` mode leave the loss mask, so they do not count in the local
     normalisers; callers using global counts must count ``loss_mask & keep_mask`` (from :func:`behaviour_weight`)
     to match. Returns ``(loss, stats)`` with stats from :func:`asyncgrpo.core.stats.loss_stats` plus
-    ``policy_loss`` and ``loss``.
+    ``policy_loss`` and ``loss``. With global counts, ``loss``/``policy_loss`` are this micro-batch's share (sum
+    them over micro-batches); the other stats are means over this micro-batch's tokens (weight by ``n_tokens``).
     """
     policy, _, stats = _policy_part(
         logp, prox_logp, behav_logp, advantages, loss_mask,
