@@ -133,7 +133,22 @@ def build_gpt_model(arch: ModelArch, tp_size: int, dtype: torch.dtype = torch.fl
         )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
+    _mark_tp_params(model, tp_size)
     return model
+
+
+def _mark_tp_params(model: torch.nn.Module, tp_size: int) -> None:
+    """Megatron sets `tensor_model_parallel` on split weights only inside its initialisers, which
+    perform_initialization=False skips; without it the grad norm counts split weights on TP rank 0 only."""
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    for name, p in model.named_parameters():
+        dim = tp_split_dim(name)
+        if dim is not None and not getattr(p, "tensor_model_parallel", False):
+            for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+            set_tensor_model_parallel_attributes(p, True, dim, 1)
 
 
 class LazySafetensors(Mapping):
@@ -194,10 +209,13 @@ def load_megatron_state(gpt: torch.nn.Module, sd: dict[str, Tensor]) -> None:
             p.copy_(src.to(p.dtype))
 
 
-def export_hf_state_dict(model: torch.nn.Module, arch: ModelArch, dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
+def export_hf_state_dict(
+    model: torch.nn.Module, arch: ModelArch, dtype: torch.dtype | None = None, attr: str | None = None
+) -> Iterator[tuple[str, Tensor]]:
     """Yield (hf_name, full tensor) for every HF weight in a stable order, gathering TP shards.
 
     Collective over the TP group: every TP rank must iterate it to the end. Tensors are CPU copies.
+    `attr="main_grad"` exports megatron DDP's gradient buffers in HF layout instead (for tests/debugging).
     """
     from megatron.core import parallel_state
 
@@ -206,14 +224,15 @@ def export_hf_state_dict(model: torch.nn.Module, arch: ModelArch, dtype: torch.d
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     group = parallel_state.get_tensor_model_parallel_group()
     for name in megatron_param_names(arch, te_spec=is_te_model(gpt)):
-        local = params[name].detach()
+        local = (params[name] if attr is None else getattr(params[name], attr)).detach()
         if tp_size > 1 and tp_split_dim(name) is not None:
             shards = [torch.empty_like(local) for _ in range(tp_size)]
             dist.all_gather(shards, local.contiguous(), group=group)
         else:
             shards = [local]
         for hf_name, t in megatron_param_to_hf(name, [s.cpu() for s in shards], arch):
-            yield hf_name, t.to(dtype or t.dtype).contiguous()
+            # Always a copy: the caller may hold it across optimizer steps (weight sync, HF save).
+            yield hf_name, t.to(dtype or t.dtype, copy=True).contiguous()
 
 
 def save_hf_checkpoint(model: torch.nn.Module, arch: ModelArch, src_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path | None:

@@ -1,0 +1,78 @@
+"""Helpers shared by the trainer tests, importable in torch.multiprocessing spawn children."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from asyncgrpo.config.schema import RunConfig
+from asyncgrpo.trainer.train_step import Batch, Sample
+
+
+def make_config(model_dir: str | Path, tp: int = 1, mbs: int = 3, **actor: Any) -> RunConfig:
+    cfg = RunConfig()
+    cfg.actor.path = str(model_dir)
+    cfg.actor.group_size = 4
+    cfg.actor.micro_batch_size = mbs
+    cfg.actor.temperature = 0.8
+    for k, v in actor.items():
+        setattr(cfg.actor, k, v)
+    cfg.optimizer.lr = 1e-3
+    cfg.trainer.tensor_parallel_size = tp
+    return cfg
+
+
+def make_batch(seed: int, n_groups: int = 2, group_size: int = 4, version: int = 0, behav_offset: float | None = None) -> Batch:
+    """A deterministic batch of random token sequences with mixed rewards; behav log-probs are filled by
+    the caller (behav_offset None) or are a fixed stale-looking value."""
+    rng = random.Random(seed)
+    samples = []
+    for g in range(n_groups):
+        prompt = [rng.randrange(256) for _ in range(rng.randint(3, 7))]
+        for i in range(group_size):
+            comp = [rng.randrange(256) for _ in range(rng.randint(2, 8))]
+            behav = [-6.0 + rng.uniform(-0.5, 0.5) for _ in comp]
+            samples.append(Sample(prompt, comp, behav, [version] * len(comp), float(i % 2 + rng.random() * 0.1), f"g{seed}-{g}"))
+    return Batch(samples)
+
+
+def init_env(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def step_worker(rank: int, world: int, tp: int, mbs: int, port: int, model_dir: str, out_path: str) -> None:
+    """Build the trainer at (world, tp), check logits against HF, export round trip, run one step; rank 0
+    saves the results to out_path."""
+    init_env(rank, world, port)
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from transformers import AutoModelForCausalLM
+
+    from asyncgrpo.trainer.logprobs import forward_logits
+    from asyncgrpo.trainer.train_step import GRPOTrainer
+
+    trainer = GRPOTrainer(make_config(model_dir, tp=tp, mbs=mbs))
+    # Logits equal HF's (fp32): gather the vocab-parallel shards.
+    ids = torch.randint(0, 384, (2, 11), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        local = forward_logits(trainer.model, ids)
+        shards = [torch.empty_like(local) for _ in range(tp)]
+        dist.all_gather(shards, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+        ours = torch.cat(shards, dim=-1)
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+        ref = hf(ids).logits
+    exported = dict(trainer.export_hf())
+    stats = trainer.train_step(make_batch(1))
+    updated = dict(trainer.export_hf())
+    if rank == 0:
+        torch.save({"logit_diff": float((ours - ref).abs().max()), "exported": exported, "stats": stats, "updated": updated}, out_path)
+    dist.barrier()
+    from asyncgrpo.trainer.model import destroy_parallel
+
+    destroy_parallel()
