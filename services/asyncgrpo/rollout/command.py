@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
+from pathlib import Path
 
 ACCEPTS_OVERRIDES = True
 
@@ -26,17 +27,18 @@ async def serve(cfg) -> int:  # type: ignore[no-untyped-def]
     from asyncgrpo.rollout.dataset import PromptDataset, load_records, tokenizer_encoder
     from asyncgrpo.rollout.rewards import RewardRunner
     from asyncgrpo.rollout.service import RolloutParams, RolloutService
-    from asyncgrpo.sglang.client import SGLangClient
     from asyncgrpo.utils.metrics import serve_metrics
 
     log = logging.getLogger("asyncgrpo.rollout")
-    if not cfg.actor.path:
+    if not cfg.actor.path or not Path(cfg.actor.path).is_dir():
         from asyncgrpo.config import ConfigError
 
-        raise ConfigError("actor.path is empty; set it to the policy's HF directory (its tokenizer encodes the prompts)")
+        raise ConfigError(f"actor.path {cfg.actor.path!r} is not a directory; set it to the policy's HF directory "
+                          "(its tokenizer encodes the prompts)")
     ds_cfg = cfg.train_dataset
-    encode, decode = tokenizer_encoder(cfg.actor.path)
     records = load_records(ds_cfg.path, ds_cfg.prompt_key, ds_cfg.answer_key)
+    encode, decode = tokenizer_encoder(cfg.actor.path)
+    from asyncgrpo.sglang.client import SGLangClient
     dataset = PromptDataset(records, encode, template=ds_cfg.prompt_template, prompt_key=ds_cfg.prompt_key,
                             answer_key=ds_cfg.answer_key, seed=cfg.seed, shuffle=ds_cfg.shuffle)
     r = cfg.rollout
@@ -50,14 +52,29 @@ async def serve(cfg) -> int:  # type: ignore[no-untyped-def]
         service = RolloutService(RolloutParams.from_config(cfg), state=state, queue=queue, dataset=dataset,
                                  decode=decode, clients=clients, rewards=rewards, redis_url=cfg.redis.url)
         loop = asyncio.get_running_loop()
+        main_task = asyncio.current_task()
+        signals = 0
+
+        def on_signal() -> None:
+            # first signal: stop admitting, let running groups finish and be queued; second: cut them short
+            # (their leases are handed back at once, so another process re-runs those prompts)
+            nonlocal signals
+            signals += 1
+            if signals == 1:
+                log.info("stopping: no new groups; running groups finish (signal again to abandon them)")
+                service.stop()
+            elif main_task is not None:
+                main_task.cancel()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            # first signal: stop admitting and let running groups finish; the lease of any group cut
-            # short by a second signal is handed back (or expires) and is re-run elsewhere
-            loop.add_signal_handler(sig, service.stop)
+            loop.add_signal_handler(sig, on_signal)
         log.info("rollout %s: %d prompts, G=%d, %d workers, servers %s", cfg.run_id, len(dataset),
                  cfg.actor.group_size, r.max_concurrent_rollouts, r.server_urls)
         try:
             stats = await service.run()
+        except asyncio.CancelledError:
+            log.warning("rollout cut short; leases of unfinished groups handed back")
+            return 130
         finally:
             rewards.close()
         log.info("rollout done: %d groups pushed, %d filtered, %d failed, %d tokens, %d reward errors",
@@ -69,6 +86,13 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from asyncgrpo.config import load_config
     from asyncgrpo.utils.logging import setup_logging
 
+    from asyncgrpo.config import ConfigError
+    from asyncgrpo.queue import CursorMismatchError
+    from asyncgrpo.tasks.jsonl import TaskDataError
+
     setup_logging("rollout")
     cfg = load_config(args.config, overrides)
-    return asyncio.run(serve(cfg))
+    try:
+        return asyncio.run(serve(cfg))
+    except (TaskDataError, CursorMismatchError) as e:  # the user's data or run, not a bug: one clear line
+        raise ConfigError(str(e)) from None
