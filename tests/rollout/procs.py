@@ -107,3 +107,23 @@ def wait_for(pred, timeout: float, what: str, proc: Proc | None = None) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f":\n{proc.tail()}" if proc else ""))
         time.sleep(0.05)
+
+
+def start_router(worker_urls: list[str], port: int, log: Path, timeout: float = 60) -> Proc:
+    """sglang-router (Rust, runs on CPU) in front of the genservers; ready when it lists every worker."""
+    proc = Proc([sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
+                 "--policy", "round_robin", "--worker-urls", *worker_urls], log)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.p.poll() is not None:
+            raise RuntimeError(f"sglang-router exited with {proc.p.returncode}:\n{proc.tail()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.stop()
+            raise RuntimeError(f"sglang-router on {url} not ready after {timeout}s:\n{proc.tail()}")
+        time.sleep(0.2)

@@ -14,7 +14,7 @@ import redis
 
 from asyncgrpo.queue import GroupQueue, RunState
 
-from .procs import Proc, free_port, start_genserver, start_rollout, wait_for, write_config, write_dataset
+from .procs import Proc, free_port, start_genserver, start_router, start_rollout, wait_for, write_config, write_dataset
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("asyncgrpo.sglang.client", reason="the SGLang client/genserver has not landed yet")
@@ -180,3 +180,22 @@ def update_version(url: str, model_dir: Path, version: str) -> None:
     """A weight update as the weight-sync service does it, from disk (same weights, new version)."""
     httpx.post(f"{url}/update_weights_from_disk", json={"model_path": str(model_dir), "weight_version": version},
                timeout=60).raise_for_status()
+
+
+def test_rollout_through_the_sglang_router(servers, tiny_model_dir, redis_server, tmp_path) -> None:
+    router = start_router(servers, free_port(), tmp_path / "router.log")
+    try:
+        url = f"http://127.0.0.1:{router.p.args[router.p.args.index('--port') + 1]}"
+        data = write_dataset(tmp_path / "train.jsonl", 4)
+        cfg = write_config(tmp_path / "run.yaml", model_dir=tiny_model_dir, dataset=data, redis_url=redis_server.url,
+                           servers=[url], trial="router", max_head_offpolicyness=10, exit_when_exhausted=True)
+        proc = start_rollout(cfg, tmp_path / "rollout.log")
+        try:
+            assert proc.wait(120) == 0, proc.tail()
+        finally:
+            proc.stop()
+    finally:
+        router.stop()
+    got = GroupQueue(redis.Redis.from_url(redis_server.url), "it/router").consume("t", count=10)
+    assert sorted(g.prompt_id for _, g in got) == ["q0", "q1", "q2", "q3"]
+    assert all(len(c.output_ids) == len(c.logprobs) > 0 for _, g in got for c in g.completions)
