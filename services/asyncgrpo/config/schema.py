@@ -146,6 +146,31 @@ class TrainerConfig(Section):
     metrics_port: int = Field(0, ge=0, description="Port of the trainer's Prometheus /metrics (0 disables).")
 
 
+class WeightSyncConfig(Section):
+    """The weight-sync service (asyncgrpo weight-sync): rank 0 of the broadcast group to the generation servers."""
+
+    host: str = Field("127.0.0.1", description="Interface the service's HTTP API (publish, register/leave, /servers) listens on.")
+    port: int = Field(30100, ge=1, le=65535, description="Port of the service's HTTP API; the trainer's publisher POSTs here.")
+    servers: list[str] | None = Field(None, description="Generation servers synced over the broadcast group; null means rollout.server_urls (list the workers, not a router).")
+    disk_servers: list[str] = Field(default_factory=list, description="Servers that cannot join the group: synced by /update_weights_from_disk of an HF checkpoint.")
+    master_address: str = Field("127.0.0.1", description="Address of this host as the generation servers reach it (rendezvous of the group).")
+    master_port: int = Field(0, ge=0, le=65535, description="Rendezvous port of the group; 0 picks a free port each time the group is (re)built.")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend of the group; auto: nccl when CUDA is available, else gloo.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="dtype the weights travel in; auto: bfloat16 on nccl, the trainer's dtype on gloo.")
+    bucket_size_mb: float = Field(512.0, gt=0, description="Bucket size in MiB (one flattened_bucket broadcast each); a larger tensor gets a bucket of its own.")
+    pause_mode: Literal["abort", "retract", "in_place"] = Field("abort", description="How servers pause during an update (abort: in-flight requests return partial, rollout resubmits).")
+    snapshot_dir: str | None = Field(None, description="Shared-memory dir of the double-buffered weight snapshot; null means /dev/shm/asyncgrpo/{experiment}/{trial}.")
+    checkpoint_dir: str | None = Field(None, description="Where disk-fallback HF checkpoints go; null means {fileroot}/{experiment}/{trial}/weight_sync.")
+    keep_checkpoints: int = Field(2, ge=1, description="Disk-fallback checkpoints kept; older ones are deleted.")
+    base_model_path: str | None = Field(None, description="HF dir whose config and tokenizer files are copied into disk checkpoints; null means actor.path.")
+    group_timeout_s: float = Field(60.0, gt=0, description="Limit on forming the group (rendezvous on both sides).")
+    collective_timeout_s: float = Field(120.0, gt=0, description="Limit on one bucket's broadcast and its HTTP replies; a member exceeding it is dropped.")
+    request_timeout_s: float = Field(60.0, gt=0, description="Limit on the other HTTP calls to a server (pause, begin, end, continue, init).")
+    resync_interval_s: float = Field(2.0, gt=0, description="How often dropped or joining servers are health-checked and re-synced.")
+    auto_disk_fallback: bool = Field(True, description="A healthy server that fails to join the group twice is switched to the disk transport.")
+    metrics_port: int = Field(0, ge=0, description="Port of the service's Prometheus /metrics (0 disables; /metrics is also on the HTTP API).")
+
+
 class RunConfig(Section):
     """The whole run. Load with asyncgrpo.config.load_config()."""
 
@@ -162,6 +187,7 @@ class RunConfig(Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Generation and staleness control.")
     redis: RedisConfig = Field(default_factory=RedisConfig, description="The Redis server shared by the services.")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="The megatron-core trainer service.")
+    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig, description="The weight-sync service between trainer and generation servers.")
 
     @property
     def run_id(self) -> str:
