@@ -152,6 +152,9 @@ class GRPOTrainer:
             lr_warmup_steps=warmup, lr_decay_steps=t.total_steps, lr_decay_style=o.lr_scheduler_type,
             start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=t.total_steps, wd_incr_style="constant",
         )
+        # Optimizer step k (1-based) runs at the schedule's lr(k): megatron's lr(0) is init_lr = 0 under
+        # warmup, which would make the first step a no-op.
+        self.scheduler.step(increment=1)
         self.ref = None
         if cfg.actor.kl_ctl > 0:
             ref_path = cfg.ref.path or cfg.actor.path
@@ -238,6 +241,7 @@ class GRPOTrainer:
             if ent is not None:
                 sums["entropy"] = sums.get("entropy", torch.zeros((), dtype=torch.float64)) + (ent * mb["loss_mask"]).sum().double()
 
+        lr = float(self.optimizer.param_groups[0]["lr"])
         with megatron_compat.cuda_on_cpu():
             self.model.finish_grad_sync()
             ok, grad_norm, _ = self.optimizer.step()
@@ -256,7 +260,7 @@ class GRPOTrainer:
             adv_mean=float(adv_all.mean()), adv_std=float(adv_all.std()) if adv_all.numel() > 1 else 0.0,
             adv_max=float(adv_all.max()), adv_min=float(adv_all.min()),
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-            update_ok=float(bool(ok)), lr=float(self.optimizer.param_groups[0]["lr"]),
+            update_ok=float(bool(ok)), lr=lr,
             n_tokens=tot_tokens, n_seqs=float(len(batch.samples)), version=float(self.version),
         )
         all_tokens = sum(len(s.prompt_ids) + len(s.completion_ids) for s in batch.samples)
