@@ -1,0 +1,75 @@
+"""`asyncgrpo trainer --config run.yaml [--trainer.tensor_parallel_size=2 ...]`: train the policy on the
+scored groups in Redis. World size 1 by default; under `torchrun --nproc-per-node N -m asyncgrpo.cli
+trainer ...` it runs TP x DP over N processes (gloo on CPU, nccl on GPU)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+ACCEPTS_OVERRIDES = True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from asyncgrpo.config.command import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides trainer.max_steps)")
+    parser.add_argument("--idle-timeout-s", type=float, default=None,
+                        help="exit when no full batch arrived for this long (default: wait forever)")
+    parser.add_argument("--no-weight-sync", action="store_true", help="do not publish new weights to the weight-sync service")
+
+
+def _weight_sink(cfg):  # type: ignore[no-untyped-def]
+    """The weight-sync publisher's publish(named_tensors, version)."""
+    from asyncgrpo.weight_sync.publisher import WeightPublisher
+
+    return WeightPublisher.from_config(cfg).publish
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    import torch
+
+    from asyncgrpo.config import ConfigError, load_config
+    from asyncgrpo.utils.logging import setup_logging
+    from asyncgrpo.utils.metrics import serve_metrics
+
+    setup_logging("trainer")
+    log = logging.getLogger("asyncgrpo.trainer")
+    cfg = load_config(args.config, overrides)
+    if not cfg.actor.path or not (Path(cfg.actor.path) / "config.json").exists():
+        raise ConfigError(f"actor.path {cfg.actor.path!r} is not an HF checkpoint directory (no config.json); set actor.path")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    import torch.distributed as dist
+
+    from asyncgrpo.queue import GroupQueue, RunState
+    from asyncgrpo.trainer.model import destroy_parallel
+    from asyncgrpo.trainer.service import TrainerService
+    from asyncgrpo.trainer.train_step import GRPOTrainer
+
+    try:
+        trainer = GRPOTrainer(cfg)
+    except ValueError as e:  # bad sizes or paths in the config: one clear line
+        raise ConfigError(str(e)) from None
+    rank = dist.get_rank()
+    queue = state = sink = None
+    if rank == 0:
+        queue = GroupQueue.from_url(cfg.redis.url, cfg.run_id, max_message_bytes=cfg.rollout.max_message_bytes)
+        state = RunState.from_url(cfg.redis.url, cfg.run_id)
+        serve_metrics(cfg.trainer.metrics_port)
+        if not args.no_weight_sync:
+            sink = _weight_sink(cfg)
+    service = TrainerService(cfg, trainer, queue, state, weight_sink=sink)
+    service.install_signal_handlers()
+    version = service.resume()
+    log.info("trainer %s: world %d, TP %d, version %d, batch %d groups x G=%d", cfg.run_id, dist.get_world_size(),
+             cfg.trainer.tensor_parallel_size, version, cfg.train_dataset.batch_size, cfg.actor.group_size)
+    try:
+        stats = service.run(max_steps=args.max_steps, idle_timeout_s=args.idle_timeout_s)
+    finally:
+        destroy_parallel()
+    log.info("trainer done: %d steps, %d groups trained, %d dropped as stale, version %d", stats.steps,
+             stats.groups_trained, stats.groups_dropped_stale, trainer.version)
+    return 0

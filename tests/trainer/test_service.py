@@ -1,0 +1,84 @@
+"""`asyncgrpo trainer`'s loop against a real redis-server: batches, stale drops, acks, version, weights, resume."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from asyncgrpo.queue import Completion, Group, GroupQueue, RunState
+from asyncgrpo.trainer.service import TrainerService, checkpoint_dir
+from asyncgrpo.trainer.train_step import GRPOTrainer
+from trainer.workers import make_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def parallel() -> Iterator[None]:
+    from asyncgrpo.trainer.model import destroy_parallel, init_parallel
+
+    torch.set_num_threads(1)
+    init_parallel(1, seed=0)
+    yield
+    destroy_parallel()
+
+
+def _group(cfg, position: int, version: int, seed: int) -> Group:  # type: ignore[no-untyped-def]
+    rng = random.Random(seed)
+    comps = []
+    for i in range(cfg.actor.group_size):
+        n = rng.randint(2, 6)
+        comps.append(Completion([rng.randrange(256) for _ in range(n)], [-5.9] * n, [(str(version), 0, n)], "stop", float(i % 2)))
+    return Group(run_id=cfg.run_id, group_id=f"e0-p{position}-a0", prompt_id=str(position), epoch=0, position=position,
+                 attempt=0, prompt_ids=[rng.randrange(256) for _ in range(4)], completions=comps)
+
+
+def test_loop_trains_drops_stale_acks_and_resumes(tiny_model_dir: Path, tmp_path: Path, redis_server) -> None:  # type: ignore[no-untyped-def]
+    cfg = make_config(tiny_model_dir)
+    cfg.redis.url = redis_server.url
+    cfg.train_dataset.batch_size = 2
+    cfg.rollout.max_head_offpolicyness = 0
+    cfg.trainer.checkpoint_dir = str(tmp_path / "ckpt")
+    cfg.trainer.checkpoint_interval = 2
+    cfg.trainer.poll_timeout_s = 0.1
+    queue = GroupQueue.from_url(cfg.redis.url, cfg.run_id)
+    state = RunState.from_url(cfg.redis.url, cfg.run_id)
+    published: list[tuple[int, list[str]]] = []
+
+    def sink(it, version: int) -> None:  # type: ignore[no-untyped-def]
+        published.append((version, [name for name, _ in it]))
+
+    service = TrainerService(cfg, GRPOTrainer(cfg), queue, state, weight_sink=sink)
+    assert service.resume() == 0
+    for p in range(2):
+        queue.push(_group(cfg, p, version=0, seed=p))
+    assert service.run(max_steps=1).steps == 1
+    assert state.get_version() == 1 and queue.depth() == 0
+
+    # At version 1 with bound 0, a version-0 group is stale: dropped, its prompt re-queued as the next attempt.
+    queue.push(_group(cfg, 2, version=0, seed=2))
+    for p in (3, 4):
+        queue.push(_group(cfg, p, version=1, seed=p))
+    stats = service.run(max_steps=1)
+    assert (stats.steps, stats.groups_trained, stats.groups_dropped_stale) == (2, 4, 1)
+    assert [str(r.key()) for r in state.requeued()] == ["0:2:1"]
+    assert state.get_version() == 2 and queue.depth() == 0 and queue.pending() == 0
+    assert [v for v, _ in published] == [1, 2]
+    assert "model.embed_tokens.weight" in published[0][1] and len(published[0][1]) == len(set(published[0][1]))
+
+    # No full batch: the loop gives up after the idle timeout instead of blocking forever.
+    queue.push(_group(cfg, 5, version=2, seed=5))
+    assert service.run(max_steps=1, idle_timeout_s=0.3).steps == 2
+
+    # A restarted trainer resumes from the version-2 checkpoint, and re-reads the group consumed but never acked.
+    assert (checkpoint_dir(cfg) / "latest").read_text() == "step_00000002"
+    state.set_version(0)
+    queue.push(_group(cfg, 6, version=2, seed=6))
+    restarted = TrainerService(cfg, GRPOTrainer(cfg), queue, state, weight_sink=sink)
+    assert restarted.resume() == 2 and state.get_version() == 2
+    assert restarted.run(max_steps=1).groups_trained == 2
+    assert state.get_version() == 3 and queue.depth() == 0
