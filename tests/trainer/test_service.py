@@ -82,3 +82,26 @@ def test_loop_trains_drops_stale_acks_and_resumes(tiny_model_dir: Path, tmp_path
     assert restarted.resume() == 2 and state.get_version() == 2
     assert restarted.run(max_steps=1).groups_trained == 2
     assert state.get_version() == 3 and queue.depth() == 0
+
+
+def test_trainer_command_end_to_end(tiny_model_dir: Path, tmp_path: Path, redis_server) -> None:  # type: ignore[no-untyped-def]
+    """The real `asyncgrpo trainer` process: two steps from the queue, version in Redis, a checkpoint at exit."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = make_config(tiny_model_dir)
+    cfg.redis.url = redis_server.url
+    queue = GroupQueue.from_url(cfg.redis.url, cfg.run_id)
+    for p in range(4):
+        queue.push(_group(cfg, p, version=0, seed=p))
+    proc = subprocess.run(
+        [sys.executable, "-m", "asyncgrpo.cli", "trainer", f"--actor.path={tiny_model_dir}", f"--redis.url={redis_server.url}",
+         f"--fileroot={tmp_path}", "--actor.group_size=4", "--train_dataset.batch_size=2", "--max-steps", "2",
+         "--idle-timeout-s", "2", "--no-weight-sync"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "trainer done: 2 steps, 4 groups trained" in proc.stderr
+    assert RunState.from_url(cfg.redis.url, cfg.run_id).get_version() == 2 and queue.depth() == 0
+    assert (tmp_path / cfg.experiment_name / cfg.trial_name / "checkpoints" / "latest").read_text() == "step_00000002"

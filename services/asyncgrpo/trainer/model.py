@@ -42,14 +42,14 @@ def init_parallel(tp_size: int = 1, seed: int = 0, backend: str | None = None, t
 
     megatron_compat.install()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        if "WORLD_SIZE" in os.environ:  # a launcher (torchrun, our spawn helpers) set the env:// variables
+            dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        else:  # a lone process: world size 1 on a private port, without touching os.environ (children inherit it)
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                    world_size=1, timeout=timedelta(seconds=timeout_s))
     world = dist.get_world_size()
     if world % tp_size:
         raise ValueError(f"trainer.tensor_parallel_size={tp_size} does not divide the world size {world}")

@@ -106,6 +106,7 @@ class TrainerService:
         self.metrics = _Metrics()
         self._pending: list[tuple[str, Any]] = []  # consumed, not yet trained or dropped
         self._replayed = False
+        self._saved_version = -1
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def resume(self) -> int:
@@ -212,6 +213,7 @@ class TrainerService:
             self.stats.last = stats
             if t.checkpoint_interval and version % t.checkpoint_interval == 0:
                 save_checkpoint(self.trainer, checkpoint_dir(self.cfg), {"version": version}, keep=t.keep_checkpoints)
+                self._saved_version = version
             if t.hf_save_interval and version % t.hf_save_interval == 0:
                 from asyncgrpo.trainer.model import save_hf_checkpoint
 
@@ -220,6 +222,10 @@ class TrainerService:
             stop = self._broadcast(self.stop_requested if self.rank == 0 else None)
             if stop:
                 break
+        # A clean stop checkpoints too, so a restart continues exactly where this run ended.
+        if t.checkpoint_interval and self.stats.steps and self._saved_version != self.trainer.version:
+            save_checkpoint(self.trainer, checkpoint_dir(self.cfg), {"version": self.trainer.version}, keep=t.keep_checkpoints)
+            self._saved_version = self.trainer.version
         if self.rank == 0 and self._pending:
             log.info("%d consumed groups left unacknowledged; a restart re-reads them", len(self._pending))
         return self.stats
