@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("asyncgrpo.tiny.prepare", "Build the tiny model and task, warm-start it and report its reward."),
     "evaluate": ("asyncgrpo.tiny.evaluate", "Sample a policy on a task file and report its reward."),
     "rollout": ("asyncgrpo.rollout.command", "Sample G completions per prompt, score them and stream groups into Redis."),
+    "weight-sync": ("asyncgrpo.weight_sync.command", "Broadcast each new policy version to the generation servers."),
     "genserver": ("asyncgrpo.genserver.command", "Serve an HF model over SGLang's HTTP API (CPU/test stand-in for SGLang)."),
     "trainer": ("asyncgrpo.trainer.command", "Train the policy (megatron-core GRPO) on the scored groups in Redis; checkpoints and resumes."),
 }

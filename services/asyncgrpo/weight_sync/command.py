@@ -1,0 +1,62 @@
+"""`asyncgrpo weight-sync --config run.yaml`: broadcast each new policy version to the generation servers.
+
+Runs on the trainer's host (it maps the trainer's /dev/shm snapshot); serves its HTTP API on
+weight_sync.host:port until SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+ACCEPTS_OVERRIDES = True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from asyncgrpo.config.command import add_config_arguments
+
+    add_config_arguments(parser)
+
+
+async def serve(settings) -> int:  # type: ignore[no-untyped-def]
+    import logging
+
+    import uvicorn
+
+    from asyncgrpo.utils.metrics import serve_metrics
+    from asyncgrpo.weight_sync.api import build_app
+    from asyncgrpo.weight_sync.service import WeightSyncService
+
+    log = logging.getLogger("asyncgrpo.weight_sync")
+    service = WeightSyncService(settings)
+    server = uvicorn.Server(uvicorn.Config(build_app(service), host=settings.host, port=settings.port,
+                                           log_level="warning", lifespan="off"))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    serve_metrics(settings.metrics_port)
+    await service.start()
+    api = asyncio.create_task(server.serve())
+    log.info("weight-sync on %s (backend %s, dtype %s, buckets %.0f MiB, snapshot %s), servers %s, disk servers %s",
+             settings.service_url, settings.backend, settings.wire_dtype or "as published", settings.bucket_bytes / 2**20,
+             settings.snapshot_dir, settings.servers, settings.disk_servers)
+    done, _ = await asyncio.wait([api, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    server.should_exit = True
+    await service.stop()
+    await api
+    return 0 if api not in done or api.exception() is None else 1
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    import torch
+
+    from asyncgrpo.config import load_config
+    from asyncgrpo.utils.logging import setup_logging
+    from asyncgrpo.weight_sync.settings import resolve
+
+    setup_logging("weight-sync")
+    torch.set_num_threads(1)
+    return asyncio.run(serve(resolve(load_config(args.config, overrides))))

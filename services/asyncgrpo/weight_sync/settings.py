@@ -1,0 +1,61 @@
+"""cfg.weight_sync with its null defaults resolved against the rest of the run config (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    servers: list[str]
+    disk_servers: list[str]
+    snapshot_dir: Path
+    checkpoint_dir: Path
+    base_model_path: str | None
+    backend: str  # "gloo" | "nccl"
+    wire_dtype: str | None  # None: each tensor's own dtype
+    bucket_bytes: int
+    service_url: str
+    host: str = "127.0.0.1"
+    port: int = 30100
+    master_address: str = "127.0.0.1"
+    master_port: int = 0
+    pause_mode: str = "abort"
+    group_timeout_s: float = 60.0
+    collective_timeout_s: float = 120.0
+    request_timeout_s: float = 60.0
+    resync_interval_s: float = 2.0
+    auto_disk_fallback: bool = True
+    keep_checkpoints: int = 2
+    metrics_port: int = 0
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def resolve(cfg) -> SyncSettings:  # type: ignore[no-untyped-def]
+    ws = cfg.weight_sync
+    backend = ws.backend if ws.backend != "auto" else ("nccl" if _cuda() else "gloo")
+    dtype = ws.dtype if ws.dtype != "auto" else ("bfloat16" if backend == "nccl" else None)
+    servers = list(ws.servers) if ws.servers is not None else list(cfg.rollout.server_urls)
+    disk = [u.rstrip("/") for u in ws.disk_servers]
+    # A server listed in both is a disk server: it said it cannot join the group.
+    servers = [u.rstrip("/") for u in servers if u.rstrip("/") not in disk]
+    snap = Path(ws.snapshot_dir) if ws.snapshot_dir else Path("/dev/shm/asyncgrpo") / cfg.experiment_name / cfg.trial_name
+    ckpt = Path(ws.checkpoint_dir) if ws.checkpoint_dir else Path(cfg.fileroot) / cfg.experiment_name / cfg.trial_name / "weight_sync"
+    host = "127.0.0.1" if ws.host in ("0.0.0.0", "::") else ws.host
+    return SyncSettings(
+        servers=servers, disk_servers=disk, snapshot_dir=snap, checkpoint_dir=ckpt,
+        base_model_path=ws.base_model_path or cfg.actor.path or None, backend=backend, wire_dtype=dtype,
+        bucket_bytes=int(ws.bucket_size_mb * (1 << 20)), service_url=f"http://{host}:{ws.port}", host=ws.host,
+        port=ws.port, master_address=ws.master_address, master_port=ws.master_port, pause_mode=ws.pause_mode,
+        group_timeout_s=ws.group_timeout_s, collective_timeout_s=ws.collective_timeout_s,
+        request_timeout_s=ws.request_timeout_s, resync_interval_s=ws.resync_interval_s,
+        auto_disk_fallback=ws.auto_disk_fallback, keep_checkpoints=ws.keep_checkpoints, metrics_port=ws.metrics_port)
