@@ -105,3 +105,26 @@ def test_trainer_command_end_to_end(tiny_model_dir: Path, tmp_path: Path, redis_
     assert "trainer done: 2 steps, 4 groups trained" in proc.stderr
     assert RunState.from_url(cfg.redis.url, cfg.run_id).get_version() == 2 and queue.depth() == 0
     assert (tmp_path / cfg.experiment_name / cfg.trial_name / "checkpoints" / "latest").read_text() == "step_00000002"
+
+
+def test_service_under_data_parallelism(tiny_model_dir: Path, tmp_path: Path, redis_server) -> None:  # type: ignore[no-untyped-def]
+    """DP=2 (spawned, gloo): rank 0 consumes and broadcasts; both ranks step in lockstep to the same weights."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from trainer.workers import service_worker
+
+    cfg = make_config(tiny_model_dir)
+    queue = GroupQueue.from_url(redis_server.url, cfg.run_id)
+    for p in range(4):
+        queue.push(_group(cfg, p, version=0, seed=p))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(service_worker, args=(2, port, str(tiny_model_dir), redis_server.url, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert r0["steps"] == r1["steps"] == 2 and r0["loss"] == r1["loss"]
+    for k, v in r0["weights"].items():
+        assert torch.equal(v, r1["weights"][k]), k
+    assert RunState.from_url(redis_server.url, cfg.run_id).get_version() == 2 and queue.depth() == 0

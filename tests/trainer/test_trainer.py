@@ -155,3 +155,34 @@ def test_staleness_histogram_and_batch_validation() -> None:
         Sample([1], [2, 3], [0.0], [0, 0], 1.0, "g")
     with pytest.raises(ValueError, match="group_size"):
         Batch([Sample([1], [2], [0.0], [0], 1.0, "a"), Sample([1], [2], [0.0], [0], 1.0, "a"), Sample([1], [2], [0.0], [0], 1.0, "b")])
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum-norm"])
+def test_step_independent_of_micro_batch_size(tiny_model_dir: Path, agg: str) -> None:
+    """Global normalisers: mbs=1 and mbs=8 give the same loss and the same weights, also when the behaviour
+    cap masks tokens out of the loss (mask mode changes the token count the normaliser must use)."""
+    results = []
+    for mbs in (1, 8):
+        cfg = make_config(tiny_model_dir, mbs=mbs, loss_agg_mode=agg, behav_imp_weight_cap=1.2, behav_imp_weight_mode="mask")
+        trainer = GRPOTrainer(cfg)
+        stats = trainer.train_step(make_batch(11))
+        results.append((stats, dict(trainer.export_hf())))
+    (s1, w1), (s8, w8) = results
+    assert 0 < s1["behav_cap_frac"] < 1  # the cap really masked some tokens
+    assert s1["loss"] == pytest.approx(s8["loss"], rel=1e-5, abs=1e-7)
+    assert s1["grad_norm"] == pytest.approx(s8["grad_norm"], rel=1e-5)
+    for k, v in w1.items():
+        torch.testing.assert_close(w8[k], v, rtol=0, atol=2e-5, msg=k)
+
+
+def test_compat_shims_map_cuda_to_cpu_only_without_cuda() -> None:
+    from asyncgrpo.trainer import megatron_compat
+
+    if torch.cuda.is_available():  # pragma: no cover - GPU machines
+        assert not megatron_compat.cpu_only()
+        return
+    with megatron_compat.cuda_on_cpu():
+        t = torch.zeros(3, device="cuda")
+        assert t.device.type == "cpu" and t.cuda() is t and t.type() == "torch.cuda.FloatTensor"
+    assert t.type() == "torch.FloatTensor"  # outside the context nothing is rewritten
+    assert torch.cuda.current_device() == torch.device("cpu")

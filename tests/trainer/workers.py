@@ -76,3 +76,24 @@ def step_worker(rank: int, world: int, tp: int, mbs: int, port: int, model_dir: 
     from asyncgrpo.trainer.model import destroy_parallel
 
     destroy_parallel()
+
+
+def service_worker(rank: int, world: int, port: int, model_dir: str, redis_url: str, out_dir: str) -> None:
+    """DP=`world` trainer service: rank 0 reads Redis and broadcasts batches; every rank saves its weights."""
+    init_env(rank, world, port)
+    from asyncgrpo.queue import GroupQueue, RunState
+    from asyncgrpo.trainer.model import destroy_parallel
+    from asyncgrpo.trainer.service import TrainerService
+    from asyncgrpo.trainer.train_step import GRPOTrainer
+
+    cfg = make_config(model_dir)
+    cfg.redis.url = redis_url
+    cfg.train_dataset.batch_size = 2
+    cfg.trainer.checkpoint_interval = 0
+    queue = GroupQueue.from_url(redis_url, cfg.run_id) if rank == 0 else None
+    state = RunState.from_url(redis_url, cfg.run_id) if rank == 0 else None
+    trainer = GRPOTrainer(cfg)
+    service = TrainerService(cfg, trainer, queue, state)
+    stats = service.run(max_steps=2)
+    torch.save({"steps": stats.steps, "loss": stats.last["loss"], "weights": dict(trainer.export_hf())}, f"{out_dir}/rank{rank}.pt")
+    destroy_parallel()
