@@ -158,8 +158,12 @@ class GRPOTrainer:
         self.ref = None
         if cfg.actor.kl_ctl > 0:
             ref_path = cfg.ref.path or cfg.actor.path
-            self.ref = build_gpt_model(ModelArch.from_dir(ref_path), t.tensor_parallel_size, self.dtype)
-            load_hf_weights(self.ref, ref_path, self.arch)
+            ref_arch = ModelArch.from_dir(ref_path)
+            if ref_arch.vocab_size != self.arch.vocab_size:
+                raise ValueError(f"ref.path vocab_size {ref_arch.vocab_size} != actor.path vocab_size {self.arch.vocab_size}; "
+                                 "the reference must share the policy's tokenizer")
+            self.ref = build_gpt_model(ref_arch, t.tensor_parallel_size, self.dtype)
+            load_hf_weights(self.ref, ref_path, ref_arch)
             self.ref.eval().requires_grad_(False)
         self.version = 0  # policy version = optimizer steps taken
         self.pad_id = 0
