@@ -40,7 +40,7 @@ async def serve(settings) -> int:  # type: ignore[no-untyped-def]
     serve_metrics(settings.metrics_port)
     await service.start()
     api = asyncio.create_task(server.serve())
-    log.info("weight-sync on %s (backend %s, dtype %s, buckets %.0f MiB, snapshot %s), servers %s, disk servers %s",
+    log.info("weight-sync on %s (backend %s, dtype %s, buckets %.3g MiB, snapshot %s), servers %s, disk servers %s",
              settings.service_url, settings.backend, settings.wire_dtype or "as published", settings.bucket_bytes / 2**20,
              settings.snapshot_dir, settings.servers, settings.disk_servers)
     done, _ = await asyncio.wait([api, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)

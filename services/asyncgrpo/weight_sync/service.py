@@ -271,6 +271,8 @@ class WeightSyncService:
                     self._export(m)
                 return
             manifest, data = snap
+            for m in members:  # healthy again: a dropped server re-joins (a failure drops it again)
+                m.state = "joining"
             log.info("catching up %s to version %d", [m.url for m in members], manifest.version)
             await self._sync(members, manifest, data, temporary_group=True)
 

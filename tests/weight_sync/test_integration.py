@@ -1,0 +1,157 @@
+"""End to end with real processes: genservers, the `asyncgrpo weight-sync` service, real gloo, and a
+plain HF model's parameters (perturbed per version) as the trainer's export."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from asyncgrpo.weight_sync import WeightPublisher
+
+from asyncgrpo.weight_sync.group import free_port
+from .procs import Proc, start_genserver, start_weight_sync, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def export(model_dir: Path, version: int) -> list[tuple[str, torch.Tensor]]:
+    """The "trainer export" of `version`: the tiny model's parameters plus a version-seeded perturbation."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    g = torch.Generator().manual_seed(version)
+    return [(n, (p.detach() + 0.05 * torch.randn(p.shape, generator=g)).contiguous()) for n, p in model.named_parameters()]
+
+
+def server_weights_equal(url: str, named: list[tuple[str, torch.Tensor]]) -> None:
+    for name, t in named:
+        r = httpx.post(f"{url}/get_weights_by_name", json={"name": name, "truncate_size": 1 << 20}, timeout=30)
+        r.raise_for_status()
+        got = torch.tensor(r.json(), dtype=torch.float32)
+        assert torch.equal(got, t.float()), f"{url}: {name} differs from the trainer's export"
+
+
+def model_version(url: str) -> str:
+    return str(httpx.get(f"{url}/model_info", timeout=10).json()["weight_version"])
+
+
+class Env:
+    def __init__(self, root: Path, model_dir: Path) -> None:
+        self.root, self.model_dir = root, model_dir
+        self.procs: list[Proc] = []
+        self.genservers: dict[str, Proc] = {}
+
+    def genserver(self, name: str, port: int | None = None) -> str:
+        port = port or free_port()
+        proc = start_genserver(self.model_dir, port, self.root / f"{name}.log")
+        self.procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        self.genservers[url] = proc
+        return url
+
+    def servers(self) -> dict[str, dict[str, Any]]:
+        return {s["url"]: s for s in httpx.get(f"{self.ws_url}/servers", timeout=10).json()}
+
+    def wait_versions(self, want: dict[str, str], timeout: float = 90) -> None:
+        def ok() -> bool:
+            s = self.servers()
+            return all(u in s and s[u]["ready"] and s[u]["version"] == v for u, v in want.items())
+        wait_until(f"servers at versions {want}", ok, timeout, self.procs)
+
+    def start_service(self, servers: list[str], disk_servers: list[str]) -> None:
+        port = free_port()
+        self.ws_url = f"http://127.0.0.1:{port}"
+        cfg = {"actor": {"path": str(self.model_dir)}, "fileroot": str(self.root / "runs"),
+               "weight_sync": {"port": port, "servers": servers, "disk_servers": disk_servers,
+                               "snapshot_dir": str(self.root / "shm"), "bucket_size_mb": 0.02,
+                               "group_timeout_s": 20, "collective_timeout_s": 20, "request_timeout_s": 20,
+                               "resync_interval_s": 0.5}}
+        self.procs.append(start_weight_sync(cfg, self.root, self.root / "weight_sync.log"))
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+
+
+@pytest.fixture
+def env(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Env]:
+    e = Env(tmp_path, tiny_model_dir)
+    yield e
+    e.close()
+
+
+def test_update_kill_rejoin_join_and_disk_fallback(env: Env, tiny_model_dir: Path) -> None:
+    a, b, d = env.genserver("a"), env.genserver("b"), env.genserver("disk")
+    env.start_service([a, b], [d])
+    env.wait_versions({a: "0", b: "0", d: "0"})  # nothing published: every server holds the base (version 0)
+    pub = WeightPublisher(env.root / "shm", service_url=env.ws_url, bucket_bytes=int(0.02 * (1 << 20)))
+
+    # 1. an update reaches every server: weights equal the export, /model_info reports the version
+    v1 = export(tiny_model_dir, 1)
+    res = pub.publish(v1, 1)
+    assert res.notified and res.blocked_s > 0
+    env.wait_versions({a: "1", b: "1", d: "1"})
+    for url in (a, b, d):
+        server_weights_equal(url, v1)
+        assert model_version(url) == "1"
+    status = httpx.get(f"{env.ws_url}/status", timeout=10).json()
+    assert status["last_update"]["bytes"] == res.bytes and status["last_update"]["gbps"] > 0
+    assert status["last_trainer_blocked_s"] > 0
+    assert len([x for x in status["servers"] if x["ready"]]) == 3
+
+    # 2. a server dies during an update: the others get the version, the trainer keeps publishing
+    proc_b = env.genservers[b]
+    os.kill(proc_b.p.pid, signal.SIGSTOP)  # frozen: the update cannot finish until b is gone
+    v2 = export(tiny_model_dir, 2)
+    pub.publish(v2, 2)
+    wait_until("update in progress", lambda: httpx.get(f"{env.ws_url}/status", timeout=10).json()["updating"], 30, env.procs)
+    proc_b.p.kill()
+    proc_b.p.wait(10)
+    os.kill(proc_b.p.pid, signal.SIGCONT) if proc_b.p.poll() is None else None
+    env.wait_versions({a: "2", d: "2"})
+    server_weights_equal(a, v2)
+    assert env.servers()[b]["state"] == "dropped" and env.servers()[b]["version"] == "1"
+    v3 = export(tiny_model_dir, 3)
+    pub.publish(v3, 3)  # the group is rebuilt without b
+    env.wait_versions({a: "3", d: "3"})
+    server_weights_equal(a, v3)
+    metrics = httpx.get(f"{env.ws_url}/metrics", timeout=10).text
+    assert f'asyncgrpo_weight_sync_failures_total{{server="{b}",stage="update"}} 1.0' in metrics
+
+    # 3. the dead server comes back on its port: it is re-synced to the current version before it is ready
+    port_b = int(b.rsplit(":", 1)[1])
+    env.genserver("b2", port_b)
+    env.wait_versions({b: "3"})
+    server_weights_equal(b, v3)
+    assert model_version(b) == "3"
+
+    # 4. a new server registers mid-run: it serves the current version once ready
+    c = env.genserver("c")
+    r = httpx.post(f"{env.ws_url}/servers", json={"url": c}, timeout=30)
+    r.raise_for_status()
+    assert r.json()["ready"] is False
+    env.wait_versions({c: "3"})
+    server_weights_equal(c, v3)
+    assert model_version(c) == "3"
+    out = httpx.post(f"{c}/generate", json={"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 2}}, timeout=30).json()
+    assert out["meta_info"]["weight_version"] == "3"
+
+    # 5. the next version reaches the whole rebuilt group and the disk server
+    v4 = export(tiny_model_dir, 4)
+    pub.publish(v4, 4)
+    env.wait_versions({a: "4", b: "4", c: "4", d: "4"})
+    for url in (a, b, c, d):
+        server_weights_equal(url, v4)
+
+    # 6. a server leaves: it is no longer updated
+    assert httpx.delete(f"{env.ws_url}/servers", params={"url": c}, timeout=30).status_code == 200
+    pub.publish(export(tiny_model_dir, 5), 5)
+    env.wait_versions({a: "5", b: "5", d: "5"})
+    assert c not in env.servers() and model_version(c) == "4"
