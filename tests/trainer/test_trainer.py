@@ -105,10 +105,12 @@ def test_kl_to_reference_is_zero_at_first_step(tiny_model_dir: Path) -> None:
     assert second["kl_ref"] > 0  # the policy moved away from the frozen reference
 
 
-def test_resume_continues_like_an_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("dist_opt", [False, True], ids=["optimizer", "distributed_optimizer"])
+def test_resume_continues_like_an_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path, dist_opt: bool) -> None:
     from asyncgrpo.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
     cfg = make_config(tiny_model_dir)
+    cfg.trainer.use_distributed_optimizer = dist_opt
     cfg.optimizer.warmup_steps_proportion = 0.01  # a moving LR: the schedule state must be restored too
     cfg.trainer.total_steps = 200
     a = GRPOTrainer(cfg)

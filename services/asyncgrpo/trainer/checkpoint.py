@@ -42,8 +42,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(trainer: Any, ckpt_dir: str | Path, data_position: dict[str, Any] | None = None, keep: int = 2) -> Path:
     """Save `trainer` (a GRPOTrainer) at its current version; collective over all ranks."""
-    if getattr(trainer.cfg.trainer, "use_distributed_optimizer", False):
-        raise NotImplementedError("checkpoints with trainer.use_distributed_optimizer=true are not supported yet; set it false")
     root = Path(ckpt_dir)
     step_dir = root / f"step_{trainer.version:08d}"
     if _rank() == 0:
@@ -51,7 +49,10 @@ def save_checkpoint(trainer: Any, ckpt_dir: str | Path, data_position: dict[str,
     _barrier()
     state = {
         "model": {k: v.detach().cpu().clone() for k, v in unwrap(trainer.model).state_dict().items() if not k.endswith("_extra_state")},
-        "optimizer": trainer.optimizer.state_dict(),
+        "optimizer": _clone(trainer.optimizer.state_dict()),
+        # The distributed optimizer keeps parameter state (main params, Adam moments) outside state_dict():
+        # each rank saves its own shard, so a resume needs the same world size and TP.
+        "dist_param_state": [_clone(o.get_parameter_state_dp_reshardable()) for o in _distributed(trainer.optimizer)],
         "scheduler": trainer.scheduler.state_dict(),
         "version": trainer.version,
         "rng": rng_state(),
@@ -98,7 +99,49 @@ def load_checkpoint(trainer: Any, step_dir: str | Path) -> dict[str, Any]:
     gpt = unwrap(trainer.model)
     load_megatron_state(gpt, {k: v for k, v in state["model"].items() if k in dict(gpt.named_parameters())})
     trainer.optimizer.load_state_dict(state["optimizer"])
+    dist_opts = _distributed(trainer.optimizer)
+    if len(dist_opts) != len(state.get("dist_param_state", [])):
+        raise ValueError(f"checkpoint {step_dir} and this run disagree on trainer.use_distributed_optimizer; use the saved setting")
+    for opt, param_state in zip(dist_opts, state["dist_param_state"]):
+        _mark_unpadded(param_state)
+        with torch.no_grad():
+            opt.load_parameter_state_from_dp_reshardable(param_state)
+        # megatron's load_state_dict gives every parameter the SAME step tensor; torch's Adam then bumps
+        # it once per parameter per step, which breaks bias correction. Give each its own.
+        for st in opt.optimizer.state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.version = int(state["version"])
     set_rng_state(state["rng"])
     return state["data_position"]
+
+
+def _distributed(optimizer: Any) -> list[Any]:
+    """The megatron DistributedOptimizer instances inside (a chained) optimizer."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [o for o in inner if isinstance(o, DistributedOptimizer)]
+
+
+def _clone(x: Any) -> Any:
+    """A detached copy of a nested state (the optimizer hands out live references to its tensors)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _clone(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_clone(v) for v in x)
+    return x
+
+
+def _mark_unpadded(param_state: dict[Any, Any]) -> None:
+    """load_parameter_state_from_dp_reshardable filters on a 'padding' flag that the matching getter
+    does not write; every entry it wrote is a real parameter."""
+    for key, per_dtype in param_state.items():
+        if isinstance(key, int):
+            for buckets in per_dtype.values():
+                for bucket in buckets:
+                    for entry in bucket:
+                        entry.setdefault("padding", False)
