@@ -316,10 +316,11 @@ def create_app(engine: Engine, *, host: str = "127.0.0.1", port: int = 0, dist_t
 
         b = await _json(request)
         gname = str(b.get("group_name", "weight_update_group"))
-        pg = st.groups.pop(gname, None)
-        if pg is None:
-            return fail(f"no group {gname!r}; known: {sorted(st.groups)}")
-        await asyncio.to_thread(destroy_custom_process_group, pg)
+        async with st.weight_lock:  # waits for an update still receiving on this group (it fails or times out)
+            pg = st.groups.pop(gname, None)
+            if pg is None:
+                return fail(f"no group {gname!r}; known: {sorted(st.groups)}")
+            await asyncio.to_thread(destroy_custom_process_group, pg)
         return ok(f"left group {gname!r}")
 
     @app.post("/begin_weight_update")
