@@ -23,7 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _weight_sink(cfg):  # type: ignore[no-untyped-def]
     """The weight-sync publisher's publish(named_tensors, version)."""
-    from asyncgrpo.weight_sync.publisher import WeightPublisher
+    try:
+        from asyncgrpo.weight_sync.publisher import WeightPublisher
+    except ImportError as e:
+        from asyncgrpo.config import ConfigError
+
+        raise ConfigError(f"weight sync is not available ({e}); run with --no-weight-sync to train without publishing") from None
 
     return WeightPublisher.from_config(cfg).publish
 
@@ -37,6 +42,13 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
 
     setup_logging("trainer")
     log = logging.getLogger("asyncgrpo.trainer")
+    # megatron-core logs every DDP bucket and optimizer field at INFO and warns about the missing
+    # Apex / Transformer Engine on every CPU start: keep the trainer's own log readable.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"megatron\..*")
     cfg = load_config(args.config, overrides)
     if not cfg.actor.path or not (Path(cfg.actor.path) / "config.json").exists():
         raise ConfigError(f"actor.path {cfg.actor.path!r} is not an HF checkpoint directory (no config.json); set actor.path")
