@@ -1,0 +1,62 @@
+"""The client's failure behaviour: a dead or silent server raises a clear error quickly, and /generate is
+never re-sent once it may have reached the server."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from asyncgrpo.sglang.client import SGLangClient, SGLangError, SGLangUnavailable
+
+from .procs import free_port
+
+
+def test_dead_server_raises_unavailable_naming_url_and_endpoint() -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens here
+
+    async def main():
+        async with SGLangClient(url, retries=2, backoff_s=0.01) as c:
+            assert await c.health() is False
+            with pytest.raises(SGLangUnavailable) as ei:
+                await c.generate([1, 2], {"max_new_tokens": 2})
+            return str(ei.value)
+
+    msg = asyncio.run(main())
+    assert url in msg and "/generate" in msg and "unreachable after 3 attempts" in msg
+
+
+def test_silent_server_times_out_instead_of_hanging() -> None:
+    with socket.socket() as s:  # accepts connections (backlog) but never answers
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+
+        async def main():
+            async with SGLangClient(url, timeout_s=0.3, retries=1, backoff_s=0.01) as c:
+                with pytest.raises(SGLangUnavailable, match="/v1/loads"):
+                    await c.loads()  # read-only: retried, then unavailable
+                with pytest.raises(SGLangError, match="not retried since the request may have run"):
+                    await c.generate([1], {"max_new_tokens": 1})
+
+        asyncio.run(asyncio.wait_for(main(), 20))
+
+
+@pytest.mark.slow
+def test_generate_read_timeout_is_not_retried(genserver) -> None:
+    async def main():
+        async with SGLangClient(genserver.url) as admin, SGLangClient(genserver.url, timeout_s=0.5, retries=3) as c:
+            await admin.pause("in_place")
+            try:
+                with pytest.raises(SGLangError) as ei:
+                    await c.generate([5, 6, 7], {"max_new_tokens": 2}, rid="no-retry-1")
+                waiting = (await admin.loads())["loads"][0]["num_waiting_reqs"]
+            finally:
+                await admin.abort("no-retry-")
+                await admin.resume()
+            return ei.value, waiting
+
+    err, waiting = asyncio.run(main())
+    assert not isinstance(err, SGLangUnavailable) and "may have run" in str(err)
+    assert waiting == 1  # sent once, not retries + 1 times

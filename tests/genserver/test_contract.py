@@ -1,0 +1,119 @@
+"""Contract: what our client sends and what genserver answers validate against SGLang's own published API
+types (sglang/api/v1/api_types.py from the sglang==0.5.23 wheel, loaded by path with msgspec).
+
+The wheel is downloaded by .ci/run (`pip download --no-deps sglang==0.5.23 -d .cache/wheels`); the test
+reads ASYNCGRPO_SGLANG_WHEEL_DIR (default .cache/wheels). Without the wheel it skips, except under CI=true
+where it fails."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from asyncgrpo.genserver.sampling import KNOWN_KEYS
+from asyncgrpo.sglang.client import SGLangClient
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPT = [81, 58, 32, 49, 43, 49, 61, 63, 10, 65, 58]
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):  # noqa: ANN201
+    wheel_dir = Path(os.environ.get("ASYNCGRPO_SGLANG_WHEEL_DIR", ROOT / ".cache" / "wheels"))
+    wheels = sorted(wheel_dir.glob("sglang-0.5.23-*.whl"))
+    if not wheels:
+        msg = (f"sglang 0.5.23 wheel not found in {wheel_dir}; run "
+               f"`python3 -m pip download -q --no-deps sglang==0.5.23 -d {wheel_dir}`")
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    out = tmp_path_factory.mktemp("sglang_api") / "api_types.py"
+    with zipfile.ZipFile(wheels[0]) as z:
+        out.write_bytes(z.read("sglang/api/v1/api_types.py"))
+    spec = importlib.util.spec_from_file_location("sglang_api_types_0_5_23", out)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sampling_keys_are_exactly_sglangs(api) -> None:
+    assert set(api.SamplingParams.__struct_fields__) == set(KNOWN_KEYS)
+    with pytest.raises(api.JsonContractError, match="unknown field `max_tokens`"):
+        api.SamplingParams.from_json_value({"max_tokens": 3})
+
+
+@pytest.mark.slow
+def test_client_requests_and_server_responses_validate(api, genserver) -> None:
+    sent: list[tuple[str, dict]] = []
+
+    async def record(request: httpx.Request) -> None:
+        if request.method == "POST" and request.content:
+            sent.append((request.url.path, json.loads(request.content)))
+
+    async def main():
+        async with SGLangClient(genserver.url) as c:
+            c._client().event_hooks["request"].append(record)
+            await c.generate(PROMPT, {"max_new_tokens": 4, "temperature": 0.7, "top_p": 0.9, "top_k": 20,
+                                      "stop": ["\n"], "stop_token_ids": [256], "sampling_seed": 1,
+                                      "ignore_eos": False, "min_p": 0.0}, rid="contract-1")
+            await c.generate_n(PROMPT, {"max_new_tokens": 2}, n=2, rid="contract-n")
+            await c.abort("contract-")
+            await c.abort(abort_all=True)
+
+    asyncio.run(main())
+    gen = [b for p, b in sent if p == "/generate"]
+    aborts = [b for p, b in sent if p == "/abort_request"]
+    assert len(gen) == 2 and len(aborts) == 2
+    for body in gen:
+        assert set(body) <= set(api.GenerateRequest.__struct_fields__), body  # unknown top-level keys are ignored by SGLang: none allowed
+        req = api.GenerateRequest.from_json_value(body)
+        api.SamplingParams.from_json_value(body["sampling_params"])  # strict: rejects unknown keys
+        assert req.input_ids == PROMPT
+    for body in aborts:
+        assert set(body) <= set(api.AbortRequest.__struct_fields__)
+        api.AbortRequest.from_json_value(body)
+
+    # genserver's answers parse as SGLang's response types
+    single = httpx.post(f"{genserver.url}/generate", json={"input_ids": PROMPT, "return_logprob": True,
+                                                           "sampling_params": {"max_new_tokens": 3}}, timeout=60).json()
+    r = api.GenerateResponse.from_json_value(single)
+    assert r.meta_info.completion_tokens == 3 and len(r.meta_info.output_token_logprobs) == 3
+    assert r.meta_info.weight_version == "default"
+    many = httpx.post(f"{genserver.url}/generate", json={"input_ids": [PROMPT, PROMPT], "sampling_params":
+                                                         {"max_new_tokens": 2, "n": 2}}, timeout=60).json()
+    assert len(many) == 4
+    for o in many:
+        api.GenerateResponse.from_json_value(o)
+    api.GetModelInfoResponse.from_json_value(httpx.get(f"{genserver.url}/model_info").json())
+    api.GetServerInfoResponse.from_json_value(httpx.get(f"{genserver.url}/server_info").json())
+    err = httpx.post(f"{genserver.url}/generate", json={"input_ids": PROMPT, "sampling_params": {"max_tokens": 1}})
+    assert err.status_code == 400 and api.ErrorBody.from_json_value(err.json()).code == 400
+
+
+@pytest.mark.slow
+def test_aborted_response_validates(api, genserver) -> None:
+    async def main():
+        async with SGLangClient(genserver.url) as c:
+            task = asyncio.create_task(httpx.AsyncClient(timeout=60).post(
+                f"{genserver.url}/generate", json={"input_ids": PROMPT, "rid": "contract-abort", "return_logprob": True,
+                                                   "sampling_params": {"max_new_tokens": 900, "ignore_eos": True}}))
+            for _ in range(500):
+                if (await c.loads())["loads"][0]["num_running_reqs"]:
+                    break
+                await asyncio.sleep(0.02)
+            await c.abort("contract-abort")
+            return (await task).json()
+
+    body = asyncio.run(main())
+    r = api.GenerateResponse.from_json_value(body)
+    assert isinstance(r.meta_info.finish_reason, api.FinishAbort)
+    assert len(r.meta_info.output_token_logprobs) == len(r.output_ids) > 0
