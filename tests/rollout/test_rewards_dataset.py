@@ -119,3 +119,19 @@ def test_tokenizer_encoder_from_the_model_dir(tiny_model_dir) -> None:
     ids = encode("Q: 1+1=?\nA:")
     assert ids and all(i < 256 for i in ids)  # byte-level, no special tokens added
     assert decode(ids + [256]) == "Q: 1+1=?\nA:"  # eos is skipped when decoding a completion
+
+
+def test_gsm8k_style_file(tmp_path) -> None:
+    """GSM8K's own JSONL: 'question' and 'answer' (a worked solution ending '#### N'), no 'id'."""
+    p = _write(tmp_path, [{"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = 7\n#### 7"},
+                          {"question": "What is 10 - 1?", "answer": "10 - 1 = 9\n#### 9"}])
+    ds = PromptDataset(load_records(p, "question", "answer"), byte_encode, template="Question: {question}\nAnswer:",
+                       prompt_key="question", shuffle=False)
+    pr = ds.get(0, 0)
+    assert pr.prompt_id == "0" and pr.text == "Question: Tom has 3 apples and buys 4. How many?\nAnswer:"
+    scores = asyncio.run(RewardRunner(["gsm8k"]).score(["3 plus 4 is 7 #### 7", "#### 8"], pr.answer))
+    assert [s.reward for s in scores] == [1.0, 0.0]
+
+
+def byte_encode(s: str) -> list[int]:
+    return list(s.encode())
