@@ -223,7 +223,8 @@ def create_app(engine: Engine, *, host: str = "127.0.0.1", port: int = 0, dist_t
     # ---------- inspection ----------
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200)
+        alive = engine._thread is not None and engine._thread.is_alive()
+        return Response(status_code=200 if alive else 503)
 
     @app.get("/health_generate")
     async def health_generate() -> Response:
