@@ -156,3 +156,25 @@ def test_pause_stops_admission_and_in_flight_groups_finish(redis_server, dataset
     asyncio.run(asyncio.wait_for(main(), 30))
     # the three in-flight groups finished and were queued; nothing new started while paused
     assert seen["depth_while_paused"] == 3 and q.depth() == 6 and svc.stats.groups_pushed == 6
+
+
+def test_failed_generation_hands_the_prompt_back(redis_server, dataset) -> None:
+    """A server error fails the group, not the worker: the lease goes back to the re-queue list at once
+    and the prompt is run again; every prompt still ends up in the queue exactly once."""
+
+    class Flaky(FakeGenClient):
+        failures = 1
+
+        async def generate(self, input_ids, sampling_params, rid=None, return_logprob=True):
+            if Flaky.failures > 0:
+                Flaky.failures -= 1
+                raise RuntimeError("server unavailable")
+            return await super().generate(input_ids, sampling_params, rid, return_logprob)
+
+    svc = make_service(redis_server.url, dataset, Flaky(), num_workers=1)
+    stats = asyncio.run(asyncio.wait_for(svc.run(), 30))
+    groups = drain(redis_server.url)
+    assert stats.groups_failed == 1 and stats.groups_pushed == 6
+    assert sorted(g.prompt_id for g in groups) == [f"q{i}" for i in range(6)]
+    counters = RunState(redis.Redis.from_url(redis_server.url), RUN).counters()
+    assert counters["leases_abandoned"] == 1 and counters["groups_failed"] == 1

@@ -238,10 +238,13 @@ class RolloutService:
         t0 = time.monotonic()
         prompt = self.dataset.get(ref.epoch, ref.position)
         gid = ref.group_id()
-        async with asyncio.TaskGroup() as tg:  # one failure cancels the siblings
-            tasks = [tg.create_task(sample_completion(
-                client, prompt.input_ids, self.p.sampling_params(), max_new_tokens=self.p.max_new_tokens,
-                rid=f"{self.p.run_id}:{gid}:{j}", max_resubmits=self.p.max_resubmits)) for j in range(self.p.group_size)]
+        try:
+            async with asyncio.TaskGroup() as tg:  # one failure cancels the siblings
+                tasks = [tg.create_task(sample_completion(
+                    client, prompt.input_ids, self.p.sampling_params(), max_new_tokens=self.p.max_new_tokens,
+                    rid=f"{self.p.run_id}:{gid}:{j}", max_resubmits=self.p.max_resubmits)) for j in range(self.p.group_size)]
+        except ExceptionGroup as eg:  # report the first real error, not "unhandled errors in a TaskGroup"
+            raise eg.exceptions[0] from eg
         samples = [t.result() for t in tasks]
         texts = [self.decode(s.output_ids) for s in samples]
         scores = await self.rewards.score(texts, prompt.answer)
