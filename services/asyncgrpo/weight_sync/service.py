@@ -45,7 +45,8 @@ _UPDATE_S = histogram("weight_sync_update_seconds", "Duration of one update (pau
                       buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
 _BYTES = counter("weight_sync_bytes_total", "Bytes broadcast to generation servers")
 _LAST_BYTES = gauge("weight_sync_update_bytes", "Bytes of the last update")
-_GBPS = gauge("weight_sync_broadcast_gbps", "Broadcast bandwidth of the last update in GB/s (1e9 bytes)")
+_GBPS = gauge("weight_sync_broadcast_gbps", "Bandwidth of the last update's buckets in GB/s (1e9 bytes), HTTP replies included")
+_COLL_GBPS = gauge("weight_sync_collective_gbps", "Bandwidth of the last update's broadcast collectives alone in GB/s")
 _BLOCKED = gauge("weight_sync_last_trainer_blocked_seconds", "Seconds the trainer was blocked handing over the last version")
 _VERSION = gauge("weight_sync_version", "Newest version synced to at least one server")
 _PUBLISHED = gauge("weight_sync_published_version", "Newest version the trainer published")
@@ -89,16 +90,22 @@ class UpdateReport:
     members: list[str]
     failed: dict[str, str] = field(default_factory=dict)
     duration_s: float = 0.0
-    broadcast_s: float = 0.0
+    broadcast_s: float = 0.0  # first bucket fired .. last bucket's replies (HTTP and servers' loading included)
+    collective_s: float = 0.0  # time rank 0 spent inside the broadcast collectives
     bytes: int = 0
 
     @property
     def gbps(self) -> float:
         return self.bytes / self.broadcast_s / 1e9 if self.broadcast_s > 0 else 0.0
 
+    @property
+    def collective_gbps(self) -> float:
+        return self.bytes / self.collective_s / 1e9 if self.collective_s > 0 else 0.0
+
     def to_json(self) -> dict[str, Any]:
         return {"version": self.version, "members": self.members, "failed": self.failed, "duration_s": self.duration_s,
-                "broadcast_s": self.broadcast_s, "bytes": self.bytes, "gbps": self.gbps}
+                "broadcast_s": self.broadcast_s, "collective_s": self.collective_s, "bytes": self.bytes, "gbps": self.gbps,
+                "collective_gbps": self.collective_gbps}
 
 
 class WeightSyncService:
@@ -303,6 +310,7 @@ class WeightSyncService:
         _UPDATE_S.observe(report.duration_s)
         _LAST_BYTES.set(report.bytes)
         _GBPS.set(report.gbps)
+        _COLL_GBPS.set(report.collective_gbps)
         log.info("version %d -> %d server(s) in %.3fs (broadcast %.3fs, %.1f MB, %.3f GB/s)%s", manifest.version,
                  len(members) - len(report.failed), report.duration_s, report.broadcast_s, report.bytes / 1e6, report.gbps,
                  f"; failed: {report.failed}" if report.failed else "")
@@ -374,8 +382,10 @@ class WeightSyncService:
                 b.names, b.dtypes, b.shapes, group.name, weight_version=str(manifest.version) if last else None,
                 load_format="flattened_bucket", flush_cache=last), s.collective_timeout_s)) for m in members]
             bcast_error: str | None = None
+            tb = time.perf_counter()
             try:
                 await group.broadcast(data[b.offset:b.offset + b.nbytes], s.collective_timeout_s)
+                report.collective_s += time.perf_counter() - tb
             except Exception as e:  # noqa: BLE001 - any collective failure aborts this group
                 bcast_error = f"broadcast: {type(e).__name__}: {e}"
             await asyncio.gather(*calls)

@@ -1,0 +1,181 @@
+"""Weight-sync bandwidth: the service's broadcast GB/s next to a bare torch.distributed broadcast of the
+same bytes (same bucket sizes) over the same backend (gloo on CPU), as a ratio.
+
+    python benchmarks/weight_sync_bandwidth.py [--hidden 1024 --layers 8 --bucket-mb 64 --receivers 2]
+                                               [--repeats 3] [--append docs/benchmarks.md]
+
+Service side: a qwen2 model of the given size (random weights, the tiny byte tokenizer) served by
+`--receivers` real genservers, an `asyncgrpo weight-sync` process, and a WeightPublisher in this process
+publishing `--repeats` versions. Its GB/s is bucket bytes / (first bucket fired .. last bucket's HTTP
+reply), as the service reports in /status: it includes the HTTP calls and each server unpacking the
+bucket into its model. Baseline: rank 0 here plus `--receivers` processes that only receive
+broadcasts of the same bucket sizes (init_custom_process_group, like the servers). Best of the repeats
+on both sides. Also reported: update duration (pause .. continue) and trainer-blocked seconds (publish()).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "weight_sync"))
+
+from procs import Proc, start_genserver, start_weight_sync, wait_until  # noqa: E402
+
+from asyncgrpo.sglang.dist_group import destroy_custom_process_group, init_custom_process_group  # noqa: E402
+from asyncgrpo.weight_sync.group import free_port  # noqa: E402
+from asyncgrpo.weight_sync.publisher import WeightPublisher  # noqa: E402
+
+
+def build_model(out: Path, hidden: int, layers: int) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from asyncgrpo.tiny import build_tiny_model
+
+    base = build_tiny_model(out / "tiny", preset="tiny", arch="qwen2", seed=0)
+    d = AutoConfig.from_pretrained(base).to_dict()
+    for k in ("layer_types", "head_dim", "max_window_layers"):
+        d.pop(k, None)
+    d.update(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=hidden * 11 // 4,
+             num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 256))
+    cfg = AutoConfig.for_model(**d)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    dst = out / "model"
+    model.save_pretrained(dst)
+    for f in base.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "config.json":
+            shutil.copy2(f, dst / f.name)
+    return dst
+
+
+def _receiver(port: int, rank: int, world: int, sizes: list[int], repeats: int) -> None:
+    torch.set_num_threads(1)
+    pg = init_custom_process_group("gloo", master_address="127.0.0.1", master_port=port, world_size=world, rank=rank,
+                                   group_name="bench", timeout=120)
+    bufs = [torch.empty(n, dtype=torch.uint8) for n in sizes]
+    for _ in range(repeats):
+        for b in bufs:
+            torch.distributed.broadcast(b, src=0, group=pg)
+        torch.distributed.barrier(group=pg)
+    destroy_custom_process_group(pg)
+
+
+def bare_broadcast(sizes: list[int], receivers: int, repeats: int) -> float:
+    """Best GB/s of `repeats` rounds broadcasting buckets of `sizes` bytes to `receivers` processes."""
+    port, world = free_port(), receivers + 1
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_receiver, args=(port, r, world, sizes, repeats)) for r in range(1, world)]
+    for p in procs:
+        p.start()
+    pg = init_custom_process_group("gloo", master_address="127.0.0.1", master_port=port, world_size=world, rank=0,
+                                   group_name="bench", timeout=120)
+    src = [torch.randint(0, 255, (n,), dtype=torch.uint8) for n in sizes]
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for b in src:
+            torch.distributed.broadcast(b, src=0, group=pg)
+        torch.distributed.barrier(group=pg)
+        best = max(best, sum(sizes) / (time.perf_counter() - t0) / 1e9)
+    destroy_custom_process_group(pg)
+    for p in procs:
+        p.join(60)
+    return best
+
+
+def service_broadcast(model_dir: Path, work: Path, receivers: int, bucket_mb: float, repeats: int) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM
+
+    procs: list[Proc] = []
+    try:
+        urls = []
+        for i in range(receivers):
+            port = free_port()
+            procs.append(start_genserver(model_dir, port, work / f"gen{i}.log", dist_timeout_s=120))
+            urls.append(f"http://127.0.0.1:{port}")
+        port = free_port()
+        ws = f"http://127.0.0.1:{port}"
+        cfg = {"actor": {"path": str(model_dir)}, "fileroot": str(work / "runs"),
+               "weight_sync": {"port": port, "servers": urls, "snapshot_dir": str(work / "shm"), "bucket_size_mb": bucket_mb,
+                               "collective_timeout_s": 300, "request_timeout_s": 300}}
+        procs.append(start_weight_sync(cfg, work, work / "weight_sync.log"))
+        wait_until("servers ready", lambda: all(s["ready"] for s in httpx.get(f"{ws}/servers", timeout=10).json()), 120, procs)
+        params = [(n, p.detach()) for n, p in AutoModelForCausalLM.from_pretrained(model_dir).named_parameters()]
+        pub = WeightPublisher(work / "shm", service_url=ws, bucket_bytes=int(bucket_mb * (1 << 20)))
+        best: dict[str, float] = {"gbps": 0.0}
+        for v in range(1, repeats + 1):
+            res = pub.publish(params, v)
+            st = wait_until(f"version {v} synced", lambda v=v: (s := httpx.get(f"{ws}/status", timeout=10).json())
+                            ["last_update"] and s["last_update"]["version"] == v and not s["updating"] and s, 600, procs)
+            lu = st["last_update"]
+            if lu["failed"]:
+                raise RuntimeError(f"update {v} failed: {lu['failed']}")
+            if lu["gbps"] > best["gbps"]:
+                best = {"gbps": lu["gbps"], "collective_gbps": lu["collective_gbps"], "duration_s": lu["duration_s"],
+                        "broadcast_s": lu["broadcast_s"],
+                        "bytes": lu["bytes"], "blocked_s": res.blocked_s}
+        layout = json.loads((work / "shm" / f"slot{pub._last_slot}.json").read_text())["layout"]
+        best["sizes"] = [b["nbytes"] for b in layout["buckets"]]  # type: ignore[assignment]
+        return best
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--bucket-mb", type=float, default=64.0)
+    ap.add_argument("--receivers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--append", type=Path, default=None, help="append a result row to this markdown file")
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="ws-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None) as tmp:
+        work = Path(tmp)
+        model_dir = build_model(work, args.hidden, args.layers)
+        svc = service_broadcast(model_dir, work, args.receivers, args.bucket_mb, args.repeats)
+        sizes = svc.pop("sizes")  # type: ignore[arg-type]
+        bare = bare_broadcast(sizes, args.receivers, args.repeats)  # type: ignore[arg-type]
+    ratio, coll_ratio = svc["gbps"] / bare, svc["collective_gbps"] / bare
+    mb = svc["bytes"] / 1e6
+    print(f"model {mb:.1f} MB in {len(sizes)} bucket(s) of <= {args.bucket_mb:g} MiB to {args.receivers} receivers (gloo)")
+    print(f"service collectives: {svc['collective_gbps']:.3f} GB/s; service buckets incl. HTTP + servers loading: "
+          f"{svc['gbps']:.3f} GB/s (broadcast phase {svc['broadcast_s']:.3f}s, update {svc['duration_s']:.3f}s, "
+          f"trainer blocked {svc['blocked_s']:.3f}s)")
+    print(f"bare torch.distributed broadcast: {bare:.3f} GB/s")
+    print(f"ratio service collectives / bare: {coll_ratio:.3f}; ratio service end-to-end / bare: {ratio:.3f}")
+    if args.append:
+        head = ("\n## weight-sync bandwidth ({d}, {m}, {c} CPUs, gloo, loopback)\n\n"
+                "| model MB | buckets | receivers | service collective GB/s | service end-to-end GB/s | bare broadcast GB/s "
+                "| collective / bare | end-to-end / bare | update s | trainer blocked s |\n"
+                "|---|---|---|---|---|---|---|---|---|---|\n").format(d=date.today().isoformat(), m=platform.machine(), c=os.cpu_count())
+        row = (f"| {mb:.1f} | {len(sizes)} x <= {args.bucket_mb:g} MiB | {args.receivers} | {svc['collective_gbps']:.3f} | "
+               f"{svc['gbps']:.3f} | {bare:.3f} | {coll_ratio:.3f} | {ratio:.3f} | {svc['duration_s']:.3f} | {svc['blocked_s']:.3f} |\n")
+        cmd = (f"\n`python benchmarks/weight_sync_bandwidth.py --hidden {args.hidden} --layers {args.layers} --bucket-mb "
+               f"{args.bucket_mb:g} --receivers {args.receivers} --repeats {args.repeats} --append {args.append}`; collective = bytes / "
+               "rank 0's time inside broadcast(); end-to-end = bytes / (first bucket fired .. last reply), incl. HTTP and the "
+               "genservers loading each bucket into the model; best of repeats.\n")
+        with args.append.open("a") as f:
+            f.write(head + row + cmd)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
