@@ -110,8 +110,11 @@ def test_aborted_response_validates(api, genserver) -> None:
                 if (await c.loads())["loads"][0]["num_running_reqs"]:
                     break
                 await asyncio.sleep(0.02)
+            await c.pause("in_place")
             await c.abort("contract-abort")
-            return (await task).json()
+            body = (await task).json()
+            await c.resume()
+            return body
 
     body = asyncio.run(main())
     r = api.GenerateResponse.from_json_value(body)

@@ -107,6 +107,9 @@ def test_n_batch_and_rids(genserver) -> None:
     out = httpx.post(f"{genserver.url}/generate", json={"text": "Q: 2+2=?", "sampling_params": {"max_new_tokens": 3}},
                      timeout=60).json()
     assert out["meta_info"]["prompt_tokens"] == 8 and len(out["output_ids"]) == 3
+    out = httpx.post(f"{genserver.url}/generate", json={"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 0}},
+                     timeout=60).json()
+    assert out["output_ids"] == [] and out["meta_info"]["finish_reason"] == {"type": "length", "length": 0}
 
 
 def test_stop_conditions(genserver, tiny_model_dir) -> None:
@@ -173,10 +176,12 @@ def test_abort_by_rid_prefix_returns_partial_tokens_with_logprobs(genserver, hf_
         async with SGLangClient(genserver.url) as c:
             keep = asyncio.create_task(c.generate(PROMPT, {"max_new_tokens": 30, "ignore_eos": True}, rid="keep-1"))
             task = asyncio.create_task(c.generate(PROMPT, LONG, rid="job7-sample-0"))
-            await wait_running(c, 1)
-            await asyncio.sleep(0.1)
+            await wait_running(c, 2)
+            await c.pause("in_place")  # hold both where they are: the abort cannot race their completion
             await c.abort("job7-")
-            return await task, await keep
+            res = await task
+            await c.resume()
+            return res, await keep
 
     res, kept = run(main())
     assert res.aborted and res.rid == "job7-sample-0"
@@ -213,7 +218,7 @@ def test_pause_abort_aborts_in_flight_and_new_requests_wait(genserver) -> None:
 def test_pause_keeps_in_flight_requests_and_resumes_them(genserver, hf_model, mode) -> None:
     async def main():
         async with SGLangClient(genserver.url) as c:
-            task = asyncio.create_task(c.generate(PROMPT, {"max_new_tokens": 300, "ignore_eos": True, "temperature": 0.8}))
+            task = asyncio.create_task(c.generate(PROMPT, {"max_new_tokens": 900, "ignore_eos": True, "temperature": 0.8}))
             await wait_running(c)
             await c.pause(mode)
             load1 = (await c.loads())["loads"][0]
@@ -234,7 +239,7 @@ def test_pause_keeps_in_flight_requests_and_resumes_them(genserver, hf_model, mo
         assert load1["num_running_reqs"] == 1 and load1["num_waiting_reqs"] == 0
     assert load1 == {**load2, "num_total_tokens": load1["num_total_tokens"]} and load1["paused"]
     assert flush == 400  # requests are held: the cache cannot be flushed
-    assert not res.aborted and len(res.output_ids) == 300 and res.finish_reason["type"] == "length"
+    assert not res.aborted and len(res.output_ids) == 900 and res.finish_reason["type"] == "length"
     ref = teacher_forced_logprobs(hf_model, PROMPT, res.output_ids, 0.8)
     assert (ref - torch.tensor(res.output_logprobs)).abs().max().item() < 1e-4
 

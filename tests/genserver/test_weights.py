@@ -123,7 +123,7 @@ def test_update_from_disk_then_logprobs_follow_new_weights(server, tiny_model_di
 def test_version_change_mid_request_is_recorded_per_token(server) -> None:
     async def main():
         async with SGLangClient(server.url) as c:
-            task = asyncio.create_task(c.generate(PROMPT, {"max_new_tokens": 600, "ignore_eos": True}))
+            task = asyncio.create_task(c.generate(PROMPT, {"max_new_tokens": 900, "ignore_eos": True}))
             for _ in range(500):
                 if (await c.loads())["loads"][0]["num_running_reqs"]:
                     break
@@ -134,7 +134,7 @@ def test_version_change_mid_request_is_recorded_per_token(server) -> None:
             return await task
 
     res = asyncio.run(main())
-    assert not res.aborted and len(res.token_versions) == 600
+    assert not res.aborted and len(res.token_versions) == 900
     k = res.token_versions.index("7")
     assert 0 < k and set(res.token_versions[:k]) == {"disk-1"} and set(res.token_versions[k:]) == {"7"}
-    assert res.weight_version == "7" and res.meta_info["weight_versions"][-1] == {"version": "7", "start": k, "end": 600}
+    assert res.weight_version == "7" and res.meta_info["weight_versions"][-1] == {"version": "7", "start": k, "end": 900}

@@ -119,6 +119,9 @@ class Engine:
             raise EngineError("input_ids is empty")
         if len(req.input_ids) >= self.max_context:
             raise EngineError(f"prompt has {len(req.input_ids)} tokens; the model's context is {self.max_context}")
+        if req.spec.max_new_tokens == 0:  # nothing to generate: answer at once, as SGLang does
+            self.submit(lambda: self._finish(req, {"type": "length", "length": 0}), lambda r, e: None)
+            return
         self.submit(lambda: self.waiting.append(req), lambda r, e: None)
 
     @property
