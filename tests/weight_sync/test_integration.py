@@ -155,3 +155,35 @@ def test_update_kill_rejoin_join_and_disk_fallback(env: Env, tiny_model_dir: Pat
     pub.publish(export(tiny_model_dir, 5), 5)
     env.wait_versions({a: "5", b: "5", d: "5"})
     assert c not in env.servers() and model_version(c) == "4"
+
+
+def test_real_megatron_trainer_export_reaches_genserver(env: Env, tiny_model_dir: Path) -> None:
+    """The megatron-core trainer's HF export, published through WeightPublisher.from_config as the trainer
+    command does, lands bit-exactly on a genserver."""
+    from asyncgrpo.config import load_config
+    from asyncgrpo.trainer.model import destroy_parallel, init_parallel
+    from asyncgrpo.trainer.train_step import GRPOTrainer
+
+    a = env.genserver("a")
+    env.start_service([a], [])
+    env.wait_versions({a: "0"})
+    port = int(env.ws_url.rsplit(":", 1)[1])
+    cfg = load_config([], [f"--actor.path={tiny_model_dir}", f"--weight_sync.port={port}",
+                           f"--weight_sync.snapshot_dir={env.root / 'shm'}", "--weight_sync.bucket_size_mb=0.02"])
+    torch.set_num_threads(1)
+    init_parallel(1, seed=0)
+    try:
+        trainer = GRPOTrainer(cfg)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # stands in for an optimizer step: every megatron parameter moves
+            for p in trainer.model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        publish = WeightPublisher.from_config(cfg).publish
+        res = publish(trainer.export_hf(), 1)
+        exported = list(trainer.export_hf())
+    finally:
+        destroy_parallel()
+    assert res.notified
+    env.wait_versions({a: "1"})
+    server_weights_equal(a, exported)
+    assert model_version(a) == "1"
