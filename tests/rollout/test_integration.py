@@ -190,6 +190,47 @@ def test_partial_rollout_across_a_weight_update_carries_two_versions(servers, ti
     assert first > 0 and set(s.token_versions[:first]) == {before} and set(s.token_versions[first:]) == {after}
 
 
+def test_group_across_a_weight_update_carries_two_versions(servers, tiny_model_dir, redis_server, tmp_path) -> None:
+    """The rollout service itself (in process, real server): a weight update lands while a group runs; the
+    pushed group holds tokens of both versions and reports the oldest for the trainer's staleness check."""
+    from asyncgrpo.rollout.dataset import PromptDataset, load_records, tokenizer_encoder
+    from asyncgrpo.rollout.rewards import RewardRunner
+    from asyncgrpo.rollout.service import RolloutParams, RolloutService
+    from asyncgrpo.sglang.client import SGLangClient
+
+    url = servers[1]
+    encode, decode = tokenizer_encoder(str(tiny_model_dir))
+    ds = PromptDataset(load_records(write_dataset(tmp_path / "train.jsonl", 1), "prompt", "answer"), encode)
+    params = RolloutParams(run_id="it/partial", group_size=2, max_new_tokens=1000, num_workers=1, batch_groups=1,
+                           exit_when_exhausted=True, log_interval_s=60, sampling_extra={"ignore_eos": True})
+    r = redis.Redis.from_url(redis_server.url)
+    q = GroupQueue(r, "it/partial")
+
+    async def main() -> str:
+        async with SGLangClient(url) as client:
+            before = (await client.model_info())["weight_version"]
+            svc = RolloutService(params, state=RunState(r, "it/partial"), queue=q, dataset=ds, decode=decode,
+                                 clients=[client], rewards=RewardRunner(["gsm8k"]), redis_url=redis_server.url)
+            task = asyncio.create_task(svc.run())
+            while (await client.loads())["loads"][0]["num_running_reqs"] < 2:
+                assert not task.done(), "the service ended before its requests reached the server"
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.1)
+            await client.pause("abort")
+            await client.update_weights_from_disk(str(tiny_model_dir), weight_version="50")
+            await client.resume()
+            stats = await task
+            assert stats.groups_pushed == 1 and stats.resumes >= 1
+            return str(before)
+
+    before = asyncio.run(asyncio.wait_for(main(), 120))
+    [(_, g)] = q.consume("trainer-0", count=10)
+    assert all(len(c.output_ids) == 1000 and c.finish_reason == "length" for c in g.completions)
+    crossed = [c for c in g.completions if c.resumes == 1]
+    assert crossed and all([v for v, _, _ in c.version_spans] == [before, "50"] for c in crossed)
+    assert g.newest_version == 50 and g.oldest_version == (0 if before == "default" else int(before))
+
+
 def test_rollout_through_the_sglang_router(servers, tiny_model_dir, redis_server, tmp_path) -> None:
     router = start_router(servers, free_port(), tmp_path / "router.log")
     try:

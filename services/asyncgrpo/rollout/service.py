@@ -51,6 +51,7 @@ class RolloutParams:
     num_workers: int = 4
     exit_when_exhausted: bool = False
     log_interval_s: float = 10.0
+    sampling_extra: dict[str, Any] = field(default_factory=dict)  # more SGLang sampling params (e.g. ignore_eos)
 
     @classmethod
     def from_config(cls, cfg: Any) -> "RolloutParams":
@@ -64,7 +65,7 @@ class RolloutParams:
                    log_interval_s=r.log_interval_s)
 
     def sampling_params(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, **self.sampling_extra}
 
 
 @dataclass
