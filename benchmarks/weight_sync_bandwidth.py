@@ -62,27 +62,30 @@ def build_model(out: Path, hidden: int, layers: int) -> Path:
     return dst
 
 
-def _receiver(port: int, rank: int, world: int, sizes: list[int], repeats: int) -> None:
+def _receiver(port: int, rank: int, world: int, sizes: list[int], repeats: int, fresh: bool, name: str) -> None:
     torch.set_num_threads(1)
     pg = init_custom_process_group("gloo", master_address="127.0.0.1", master_port=port, world_size=world, rank=rank,
-                                   group_name="bench", timeout=120)
+                                   group_name=name, timeout=120)
     bufs = [torch.empty(n, dtype=torch.uint8) for n in sizes]
     for _ in range(repeats):
-        for b in bufs:
+        for i, n in enumerate(sizes):
+            b = torch.empty(n, dtype=torch.uint8) if fresh else bufs[i]
             torch.distributed.broadcast(b, src=0, group=pg)
         torch.distributed.barrier(group=pg)
     destroy_custom_process_group(pg)
 
 
-def bare_broadcast(sizes: list[int], receivers: int, repeats: int) -> float:
-    """Best GB/s of `repeats` rounds broadcasting buckets of `sizes` bytes to `receivers` processes."""
+def bare_broadcast(sizes: list[int], receivers: int, repeats: int, fresh: bool) -> float:
+    """Best GB/s of `repeats` rounds broadcasting buckets of `sizes` bytes to `receivers` processes that
+    receive into preallocated buffers, or (fresh) into a new buffer per bucket as a server must."""
     port, world = free_port(), receivers + 1
+    name = f"bench-{port}"
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_receiver, args=(port, r, world, sizes, repeats)) for r in range(1, world)]
+    procs = [ctx.Process(target=_receiver, args=(port, r, world, sizes, repeats, fresh, name)) for r in range(1, world)]
     for p in procs:
         p.start()
     pg = init_custom_process_group("gloo", master_address="127.0.0.1", master_port=port, world_size=world, rank=0,
-                                   group_name="bench", timeout=120)
+                                   group_name=name, timeout=120)
     src = [torch.randint(0, 255, (n,), dtype=torch.uint8) for n in sizes]
     best = 0.0
     for _ in range(repeats):
@@ -152,22 +155,26 @@ def main() -> int:
         model_dir = build_model(work, args.hidden, args.layers)
         svc = service_broadcast(model_dir, work, args.receivers, args.bucket_mb, args.repeats)
         sizes = svc.pop("sizes")  # type: ignore[arg-type]
-        bare = bare_broadcast(sizes, args.receivers, args.repeats)  # type: ignore[arg-type]
+        bare = bare_broadcast(sizes, args.receivers, args.repeats, fresh=False)  # type: ignore[arg-type]
+        bare_fresh = bare_broadcast(sizes, args.receivers, args.repeats, fresh=True)  # type: ignore[arg-type]
     ratio, coll_ratio = svc["gbps"] / bare, svc["collective_gbps"] / bare
+    coll_ratio_fresh = svc["collective_gbps"] / bare_fresh
     mb = svc["bytes"] / 1e6
     print(f"model {mb:.1f} MB in {len(sizes)} bucket(s) of <= {args.bucket_mb:g} MiB to {args.receivers} receivers (gloo)")
     print(f"service collectives: {svc['collective_gbps']:.3f} GB/s; service buckets incl. HTTP + servers loading: "
           f"{svc['gbps']:.3f} GB/s (broadcast phase {svc['broadcast_s']:.3f}s, update {svc['duration_s']:.3f}s, "
           f"trainer blocked {svc['blocked_s']:.3f}s)")
-    print(f"bare torch.distributed broadcast: {bare:.3f} GB/s")
-    print(f"ratio service collectives / bare: {coll_ratio:.3f}; ratio service end-to-end / bare: {ratio:.3f}")
+    print(f"bare torch.distributed broadcast: {bare:.3f} GB/s (preallocated receive buffers), "
+          f"{bare_fresh:.3f} GB/s (a new receive buffer per bucket, as genserver and SGLang do)")
+    print(f"ratio service collectives / bare: {coll_ratio:.3f} (vs bare with fresh buffers: {coll_ratio_fresh:.3f}); "
+          f"ratio service end-to-end / bare: {ratio:.3f}")
     if args.append:
         head = ("\n## weight-sync bandwidth ({d}, {m}, {c} CPUs, gloo, loopback)\n\n"
-                "| model MB | buckets | receivers | service collective GB/s | service end-to-end GB/s | bare broadcast GB/s "
-                "| collective / bare | end-to-end / bare | update s | trainer blocked s |\n"
+                "| model MB | buckets | receivers | service collective GB/s | service end-to-end GB/s | bare GB/s (prealloc / fresh) "
+                "| collective / bare (prealloc / fresh) | end-to-end / bare | update s | trainer blocked s |\n"
                 "|---|---|---|---|---|---|---|---|---|---|\n").format(d=date.today().isoformat(), m=platform.machine(), c=os.cpu_count())
         row = (f"| {mb:.1f} | {len(sizes)} x <= {args.bucket_mb:g} MiB | {args.receivers} | {svc['collective_gbps']:.3f} | "
-               f"{svc['gbps']:.3f} | {bare:.3f} | {coll_ratio:.3f} | {ratio:.3f} | {svc['duration_s']:.3f} | {svc['blocked_s']:.3f} |\n")
+               f"{svc['gbps']:.3f} | {bare:.3f} / {bare_fresh:.3f} | {coll_ratio:.3f} / {coll_ratio_fresh:.3f} | {ratio:.3f} | {svc['duration_s']:.3f} | {svc['blocked_s']:.3f} |\n")
         cmd = (f"\n`python benchmarks/weight_sync_bandwidth.py --hidden {args.hidden} --layers {args.layers} --bucket-mb "
                f"{args.bucket_mb:g} --receivers {args.receivers} --repeats {args.repeats} --append {args.append}`; collective = bytes / "
                "rank 0's time inside broadcast(); end-to-end = bytes / (first bucket fired .. last reply), incl. HTTP and the "

@@ -109,6 +109,7 @@ def _hold_shared_lock(path: str, ready, release) -> None:  # type: ignore[no-unt
         release.wait(30)
 
 
+@pytest.mark.slow
 def test_writer_waits_for_a_reader_of_the_slot_it_needs(tmp_path: Path) -> None:
     """Versions 1 (slot 0) and 2 (slot 1) published; while a reader holds slot 1, version 3 goes to slot 0
     freely, and version 4 (slot 1) must wait for the reader."""

@@ -61,6 +61,9 @@ class SnapshotDir:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        # Mappings are kept: a fresh mmap per version would page-fault on every page of the model again
+        # (measured: the first broadcast from a fresh mapping runs at ~2/3 of the warm speed).
+        self._maps: dict[int, tuple[tuple[int, int, int], torch.Tensor]] = {}
 
     def bin_path(self, slot: int) -> Path:
         return self.path / f"slot{slot}.bin"
@@ -91,7 +94,14 @@ class SnapshotDir:
 
     def _map(self, slot: int, nbytes: int) -> torch.Tensor:
         # MAP_SHARED mapping of the file: writes land in the page cache (RAM on /dev/shm), no copy.
-        return torch.from_file(str(self.bin_path(slot)), shared=True, size=nbytes, dtype=torch.uint8)
+        st = os.stat(self.bin_path(slot))
+        key = (st.st_dev, st.st_ino, nbytes)
+        cached = self._maps.get(slot)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        t = torch.from_file(str(self.bin_path(slot)), shared=True, size=nbytes, dtype=torch.uint8)
+        self._maps[slot] = (key, t)
+        return t
 
     @contextmanager
     def write_slot(self, slot: int, nbytes: int) -> Iterator[torch.Tensor]:
