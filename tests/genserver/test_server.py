@@ -83,13 +83,13 @@ def test_concurrent_requests_are_batched(genserver) -> None:
     async def main():
         async with SGLangClient(genserver.url) as c:
             before = (await c.server_info())["internal_states"][0]
-            await asyncio.gather(*[c.generate(PROMPT, {"max_new_tokens": 64, "ignore_eos": True}) for _ in range(8)])
+            await asyncio.gather(*[c.generate(PROMPT, {"max_new_tokens": 128, "ignore_eos": True}) for _ in range(8)])
             return before, (await c.server_info())["internal_states"][0]
 
     before, after = run(main())
-    # 8 * 64 tokens in fewer decode steps than one request at a time would need
+    # 8 * 128 tokens in fewer decode steps than one request at a time would need
     assert after["max_batch_seen"] >= 2
-    assert after["steps"] - before["steps"] < 8 * 64
+    assert after["steps"] - before["steps"] < 8 * 128
 
 
 def test_n_batch_and_rids(genserver) -> None:
@@ -174,7 +174,7 @@ def test_stream_is_cumulative_and_ends_with_done(genserver) -> None:
 def test_abort_by_rid_prefix_returns_partial_tokens_with_logprobs(genserver, hf_model) -> None:
     async def main():
         async with SGLangClient(genserver.url) as c:
-            keep = asyncio.create_task(c.generate(PROMPT, {"max_new_tokens": 30, "ignore_eos": True}, rid="keep-1"))
+            keep = asyncio.create_task(c.generate(PROMPT, LONG, rid="keep-1"))
             task = asyncio.create_task(c.generate(PROMPT, LONG, rid="job7-sample-0"))
             await wait_running(c, 2)
             await c.pause("in_place")  # hold both where they are: the abort cannot race their completion
@@ -188,7 +188,7 @@ def test_abort_by_rid_prefix_returns_partial_tokens_with_logprobs(genserver, hf_
     assert 0 < len(res.output_ids) < 900 and len(res.output_logprobs) == len(res.output_ids)
     ref = teacher_forced_logprobs(hf_model, PROMPT, res.output_ids, 1.0)
     assert (ref - torch.tensor(res.output_logprobs)).abs().max().item() < 1e-4
-    assert not kept.aborted and len(kept.output_ids) == 30
+    assert not kept.aborted and len(kept.output_ids) == 900
 
 
 def test_pause_abort_aborts_in_flight_and_new_requests_wait(genserver) -> None:
