@@ -95,12 +95,13 @@ def test_publish_errors_name_the_problem(tmp_path: Path) -> None:
         pub.publish(_weights()[:2], version=3)
 
 
-def test_new_publisher_resumes_after_latest(tmp_path: Path) -> None:
-    WeightPublisher(tmp_path).publish(_weights(), version=4)
+def test_new_publisher_continues_the_slot_cycle_and_may_go_back(tmp_path: Path) -> None:
+    """A restarted trainer (new publisher) writes the slot the service is not reading and may publish a
+    lower version than the last one (resumed from an older checkpoint)."""
+    WeightPublisher(tmp_path).publish(_weights(), version=4)  # slot 0
     pub = WeightPublisher(tmp_path)
-    with pytest.raises(ValueError, match="not newer"):
-        pub.publish(_weights(), version=4)
-    assert pub.publish(_weights(), version=5).slot == 1
+    res = pub.publish(_weights(), version=3)
+    assert res.slot == 1 and SnapshotDir(tmp_path).latest() == {"slot": 1, "version": 3}
 
 
 def _hold_shared_lock(path: str, ready, release) -> None:  # type: ignore[no-untyped-def]

@@ -59,7 +59,9 @@ class WeightPublisher:
         self._layout: Layout | None = None
         latest = self.snapshot.latest()
         self._last_slot = latest["slot"] if latest else N_SLOTS - 1
-        self._last_version = latest["version"] if latest else None
+        # Versions must increase within one publisher; a new one (a restarted trainer, resumed from a
+        # checkpoint older than the last published version) may go back: its version is the truth.
+        self._last_version: int | None = None
 
     @classmethod
     def from_config(cls, cfg) -> "WeightPublisher":  # type: ignore[no-untyped-def]

@@ -40,6 +40,7 @@ log = logging.getLogger("asyncgrpo.weight_sync")
 
 TRANSPORTS = ("distributed", "disk")
 MAX_ATTEMPTS = 3
+HEALTH_TIMEOUT_S = 5.0  # a server that cannot answer /health this fast is not fit to serve anyway
 
 _UPDATE_S = histogram("weight_sync_update_seconds", "Duration of one update (pause to continue)",
                       buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
@@ -198,10 +199,11 @@ class WeightSyncService:
                 "last_update": self.last_update.to_json() if self.last_update else None, "servers": self.servers()}
 
     def notify_published(self, version: int, blocked_s: float | None = None) -> None:
-        """The trainer wrote `version` into the snapshot."""
+        """The trainer wrote `version` into the snapshot (the snapshot itself says which version is newest)."""
         if self.published_version is not None and version <= self.published_version:
-            log.warning("publish of version %d ignored: version %d already published", version, self.published_version)
-            return
+            # a trainer restarted from an older checkpoint: its version is the truth now
+            log.warning("version %d published after version %d (trainer restarted from a checkpoint?)", version,
+                        self.published_version)
         self.published_version = version
         _PUBLISHED.set(version)
         if blocked_s is not None:
@@ -228,7 +230,7 @@ class WeightSyncService:
             waiting = [m for m in self.members.values() if m.state != "ready"]
             if not waiting:
                 continue
-            healthy = [m for m, ok in zip(waiting, await asyncio.gather(*(m.client.health() for m in waiting))) if ok]
+            healthy = [m for m, ok in zip(waiting, await asyncio.gather(*(self._healthy(m) for m in waiting))) if ok]
             if not healthy:
                 continue
             try:
@@ -344,7 +346,7 @@ class WeightSyncService:
             if not temporary:
                 await self._teardown_group()
             failed = [m for m in joined if m.url in errors]
-            alive = await asyncio.gather(*(m.client.health() for m in failed))
+            alive = await asyncio.gather(*(self._healthy(m) for m in failed))
             for m, ok_health in zip(failed, alive):
                 if not ok_health or attempt == MAX_ATTEMPTS - 1:
                     self._drop(m, "update", errors[m.url])
@@ -486,7 +488,7 @@ class WeightSyncService:
                 raise RuntimeError(f"rank 0 could not host group {name} on port {port}: {results[0]}")
             for m in [m for m in todo if m.url in errors]:
                 m.join_failures += 1
-                healthy = await m.client.health()
+                healthy = await self._healthy(m)
                 if healthy and s.auto_disk_fallback and m.join_failures >= 2:
                     log.warning("server %s failed to join the group %d times (%s); switching it to the disk transport",
                                 m.url, m.join_failures, errors[m.url])
@@ -502,6 +504,12 @@ class WeightSyncService:
             with contextlib.suppress(SGLangError, asyncio.TimeoutError):
                 await asyncio.wait_for(m.client.destroy_weights_update_group(m.group), self.s.request_timeout_s)
             m.group = None
+
+    async def _healthy(self, m: Member) -> bool:
+        try:
+            return await asyncio.wait_for(m.client.health(), HEALTH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return False
 
     # ---------------- reporting ----------------
     def _drop(self, m: Member, stage: str, error: Any) -> None:
