@@ -61,6 +61,7 @@ class _State:
     def __init__(self, engine: Engine, host: str, port: int, dist_timeout_s: float) -> None:
         self.engine, self.host, self.port, self.dist_timeout_s = engine, host, port, dist_timeout_s
         self.groups: dict[str, Any] = {}
+        self.backends: dict[str, str] = {}
         self.in_update_session = False
         self.weight_lock = asyncio.Lock()
 
@@ -309,6 +310,7 @@ def create_app(engine: Engine, *, host: str = "127.0.0.1", port: int = 0, dist_t
         except Exception as e:  # noqa: BLE001 - reported to the caller
             return fail(f"joining group {gname!r} failed: {type(e).__name__}: {e}")
         st.groups[gname] = pg
+        st.backends[gname] = str(b.get("backend", "gloo"))
         return ok(f"joined group {gname!r} as rank {b['rank_offset']}")
 
     @app.post("/destroy_weights_update_group")
@@ -348,8 +350,9 @@ def create_app(engine: Engine, *, host: str = "127.0.0.1", port: int = 0, dist_t
             return fail(f"no group {gname!r}; call /init_weights_update_group first")
         async with st.weight_lock:
             try:
+                device = engine.device if st.backends.get(gname) == "nccl" else "cpu"
                 tensors = await asyncio.to_thread(receive_broadcast, pg, list(b["names"]), list(b["dtypes"]),
-                                                  [list(s) for s in b["shapes"]], b.get("load_format"))
+                                                  [list(s) for s in b["shapes"]], b.get("load_format"), device)
             except Exception as e:  # noqa: BLE001 - old weights stay
                 return fail(f"receiving weights over group {gname!r} failed, weights unchanged: {type(e).__name__}: {e}")
             return await _apply(tensors, b.get("weight_version"), bool(b.get("abort_all_requests", False)))

@@ -84,6 +84,7 @@ class Engine:
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.pad_id = int(getattr(model.config, "pad_token_id", None) or next(iter(self.eos_ids), 0))
         self.n_layers = int(model.config.num_hidden_layers)
+        self.device = next(model.parameters()).device
         self.waiting: deque[Request] = deque()
         self.rows: list[Request] = []
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -189,6 +190,7 @@ class Engine:
         for i, s in enumerate(seqs):
             ids[i, L - len(s):] = torch.tensor(s)
             mask[i, L - len(s):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         logits, kv = self._forward(ids, mask, pos, None)
         self.stats["prefills"] += 1
@@ -201,13 +203,13 @@ class Engine:
             self.mask = torch.cat([_lpad_mask(self.mask, Lmax), _lpad_mask(mask, Lmax)])
         else:
             self.kv, self.mask = kv, mask
-        self.pos = torch.cat([self.pos, torch.tensor([len(s) for s in seqs], dtype=torch.long)])
+        self.pos = torch.cat([self.pos.to(self.device), torch.tensor([len(s) for s in seqs], dtype=torch.long, device=self.device)])
         self.rows = self.rows + reqs
         return logits
 
     def _decode(self) -> torch.Tensor:
-        last = torch.tensor([r.output_ids[-1] for r in self.rows], dtype=torch.long)[:, None]
-        mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long)], dim=1)
+        last = torch.tensor([r.output_ids[-1] for r in self.rows], dtype=torch.long, device=self.device)[:, None]
+        mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long, device=self.device)], dim=1)
         logits, self.kv = self._forward(last, mask, self.pos[:, None], self.kv)
         self.mask = mask
         self.pos = self.pos + 1
@@ -220,7 +222,7 @@ class Engine:
         if not keep:
             self._reset_batch()
             return
-        idx = torch.tensor(keep, dtype=torch.long)
+        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
         self.rows = [self.rows[i] for i in keep]
         self.mask = self.mask[idx]
         self.pos = self.pos[idx]
@@ -249,8 +251,9 @@ class Engine:
 
     def _sample(self, row_idx: list[int], logits: torch.Tensor) -> None:
         reqs = [self.rows[i] for i in row_idx]
-        temps = torch.tensor([r.spec.temperature for r in reqs], dtype=torch.float32)
-        lps = tempered_logprobs(logits, temps)
+        temps = torch.tensor([r.spec.temperature for r in reqs], dtype=torch.float32, device=logits.device)
+        # sampling runs on CPU with each request's own CPU generator (tiny [B, V] copy on GPU)
+        lps = tempered_logprobs(logits, temps).cpu()
         keep = [i for i in range(len(self.rows)) if i not in set(row_idx)]
         for i, r, lp in zip(row_idx, reqs, lps):
             if r.finish_reason is not None:
@@ -356,7 +359,7 @@ class Engine:
             self.cmd_abort(abort_all=True, message="aborted by weight update")
         with torch.no_grad():
             for name, t in tensors.items():
-                params[name].copy_(t)
+                params[name].copy_(t.to(params[name].device))
         if version is not None:
             self.weight_version = str(version)
         self._set_version_metric()
