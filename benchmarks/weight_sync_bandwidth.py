@@ -21,7 +21,6 @@ import multiprocessing as mp
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time

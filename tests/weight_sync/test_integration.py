@@ -65,15 +65,17 @@ class Env:
             return all(u in s and s[u]["ready"] and s[u]["version"] == v for u, v in want.items())
         wait_until(f"servers at versions {want}", ok, timeout, self.procs)
 
-    def start_service(self, servers: list[str], disk_servers: list[str]) -> None:
-        port = free_port()
+    def start_service(self, servers: list[str], disk_servers: list[str], port: int | None = None) -> Proc:
+        port = port or free_port()
         self.ws_url = f"http://127.0.0.1:{port}"
         cfg = {"actor": {"path": str(self.model_dir)}, "fileroot": str(self.root / "runs"),
                "weight_sync": {"port": port, "servers": servers, "disk_servers": disk_servers,
                                "snapshot_dir": str(self.root / "shm"), "bucket_size_mb": 0.02,
                                "group_timeout_s": 20, "collective_timeout_s": 20, "request_timeout_s": 20,
                                "resync_interval_s": 0.5}}
-        self.procs.append(start_weight_sync(cfg, self.root, self.root / "weight_sync.log"))
+        proc = start_weight_sync(cfg, self.root, self.root / "weight_sync.log")
+        self.procs.append(proc)
+        return proc
 
     def close(self) -> None:
         for p in reversed(self.procs):
@@ -89,7 +91,7 @@ def env(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Env]:
 
 def test_update_kill_rejoin_join_and_disk_fallback(env: Env, tiny_model_dir: Path) -> None:
     a, b, d = env.genserver("a"), env.genserver("b"), env.genserver("disk")
-    env.start_service([a, b], [d])
+    service = env.start_service([a, b], [d])
     env.wait_versions({a: "0", b: "0", d: "0"})  # nothing published: every server holds the base (version 0)
     pub = WeightPublisher(env.root / "shm", service_url=env.ws_url, bucket_bytes=int(0.02 * (1 << 20)))
 
@@ -155,6 +157,12 @@ def test_update_kill_rejoin_join_and_disk_fallback(env: Env, tiny_model_dir: Pat
     pub.publish(export(tiny_model_dir, 5), 5)
     env.wait_versions({a: "5", b: "5", d: "5"})
     assert c not in env.servers() and model_version(c) == "4"
+
+    # 7. the service restarts: servers already at the newest snapshot are ready again without an update
+    service.stop()
+    env.start_service([a, b], [d], port=int(env.ws_url.rsplit(":", 1)[1]))
+    env.wait_versions({a: "5", b: "5", d: "5"})
+    assert httpx.get(f"{env.ws_url}/status", timeout=10).json()["last_update"] is None
 
 
 def test_real_megatron_trainer_export_reaches_genserver(env: Env, tiny_model_dir: Path) -> None:

@@ -280,8 +280,23 @@ class WeightSyncService:
                     self._export(m)
                 return
             manifest, data = snap
-            for m in members:  # healthy again: a dropped server re-joins (a failure drops it again)
-                m.state = "joining"
+            behind = []
+            for m in members:
+                try:
+                    held = str((await m.client.model_info()).get("weight_version"))
+                except SGLangError as e:
+                    self._drop(m, "join", e)
+                    continue
+                if held == str(manifest.version) and m.failures == 0:
+                    # e.g. this service restarted: the server already holds the newest version
+                    m.version, m.state = held, "ready"
+                    await self._resume([m])
+                else:
+                    m.state = "joining"  # healthy again: a dropped server re-joins (a failure drops it again)
+                    behind.append(m)
+            members = behind
+            if not members:
+                return
             log.info("catching up %s to version %d", [m.url for m in members], manifest.version)
             await self._sync(members, manifest, data, temporary_group=True)
 
