@@ -53,6 +53,7 @@ async def main(url: str, port: int, group: str, ckpt: str, mode: str) -> dict:
             await c.end_weight_update()
             await c.destroy_weights_update_group(group)
             destroy_custom_process_group(pg)
+            del pg  # free it now: a group freed at interpreter exit can abort the process
         elif mode == "bad_shape":
             name = names[0]
             wrong = torch.zeros(3, 3)
@@ -67,6 +68,7 @@ async def main(url: str, port: int, group: str, ckpt: str, mode: str) -> dict:
             await c.end_weight_update()
             await c.destroy_weights_update_group(group)
             destroy_custom_process_group(pg)
+            del pg  # free it now: a group freed at interpreter exit can abort the process
         elif mode == "die":
             # announce an update, then die before broadcasting anything
             asyncio.create_task(c.update_weights_from_distributed(

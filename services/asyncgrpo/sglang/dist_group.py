@@ -40,7 +40,11 @@ def init_custom_process_group(backend: str, init_method: str | None = None, *, m
 
 
 def destroy_custom_process_group(pg: Any) -> None:
-    """Leave a group made by init_custom_process_group (idempotent)."""
+    """Leave a group made by init_custom_process_group (idempotent).
+
+    Then drop every reference to `pg` (`del pg`): a gloo group object that is only freed during interpreter
+    shutdown, after its peer has gone, can abort the process at exit ("terminate called without an active
+    exception"); freed right after this call it does not (measured, torch 2.13)."""
     try:
         # shutdown first: destroying a live gloo group aborts the process at exit ("terminate called ...")
         if hasattr(pg, "shutdown"):
