@@ -47,16 +47,24 @@ def test_silent_server_times_out_instead_of_hanging() -> None:
 def test_generate_read_timeout_is_not_retried(genserver) -> None:
     async def main():
         async with SGLangClient(genserver.url) as admin, SGLangClient(genserver.url, timeout_s=0.5, retries=3) as c:
+            before = (await admin.server_info())["internal_states"][0]["requests"]
             await admin.pause("in_place")
             try:
                 with pytest.raises(SGLangError) as ei:
                     await c.generate([5, 6, 7], {"max_new_tokens": 2}, rid="no-retry-1")
+                await asyncio.sleep(1.0)  # a retry, had there been one, would have arrived by now
+                received = (await admin.server_info())["internal_states"][0]["requests"] - before
+                for _ in range(100):  # the server notices the client gave up and drops the request
+                    if (await admin.loads())["loads"][0]["num_waiting_reqs"] == 0:
+                        break
+                    await asyncio.sleep(0.05)
                 waiting = (await admin.loads())["loads"][0]["num_waiting_reqs"]
             finally:
                 await admin.abort("no-retry-")
                 await admin.resume()
-            return ei.value, waiting
+            return ei.value, received, waiting
 
-    err, waiting = asyncio.run(main())
+    err, received, waiting = asyncio.run(main())
     assert not isinstance(err, SGLangUnavailable) and "may have run" in str(err)
-    assert waiting == 1  # sent once, not retries + 1 times
+    assert received == 1  # sent once, not retries + 1 times
+    assert waiting == 0  # aborted when the client disconnected

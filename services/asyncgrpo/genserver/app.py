@@ -188,9 +188,21 @@ def create_app(engine: Engine, *, host: str = "127.0.0.1", port: int = 0, dist_t
 
         results: list[dict[str, Any] | None] = [None] * len(reqs)
         pending = len(reqs)
+        getter: asyncio.Future[tuple[int, dict[str, Any], bool]] | None = None
         try:
             while pending:
-                idx, snap, finished = await q.get()
+                # one persistent get() (a timed-out wait_for(q.get()) could drop an item on 3.11)
+                getter = getter or asyncio.ensure_future(q.get())
+                done, _ = await asyncio.wait({getter}, timeout=0.5)
+                if not done:
+                    if await request.is_disconnected():  # the client gave up: stop generating for it (as SGLang)
+                        for r in reqs:
+                            engine.submit(lambda r=r: engine.cmd_abort(rid=r.rid, message="client disconnected"),
+                                          lambda *_: None)
+                        return Response(status_code=499)
+                    continue
+                idx, snap, finished = getter.result()
+                getter = None
                 if finished:
                     results[idx] = snap
                     pending -= 1
@@ -198,6 +210,9 @@ def create_app(engine: Engine, *, host: str = "127.0.0.1", port: int = 0, dist_t
             for r in reqs:
                 engine.submit(lambda r=r: engine.cmd_abort(rid=r.rid), lambda *_: None)
             raise
+        finally:
+            if getter is not None:
+                getter.cancel()
         return JSONResponse(results if is_list else results[0])
 
     @app.post("/abort_request")

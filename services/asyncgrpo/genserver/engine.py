@@ -95,7 +95,7 @@ class Engine:
         self._wake = threading.Event()
         self._stop = False
         self._thread: threading.Thread | None = None
-        self.stats = {"steps": 0, "max_batch_seen": 0, "prefills": 0, "tokens": 0}
+        self.stats = {"steps": 0, "max_batch_seen": 0, "prefills": 0, "tokens": 0, "requests": 0}
         self._tps_window: deque[tuple[float, int]] = deque()
         self._set_version_metric()
 
@@ -116,6 +116,7 @@ class Engine:
         self._wake.set()
 
     def add_request(self, req: Request) -> None:
+        self.stats["requests"] += 1
         if not req.input_ids:
             raise EngineError("input_ids is empty")
         if len(req.input_ids) >= self.max_context:
