@@ -138,3 +138,15 @@ def test_version_change_mid_request_is_recorded_per_token(server) -> None:
     k = res.token_versions.index("7")
     assert 0 < k and set(res.token_versions[:k]) == {"disk-1"} and set(res.token_versions[k:]) == {"7"}
     assert res.weight_version == "7" and res.meta_info["weight_versions"][-1] == {"version": "7", "start": k, "end": 900}
+
+
+def test_non_finite_bucket_after_a_good_one_leaves_the_good_weights(server, new_ckpt) -> None:
+    new = load_safetensors_dir(new_ckpt)
+    a, b = sorted(new)[:2]
+    out = trainer(server.url, new_ckpt, "nan")
+    assert out["good"]["success"], out
+    assert "weights rejected, unchanged" in out["bad"]["error"] and f"{b}: contains NaN or inf" in out["bad"]["error"]
+    version, w = state(server.url, [a, b])
+    assert version == "finite"  # the rejected bucket's version was not taken
+    assert torch.equal(torch.tensor(w[a]), expect(new[a]))  # not new[a] + 1 from the rejected bucket
+    assert torch.equal(torch.tensor(w[b]), expect(new[b]))

@@ -1,7 +1,7 @@
 """The trainer side of a weight update, run as its own process by test_weights.py: rank 0 of a gloo group
 with one genserver, broadcasting an HF checkpoint's tensors the way the weight-sync service does.
 
-python -m tests.genserver.trainer_side URL PORT GROUP CKPT MODE  (MODE: update | bad_shape | die)
+python -m tests.genserver.trainer_side URL PORT GROUP CKPT MODE  (MODE: update | bad_shape | nan | die)
 Prints one JSON line with what happened.
 """
 
@@ -65,6 +65,25 @@ async def main(url: str, port: int, group: str, ckpt: str, mode: str) -> dict:
                 out["error"] = None
             except SGLangError as e:
                 out["error"] = str(e)
+            await c.end_weight_update()
+            await c.destroy_weights_update_group(group)
+            destroy_custom_process_group(pg)
+            del pg  # free it now: a group freed at interpreter exit can abort the process
+        elif mode == "nan":
+            # a good bucket, then one with an inf through the same (reused) receive buffer: rejected whole
+            two = names[:2]
+            good = [tensors[n].contiguous() for n in two]
+            bad = [good[0] + 1, good[1].clone()]
+            bad[1].view(-1)[-1] = float("inf")
+            for key, ts, version in (("good", good, "finite"), ("bad", bad, "inf")):
+                req = asyncio.create_task(c.update_weights_from_distributed(
+                    two, [t.dtype for t in ts], [list(t.shape) for t in ts], group, weight_version=version,
+                    load_format="flattened_bucket"))
+                await asyncio.to_thread(dist.broadcast, pack_bucket(ts), 0, pg)
+                try:
+                    out[key] = await req
+                except SGLangError as e:
+                    out[key] = {"error": str(e)}
             await c.end_weight_update()
             await c.destroy_weights_update_group(group)
             destroy_custom_process_group(pg)
