@@ -190,7 +190,7 @@ def main() -> int:
           f"{svc['gbps']:.3f} GB/s (broadcast phase {svc['broadcast_s']:.3f}s, update {svc['duration_s']:.3f}s, "
           f"trainer blocked {svc['blocked_s']:.3f}s)")
     print(f"bare torch.distributed broadcast: {bare:.3f} GB/s (preallocated receive buffers), "
-          f"{bare_fresh:.3f} GB/s (a new receive buffer per bucket, as genserver and SGLang do)")
+          f"{bare_fresh:.3f} GB/s (a new receive buffer per bucket, as SGLang does; genserver keeps one per group)")
     print(f"ratio service collectives / bare: {coll_ratio:.3f} (vs bare with fresh buffers: {coll_ratio_fresh:.3f}); "
           f"ratio service end-to-end / bare: {ratio:.3f}")
     print(f"median over rounds of service collective / the bare round right after it: {paired:.3f}")
