@@ -3,76 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
+from service_procs import Proc, free_port, start_http_service, wait_until
+from service_procs import start_genserver as _start_genserver
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", ASYNCGRPO_LOG_LEVEL="INFO")
-    return env
-
-
-class Proc:
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.log = log
-        self._f = log.open("wb")
-        self.p = subprocess.Popen(args, stdout=self._f, stderr=subprocess.STDOUT, env=child_env())
-
-    def tail(self, n: int = 4000) -> str:
-        self._f.flush()
-        return self.log.read_bytes()[-n:].decode(errors="replace")
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.p.args[:4]} still running after {timeout}s; log tail:\n{self.tail()}") from None
-
-    def stop(self, sig: int | None = None) -> None:
-        if self.p.poll() is None:
-            if sig is None:
-                self.p.terminate()
-            else:
-                self.p.send_signal(sig)
-            try:
-                self.p.wait(20)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait(5)
-        self._f.close()
+__all__ = ["Proc", "free_port", "start_genserver", "start_rollout", "start_router", "wait_for", "write_config",
+           "write_dataset"]
 
 
 def start_genserver(model_dir: Path, port: int, log: Path, timeout: float = 120) -> Proc:
-    proc = Proc([sys.executable, "-m", "asyncgrpo.cli", "genserver", "--model", str(model_dir), "--port", str(port)], log)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.p.poll() is not None:
-            raise RuntimeError(f"genserver exited with {proc.p.returncode}:\n{proc.tail()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.stop()
-            raise RuntimeError(f"genserver on {url} not healthy after {timeout}s:\n{proc.tail()}")
-        time.sleep(0.2)
+    return _start_genserver(model_dir, port, log, timeout=timeout)
 
 
 def write_dataset(path: Path, n: int) -> Path:
@@ -100,30 +44,11 @@ def start_rollout(config: Path, log: Path, *overrides: str) -> Proc:
 
 
 def wait_for(pred, timeout: float, what: str, proc: Proc | None = None) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if proc is not None and proc.p.poll() is not None:
-            raise AssertionError(f"process exited ({proc.p.returncode}) while waiting for {what}:\n{proc.tail()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f":\n{proc.tail()}" if proc else ""))
-        time.sleep(0.05)
+    wait_until(what, pred, timeout, watch=proc, interval=0.05)
 
 
 def start_router(worker_urls: list[str], port: int, log: Path, timeout: float = 60) -> Proc:
-    """sglang-router (Rust, runs on CPU) in front of the genservers; ready when it lists every worker."""
-    proc = Proc([sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
-                 "--policy", "round_robin", "--worker-urls", *worker_urls], log)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.p.poll() is not None:
-            raise RuntimeError(f"sglang-router exited with {proc.p.returncode}:\n{proc.tail()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.stop()
-            raise RuntimeError(f"sglang-router on {url} not ready after {timeout}s:\n{proc.tail()}")
-        time.sleep(0.2)
+    """sglang-router (Rust, runs on CPU) in front of the genservers."""
+    args = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
+            "--policy", "round_robin", "--worker-urls", *worker_urls]
+    return start_http_service(args, f"http://127.0.0.1:{port}/health", log, timeout)

@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from service_procs import free_port
 from trainer.workers import step_worker
 
 pytestmark = pytest.mark.slow
@@ -18,21 +19,13 @@ pytestmark = pytest.mark.slow
 CONFIGS = {"tp1": (1, 1, 3), "tp2": (2, 2, 8), "dp2": (2, 1, 2)}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("parallel_runs")
     results = {}
     for name, (world, tp, mbs) in CONFIGS.items():
         path = out / f"{name}.pt"
-        mp.spawn(step_worker, args=(world, tp, mbs, _free_port(), str(tiny_model_dir), str(path)), nprocs=world, join=True)
+        mp.spawn(step_worker, args=(world, tp, mbs, free_port(), str(tiny_model_dir), str(path)), nprocs=world, join=True)
         results[name] = torch.load(path, weights_only=False)
     return results
 
