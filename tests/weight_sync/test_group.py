@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from asyncgrpo.sglang.dist_group import init_custom_process_group
-from asyncgrpo.weight_sync.group import BroadcastGroup, GroupTimeout, free_port
+from asyncgrpo.utils.net import free_port
+from asyncgrpo.weight_sync.group import BroadcastGroup, GroupTimeout
 
 pytestmark = pytest.mark.slow
 

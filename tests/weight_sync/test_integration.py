@@ -15,7 +15,7 @@ import torch
 
 from asyncgrpo.weight_sync import WeightPublisher
 
-from asyncgrpo.weight_sync.group import free_port
+from asyncgrpo.utils.net import free_port
 from .procs import Proc, start_genserver, start_weight_sync, wait_until
 
 pytestmark = pytest.mark.slow

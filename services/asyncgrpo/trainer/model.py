@@ -20,6 +20,7 @@ from torch import Tensor
 
 from asyncgrpo.trainer import megatron_compat
 from asyncgrpo.trainer.hf_mapping import ModelArch, hf_to_megatron, megatron_param_names, megatron_param_to_hf, tp_split_dim
+from asyncgrpo.utils.net import free_port
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
@@ -48,7 +49,7 @@ def init_parallel(tp_size: int = 1, seed: int = 0, backend: str | None = None, t
         if "WORLD_SIZE" in os.environ:  # a launcher (torchrun, our spawn helpers) set the env:// variables
             dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
         else:  # a lone process: world size 1 on a private port, without touching os.environ (children inherit it)
-            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                                     world_size=1, timeout=timedelta(seconds=timeout_s))
     world = dist.get_world_size()
     if world % tp_size:
@@ -66,14 +67,6 @@ def destroy_parallel() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def transformer_config(arch: ModelArch, tp_size: int, dtype: torch.dtype):

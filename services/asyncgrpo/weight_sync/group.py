@@ -9,7 +9,6 @@ its own: the group's gloo/nccl timeout is the same bound.
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,12 +20,6 @@ from asyncgrpo.sglang.dist_group import destroy_custom_process_group, init_custo
 
 class GroupTimeout(RuntimeError):
     """A rendezvous or collective of the broadcast group did not finish in time."""
-
-
-def free_port(host: str = "") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -32,7 +32,8 @@ import torch
 from asyncgrpo.sglang.client import SGLangClient, SGLangError
 from asyncgrpo.utils.metrics import counter, gauge, histogram
 from asyncgrpo.weight_sync.checkpoint import write_checkpoint
-from asyncgrpo.weight_sync.group import BroadcastGroup, free_port
+from asyncgrpo.utils.net import free_port
+from asyncgrpo.weight_sync.group import BroadcastGroup
 from asyncgrpo.weight_sync.settings import SyncSettings
 from asyncgrpo.weight_sync.snapshot import Manifest, SnapshotDir
 
@@ -480,7 +481,7 @@ class WeightSyncService:
             await asyncio.gather(*(self._leave_old(m) for m in todo))
             self._gen += 1
             name = f"asyncgrpo-ws-{os.getpid()}-{self._gen}"
-            port = s.master_port or free_port()
+            port = s.master_port or free_port("")  # any interface: peers may connect from other hosts
             group = BroadcastGroup(name=name, backend=s.backend, master_address=s.master_address, master_port=port,
                                    world_size=len(todo) + 1, timeout_s=s.collective_timeout_s)
             errors: dict[str, str] = {}
