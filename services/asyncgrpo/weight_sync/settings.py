@@ -17,18 +17,19 @@ class SyncSettings:
     wire_dtype: str | None  # None: each tensor's own dtype
     bucket_bytes: int
     service_url: str
-    host: str = "127.0.0.1"
-    port: int = 30100
-    master_address: str = "127.0.0.1"
-    master_port: int = 0
-    pause_mode: str = "abort"
-    group_timeout_s: float = 60.0
-    collective_timeout_s: float = 120.0
-    request_timeout_s: float = 60.0
-    resync_interval_s: float = 2.0
-    auto_disk_fallback: bool = True
-    keep_checkpoints: int = 2
-    metrics_port: int = 0
+    # No defaults here: resolve() fills every field from cfg.weight_sync, whose schema holds the one set of defaults.
+    host: str
+    port: int
+    master_address: str
+    master_port: int
+    pause_mode: str
+    group_timeout_s: float
+    collective_timeout_s: float
+    request_timeout_s: float
+    resync_interval_s: float
+    auto_disk_fallback: bool
+    keep_checkpoints: int
+    metrics_port: int
 
 
 def _cuda() -> bool:
