@@ -8,13 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from asyncgrpo.tiny import build_tiny_model
 from asyncgrpo.trainer.hf_mapping import ModelArch, hf_to_megatron, megatron_to_hf
-
-
-@pytest.fixture(scope="session")
-def llama_untied_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"), preset="tiny", arch="llama", seed=3, tie_word_embeddings=False)
 
 
 @pytest.mark.parametrize("tp", [1, 2])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,17 +13,7 @@ from asyncgrpo.trainer.service import TrainerService, checkpoint_dir
 from asyncgrpo.trainer.train_step import GRPOTrainer
 from trainer.workers import make_config
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def parallel() -> Iterator[None]:
-    from asyncgrpo.trainer.model import destroy_parallel, init_parallel
-
-    torch.set_num_threads(1)
-    init_parallel(1, seed=0)
-    yield
-    destroy_parallel()
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("megatron_world1")]
 
 
 def _group(cfg, position: int, version: int, seed: int) -> Group:  # type: ignore[no-untyped-def]

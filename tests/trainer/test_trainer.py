@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from asyncgrpo.trainer.train_step import Batch, GRPOTrainer, Sample, staleness_histogram
-from trainer.test_mapping import llama_untied_dir  # noqa: F401  (fixture)
 from trainer.workers import make_batch, make_config
 
-
-@pytest.fixture(scope="module", autouse=True)
-def parallel() -> Iterator[None]:
-    from asyncgrpo.trainer.model import destroy_parallel, init_parallel
-
-    torch.set_num_threads(1)
-    init_parallel(1, seed=0)
-    yield
-    destroy_parallel()
+pytestmark = pytest.mark.usefixtures("megatron_world1")
 
 
 def _hf(model_dir: Path):
