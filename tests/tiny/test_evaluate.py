@@ -39,10 +39,16 @@ def test_memorised_problems_score_high_and_wrong_answers_score_zero(overfit: tup
     model, data = overfit
     cfg = EvalConfig(n_samples=4, max_new_tokens=24, reward_fns=("gsm8k", "exact"))
     res = evaluate(model, data, cfg)
+    # The overfit model is another one on another CPU (150 steps at lr 1e-2 amplify kernel rounding: top-2 logit
+    # gaps moved by ~0.5 between AVX2 and non-vectorised kernels), so only margins far above that are asserted.
+    # Greedy: the memorised tokens lead by >= 7.7 in the logits (measured), an exact argmax. Sampled at T=1:
+    # each of the 16 samples is the memorised completion with p >= 0.99 (measured 0.993-0.995), so 5 or more
+    # wrong or unfinished samples have probability < C(16,5) 0.01^5 = 4e-7 whichever seeded draws the CPU's
+    # model turns into tokens. "All 16 finish" had no margin: one draw landing elsewhere could break it.
     assert res.greedy_reward["gsm8k"] == 1.0
-    assert res.reward["gsm8k"] >= 0.75
+    assert res.reward["gsm8k"] >= 0.75, res
     assert res.reward["exact"] == 0.0  # the completion is a worked answer, never the bare number
-    assert res.finished_fraction == 1.0
+    assert res.finished_fraction >= 0.75, res
     # Same completions, wrong references: the reward must drop to zero.
     wrong = [{**r, "answer": str(int(r["answer"]) + 1)} for r in read_records(data)]
     write_records(tmp_path / "wrong.jsonl", wrong)

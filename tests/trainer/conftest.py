@@ -14,7 +14,9 @@ def megatron_world1() -> Iterator[None]:
     """megatron's parallel state for world size 1 in this process, for one test module at a time."""
     from asyncgrpo.trainer.model import destroy_parallel, init_parallel
 
-    torch.set_num_threads(1)
+    from trainer.workers import intra_op_threads
+
+    torch.set_num_threads(intra_op_threads())  # 1 unless ASYNCGRPO_TEST_THREADS says otherwise
     init_parallel(1, seed=0)
     yield
     destroy_parallel()

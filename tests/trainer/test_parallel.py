@@ -10,7 +10,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from service_procs import free_port
-from trainer.workers import step_worker
+from trainer import numerics
+from trainer.workers import make_config, step_worker
 
 pytestmark = pytest.mark.slow
 
@@ -32,25 +33,34 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 @pytest.mark.parametrize("name", ["tp1", "tp2", "dp2"])
 def test_logits_match_hf(runs: dict, name: str) -> None:
-    assert runs[name]["logit_diff"] < 1e-5
+    # fp32 rounding only (numerics.LOGIT_ATOL); TP=2 sums attention / MLP outputs and the vocabulary in
+    # another order, observed 1.8e-7.
+    diff, scale = runs[name]["logit_diff"], runs[name]["logit_scale"]
+    assert diff < numerics.LOGIT_ATOL, f"{name}: max|logits - HF logits| {diff:.3e} (max|logit| {scale:.3f}) >= {numerics.LOGIT_ATOL:g}"
+    print(f"[numerics] {name}: logits max|diff| vs HF {diff:.1e} (tol {numerics.LOGIT_ATOL:g})")
 
 
 @pytest.mark.parametrize("name", ["tp1", "tp2"])
 def test_export_round_trip_bit_exact(runs: dict, name: str, tiny_model_dir: Path) -> None:
+    # Exact by construction: loading slices and concatenates tensors, export gathers and re-slices them.
     original = load_file(str(tiny_model_dir / "model.safetensors"))
     exported = runs[name]["exported"]
     assert set(exported) == set(original)
     for k, v in original.items():
-        assert torch.equal(exported[k], v), k
+        assert torch.equal(exported[k], v), f"{name}: {k}: max|diff| {float((exported[k] - v).abs().max()):.3e}"
 
 
 @pytest.mark.parametrize("name", ["tp2", "dp2"])
-def test_step_matches_tp1(runs: dict, name: str) -> None:
+def test_step_matches_tp1(runs: dict, name: str, tiny_model_dir: Path) -> None:
+    """The same step as TP=1 on what it defines: loss, statistics and gradients within fp32 rounding
+    (tolerances argued in trainer/numerics.py), and an Adam update that is Adam's of that gradient."""
     ref, got = runs["tp1"], runs[name]
-    for key in ("loss", "grad_norm", "clip_frac", "entropy", "n_tokens"):
-        assert got["stats"][key] == pytest.approx(ref["stats"][key], rel=1e-5, abs=1e-6), key
-    # The step really moved the weights, and by the same amount everywhere.
-    moved = max(float((ref["updated"][k] - ref["exported"][k]).abs().max()) for k in ref["updated"])
-    assert moved > 1e-4
-    for k, v in ref["updated"].items():
-        torch.testing.assert_close(got["updated"][k], v, rtol=0, atol=2e-5, msg=k)
+    diffs = numerics.assert_stats_close(got["stats"], ref["stats"], name)
+    grad_rel = numerics.assert_grads_close(got["grads"], ref["grads"], name)
+    opt = make_config(tiny_model_dir).optimizer
+    for run_name, run in (("tp1", ref), (name, got)):
+        numerics.assert_moved(run["exported"], run["updated"], run["stats"]["lr"], run_name)
+        numerics.assert_adam_update(run["exported"], run["updated"], run["grads"], run["stats"], opt.eps, opt.gradient_clipping, run_name)
+    update_diff, defined = numerics.assert_adam_updates_agree(got, ref, opt.eps, opt.gradient_clipping, name)
+    assert defined > 0.5, f"{name}: Adam's update is defined robustly on only {defined:.3f} of the weights"
+    print(numerics.summary(name, diffs, grad_rel, update_diff, defined))

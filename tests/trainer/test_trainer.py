@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from asyncgrpo.trainer.train_step import Batch, GRPOTrainer, Sample, staleness_histogram
-from trainer.workers import make_batch, make_config
+from trainer import numerics
+from trainer.workers import capture_grads, make_batch, make_config
 
 pytestmark = pytest.mark.usefixtures("megatron_world1")
 
@@ -30,8 +31,8 @@ def test_llama_untied_logits_match_hf(llama_untied_dir: Path) -> None:  # noqa: 
     load_hf_weights(model, llama_untied_dir, arch)
     ids = torch.randint(0, 384, (3, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        diff = (forward_logits(model, ids) - _hf(llama_untied_dir)(ids).logits).abs().max()
-    assert diff < 1e-5
+        diff = float((forward_logits(model, ids) - _hf(llama_untied_dir)(ids).logits).abs().max())
+    assert diff < numerics.LOGIT_ATOL, f"max|logits - HF logits| {diff:.3e} >= {numerics.LOGIT_ATOL:g}"
 
 
 def test_logprobs_and_entropy_at_temperature(tiny_model_dir: Path) -> None:
@@ -43,9 +44,10 @@ def test_logprobs_and_entropy_at_temperature(tiny_model_dir: Path) -> None:
         lp, ent = token_logprobs(trainer.model, ids, 0.7, 384, with_entropy=True)
         ref = torch.log_softmax(_hf(tiny_model_dir)(ids).logits / 0.7, dim=-1)[:, :-1]
     want = ref.gather(-1, ids[:, 1:, None])[..., 0]
-    torch.testing.assert_close(lp[:, 1:], want, rtol=0, atol=1e-5)
-    torch.testing.assert_close(ent[:, 1:], -(ref.exp() * ref).sum(-1), rtol=0, atol=1e-5)
-    assert torch.all(lp[:, 0] == 0)
+    # assert_close's message names the observed max |diff| and its index.
+    torch.testing.assert_close(lp[:, 1:], want, rtol=0, atol=numerics.LOGP_ATOL)
+    torch.testing.assert_close(ent[:, 1:], -(ref.exp() * ref).sum(-1), rtol=0, atol=numerics.ENTROPY_ATOL)
+    assert torch.all(lp[:, 0] == 0)  # exact by construction: position 0 has no prediction and is filled with 0
 
 
 def _with_behav(trainer: GRPOTrainer, batch: Batch, offset: float) -> Batch:
@@ -66,7 +68,12 @@ def _with_behav(trainer: GRPOTrainer, batch: Batch, offset: float) -> Batch:
 @pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean"])
 def test_behav_equal_prox_is_plain_grpo(tiny_model_dir: Path, agg: str) -> None:
     """First step: pi_theta = pi_prox so ratio = 1 and the loss is -(aggregate of A). With behav = prox the
-    behaviour weight is 1 (plain GRPO); with behav = prox - 0.1 every token is weighted by e^0.1."""
+    behaviour weight is 1 (plain GRPO); with behav = prox - 0.1 every token is weighted by e^0.1.
+
+    behav is prox from a pass over the whole batch, the trainer's prox one over micro-batches of another
+    padded length: the two differ by kernel rounding, a few ulp(6) = 4.8e-7 (plus the fp32 rounding of
+    prox + offset), observed <= 4e-8. That moves w = exp(prox - behav) ~ 1 and the loss ~ 1 relatively by
+    the same amount; 1e-5 (20 ulp(6)) bounds it and is 4 orders below the e^0.1 effect under test."""
     from asyncgrpo.trainer.train_step import batch_advantages
 
     results = {}
@@ -80,9 +87,11 @@ def test_behav_equal_prox_is_plain_grpo(tiny_model_dir: Path, agg: str) -> None:
         plain = -float(adv.double().mean()) if agg == "seq-mean-token-mean" else -float((adv.double() * n).sum() / n.sum())
         stats = trainer.train_step(batch)
         results[offset] = stats
-        assert stats["clip_frac"] == 0.0
-        assert stats["loss"] == pytest.approx(plain * math.exp(-offset), abs=1e-6)
-    assert results[0.0]["behav_weight_mean"] == pytest.approx(1.0, abs=1e-6)
+        assert stats["clip_frac"] == 0.0  # exact: ratio is 1 up to rounding, 0.2 from the clip boundary
+        want = plain * math.exp(-offset)
+        assert abs(stats["loss"] - want) <= 1e-5, f"offset {offset}: loss {stats['loss']!r}, want {want!r}: |diff| {abs(stats['loss'] - want):.3e}"
+    bw = results[0.0]["behav_weight_mean"]
+    assert abs(bw - 1.0) <= 1e-5, f"behav_weight_mean {bw!r}: |diff from 1| {abs(bw - 1.0):.3e}"
     assert abs(results[0.0]["loss"]) > 1e-3  # the check is not vacuous
 
 
@@ -91,8 +100,11 @@ def test_kl_to_reference_is_zero_at_first_step(tiny_model_dir: Path) -> None:
     assert trainer.ref is not None
     first = trainer.train_step(make_batch(2))
     second = trainer.train_step(make_batch(3))
-    assert first["kl_ref"] == pytest.approx(0.0, abs=1e-7)
-    assert second["kl_ref"] > 0  # the policy moved away from the frozen reference
+    # k3 = exp(-d) + d - 1 with d = logp - ref_logp: 0 where policy and reference compute the same forward
+    # (observed exactly 0); were their kernels to differ, d ~ ulp(6) and fp32 k3 is ~ulp(1) = 1.2e-7 per
+    # token, so 1e-6 bounds the noise. One Adam step (lr 1e-3) gives ~6e-4, far above it.
+    assert abs(first["kl_ref"]) <= 1e-6, f"kl_ref at the first step {first['kl_ref']!r}"
+    assert second["kl_ref"] > 1e-5, f"kl_ref after one step {second['kl_ref']!r}: the policy did not move from the reference"
 
 
 @pytest.mark.parametrize("dist_opt", [False, True], ids=["optimizer", "distributed_optimizer"])
@@ -116,12 +128,16 @@ def test_resume_continues_like_an_uninterrupted_run(tiny_model_dir: Path, tmp_pa
     assert load_checkpoint(b, step_dir) == {"stream_id": "5-0"}
     assert b.version == 1
     got = b.train_step(make_batch(2))
-    assert got["loss"] == want["loss"] and got["lr"] == want["lr"] and got["grad_norm"] == want["grad_norm"]
+    # Bit-exact by construction: the resumed trainer replays the very same computation (weights, optimizer
+    # state, LR, inputs, shapes, kernels and thread count of this one process), so nothing may differ.
+    for key in ("loss", "lr", "grad_norm"):
+        assert got[key] == want[key], f"{key}: resumed {got[key]!r} != uninterrupted {want[key]!r}"
     for k, v in dict(b.export_hf()).items():
-        assert torch.equal(v, want_w[k]), k
-    # A fresh trainer that did NOT resume differs: the check can fail.
+        assert torch.equal(v, want_w[k]), f"{k}: max|diff| {float((v - want_w[k]).abs().max()):.3e}"
+    # A fresh trainer that did NOT resume differs by far more than rounding: the check can fail.
     c = GRPOTrainer(cfg)
-    assert c.train_step(make_batch(2))["loss"] != want["loss"]
+    fresh = c.train_step(make_batch(2))["loss"]
+    assert abs(fresh - want["loss"]) > 1e-4, f"a non-resumed trainer's loss {fresh!r} is within 1e-4 of {want['loss']!r}"
 
 
 def test_save_hf_checkpoint_loads_in_transformers(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -134,8 +150,8 @@ def test_save_hf_checkpoint_loads_in_transformers(tiny_model_dir: Path, tmp_path
     assert out is not None and (out / "tokenizer.json").exists()
     ids = torch.randint(0, 384, (2, 8), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        diff = (forward_logits(trainer.model, ids) - _hf(out)(ids).logits).abs().max()
-    assert diff < 1e-5
+        diff = float((forward_logits(trainer.model, ids) - _hf(out)(ids).logits).abs().max())
+    assert diff < numerics.LOGIT_ATOL, f"max|logits - HF logits of the saved checkpoint| {diff:.3e} >= {numerics.LOGIT_ATOL:g}"
 
 
 def test_staleness_histogram_and_batch_validation() -> None:
@@ -151,20 +167,59 @@ def test_staleness_histogram_and_batch_validation() -> None:
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum-norm"])
 def test_step_independent_of_micro_batch_size(tiny_model_dir: Path, agg: str) -> None:
-    """Global normalisers: mbs=1 and mbs=8 give the same loss and the same weights, also when the behaviour
-    cap masks tokens out of the loss (mask mode changes the token count the normaliser must use)."""
-    results = []
+    """Global normalisers: mbs=1 and mbs=8 give the same step, also when the behaviour cap masks tokens out of
+    the loss (mask mode changes the token count the normaliser must use). Compared on what the step defines:
+    loss, statistics and gradients within fp32 rounding, and per run an update that is Adam's of its gradient
+    (tolerances in trainer/numerics.py)."""
+    from asyncgrpo.trainer.train_step import pack
+
+    cap = 1.2
+    batch = make_batch(11)
+    runs: list[dict] = []
+    margin = float("nan")
     for mbs in (1, 8):
-        cfg = make_config(tiny_model_dir, mbs=mbs, loss_agg_mode=agg, behav_imp_weight_cap=1.2, behav_imp_weight_mode="mask")
+        cfg = make_config(tiny_model_dir, mbs=mbs, loss_agg_mode=agg, behav_imp_weight_cap=cap, behav_imp_weight_mode="mask")
         trainer = GRPOTrainer(cfg)
-        stats = trainer.train_step(make_batch(11))
-        results.append((stats, dict(trainer.export_hf())))
-    (s1, w1), (s8, w8) = results
-    assert 0 < s1["behav_cap_frac"] < 1  # the cap really masked some tokens
-    assert s1["loss"] == pytest.approx(s8["loss"], rel=1e-5, abs=1e-7)
-    assert s1["grad_norm"] == pytest.approx(s8["grad_norm"], rel=1e-5)
-    for k, v in w1.items():
-        torch.testing.assert_close(w8[k], v, rtol=0, atol=2e-5, msg=k)
+        if not runs:
+            # The mask is a threshold on w = exp(prox - behav): the same tokens are masked in both runs only if
+            # no token's log w lies within the log-prob rounding (~1e-6) of log(cap). Checked, not assumed.
+            packed = pack(batch.samples, 0)
+            with torch.no_grad():
+                prox = trainer._logp(trainer.model, packed["input_ids"])[0]
+            log_w = (prox - packed["behav_logp"])[packed["loss_mask"]]
+            margin = float((log_w - math.log(cap)).abs().min())
+            assert margin > 1e-4, f"a token's log behaviour weight is {margin:.2e} from log(cap): the mask is a coin toss"
+        before = dict(trainer.export_hf())
+        grads = capture_grads(trainer)
+        stats = trainer.train_step(batch)
+        runs.append({"exported": before, "grads": dict(grads), "stats": stats, "updated": dict(trainer.export_hf())})
+    one, eight = runs
+    assert 0 < one["stats"]["behav_cap_frac"] < 1  # the cap really masked some tokens
+    # The same tokens masked: a count, reported as a token-weighted mean of fp32 per-micro-batch fractions
+    # (each off by ~u relative), so fraction * n_tokens is an integer to within ~n_tokens * u = 3e-6.
+    masked = [r["stats"]["behav_cap_frac"] * r["stats"]["n_tokens"] for r in runs]
+    assert round(masked[0]) == round(masked[1]) and all(abs(m - round(m)) < 1e-4 for m in masked), f"masked tokens {masked}"
+    # behav_weight_mean is skipped here: in mask mode it depends on the micro-batch size (the xfail below).
+    diffs = numerics.assert_stats_close(eight["stats"], one["stats"], "mbs=8 vs mbs=1", skip=("behav_weight_mean",))
+    grad_rel = numerics.assert_grads_close(eight["grads"], one["grads"], "mbs=8 vs mbs=1")
+    opt = make_config(tiny_model_dir).optimizer
+    for name, run in (("mbs=1", one), ("mbs=8", eight)):
+        numerics.assert_moved(run["exported"], run["updated"], run["stats"]["lr"], name)
+        numerics.assert_adam_update(run["exported"], run["updated"], run["grads"], run["stats"], opt.eps, opt.gradient_clipping, name)
+    update_diff, defined = numerics.assert_adam_updates_agree(eight, one, opt.eps, opt.gradient_clipping, "mbs=8 vs mbs=1")
+    print(numerics.summary(f"mbs {agg} (cap margin {margin:.1e})", diffs, grad_rel, update_diff, defined))
+
+
+@pytest.mark.xfail(strict=True, reason="train_step weights each micro-batch's mean over the tokens the mask keeps by all "
+                   "its completion tokens, so behav_weight_mean (ratio_mean, approx_kl, clip_frac alike) depends on the "
+                   "micro-batch size in mask mode; remove this mark when trainer/train_step.py weights by kept tokens")
+def test_mask_mode_behav_weight_mean_independent_of_micro_batch_size(tiny_model_dir: Path) -> None:
+    means = []
+    for mbs in (1, 8):
+        cfg = make_config(tiny_model_dir, mbs=mbs, loss_agg_mode="token-mean", behav_imp_weight_cap=1.2, behav_imp_weight_mode="mask")
+        means.append(GRPOTrainer(cfg).train_step(make_batch(11))["behav_weight_mean"])
+    # A mean of w ~ 1 over the same kept tokens: fp32 rounding only (numerics.BEHAV_WEIGHT_ATOL).
+    assert abs(means[0] - means[1]) <= numerics.BEHAV_WEIGHT_ATOL, f"behav_weight_mean mbs=1 {means[0]!r}, mbs=8 {means[1]!r}"
 
 
 def test_compat_shims_map_cuda_to_cpu_only_without_cuda() -> None:

@@ -40,15 +40,40 @@ def make_batch(seed: int, n_groups: int = 2, group_size: int = 4, version: int =
     return Batch(samples)
 
 
+def intra_op_threads() -> int:
+    """Intra-op threads of a test process: 1 (two cores in CI, several processes), or ASYNCGRPO_TEST_THREADS to
+    check that nothing depends on the thread count (a different count changes the reduction order of kernels)."""
+    return max(1, int(os.environ.get("ASYNCGRPO_TEST_THREADS", "1")))
+
+
 def init_env(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = str(intra_op_threads())
+    torch.set_num_threads(intra_op_threads())
+
+
+def capture_grads(trainer: Any) -> dict[str, torch.Tensor]:
+    """Make trainer.optimizer.step first record the gradients it is about to apply into the returned dict:
+    full tensors in HF layout (gathered over TP), after the data-parallel reduction, before clipping.
+    Collective over TP like export_hf, which every rank's step calls. Not for the distributed optimizer,
+    whose reduce-scatter leaves each DP rank only its shard of main_grad."""
+    from asyncgrpo.trainer.model import export_hf_state_dict
+
+    grads: dict[str, torch.Tensor] = {}
+    inner = trainer.optimizer.step
+
+    def step():  # type: ignore[no-untyped-def]
+        grads.clear()
+        grads.update(export_hf_state_dict(trainer.model, trainer.arch, attr="main_grad"))
+        return inner()
+
+    trainer.optimizer.step = step
+    return grads
 
 
 def step_worker(rank: int, world: int, tp: int, mbs: int, port: int, model_dir: str, out_path: str) -> None:
-    """Build the trainer at (world, tp), check logits against HF, export round trip, run one step; rank 0
-    saves the results to out_path."""
+    """Build the trainer at (world, tp), check logits against HF, export round trip, run one step (recording
+    the gradients it applies); rank 0 saves the results to out_path."""
     init_env(rank, world, port)
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -68,10 +93,12 @@ def step_worker(rank: int, world: int, tp: int, mbs: int, port: int, model_dir: 
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
         ref = hf(ids).logits
     exported = dict(trainer.export_hf())
+    grads = capture_grads(trainer)
     stats = trainer.train_step(make_batch(1))
     updated = dict(trainer.export_hf())
     if rank == 0:
-        torch.save({"logit_diff": float((ours - ref).abs().max()), "exported": exported, "stats": stats, "updated": updated}, out_path)
+        torch.save({"logit_diff": float((ours - ref).abs().max()), "logit_scale": float(ref.abs().max()),
+                    "exported": exported, "grads": dict(grads), "stats": stats, "updated": updated}, out_path)
     dist.barrier()
     from asyncgrpo.trainer.model import destroy_parallel
 
