@@ -199,8 +199,7 @@ def test_step_independent_of_micro_batch_size(tiny_model_dir: Path, agg: str) ->
     # (each off by ~u relative), so fraction * n_tokens is an integer to within ~n_tokens * u = 3e-6.
     masked = [r["stats"]["behav_cap_frac"] * r["stats"]["n_tokens"] for r in runs]
     assert round(masked[0]) == round(masked[1]) and all(abs(m - round(m)) < 1e-4 for m in masked), f"masked tokens {masked}"
-    # behav_weight_mean is skipped here: in mask mode it depends on the micro-batch size (the xfail below).
-    diffs = numerics.assert_stats_close(eight["stats"], one["stats"], "mbs=8 vs mbs=1", skip=("behav_weight_mean",))
+    diffs = numerics.assert_stats_close(eight["stats"], one["stats"], "mbs=8 vs mbs=1")
     grad_rel = numerics.assert_grads_close(eight["grads"], one["grads"], "mbs=8 vs mbs=1")
     opt = make_config(tiny_model_dir).optimizer
     for name, run in (("mbs=1", one), ("mbs=8", eight)):
@@ -210,9 +209,6 @@ def test_step_independent_of_micro_batch_size(tiny_model_dir: Path, agg: str) ->
     print(numerics.summary(f"mbs {agg} (cap margin {margin:.1e})", diffs, grad_rel, update_diff, defined))
 
 
-@pytest.mark.xfail(strict=True, reason="train_step weights each micro-batch's mean over the tokens the mask keeps by all "
-                   "its completion tokens, so behav_weight_mean (ratio_mean, approx_kl, clip_frac alike) depends on the "
-                   "micro-batch size in mask mode; remove this mark when trainer/train_step.py weights by kept tokens")
 def test_mask_mode_behav_weight_mean_independent_of_micro_batch_size(tiny_model_dir: Path) -> None:
     means = []
     for mbs in (1, 8):

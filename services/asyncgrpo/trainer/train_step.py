@@ -25,6 +25,8 @@ from asyncgrpo.trainer.logprobs import token_logprobs
 from asyncgrpo.trainer.model import DTYPES, build_gpt_model, init_parallel, load_hf_weights
 
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 8)
+# Loss statistics that are means over the tokens the loss keeps (core.loss_stats' mask).
+KEPT_TOKEN_MEANS = ("clip_frac", "dual_clip_frac", "behav_weight_mean", "ratio_mean", "approx_kl")
 
 
 @dataclass
@@ -118,7 +120,7 @@ class GRPOTrainer:
             raise ValueError("actor.path is empty: set it to an HF checkpoint directory")
         self.cfg = cfg
         t = cfg.trainer
-        init_parallel(t.tensor_parallel_size, cfg.seed)
+        init_parallel(t.tensor_parallel_size, cfg.seed, bind_host=cfg.bind_host)
         self.arch = ModelArch.from_dir(cfg.actor.path)
         self.dtype = DTYPES[t.dtype]
         self.dp_group = parallel_state.get_data_parallel_group()
@@ -220,7 +222,9 @@ class GRPOTrainer:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         sums: dict[str, Tensor] = {}
-        weights = {"tokens": torch.zeros((), dtype=torch.float64)}
+        # Token-weighted means over the global batch, each weighted by the tokens its per-micro-batch mean is
+        # over: the tokens the loss keeps (cap masking removes some in mask mode), or all completion tokens.
+        weights = {"tokens": torch.zeros((), dtype=torch.float64), "kept": torch.zeros((), dtype=torch.float64)}
         for mb in micro:
             logp, ent = self._logp(self.model, mb["input_ids"], entropy=True)
             loss, stats = core.grpo_loss(
@@ -233,15 +237,17 @@ class GRPOTrainer:
                 ref_logp=mb.get("ref_logp"), kl_ctl=a.kl_ctl, kl_estimator=a.kl_estimator,
             )
             loss.backward()
-            n_tok = mb["loss_mask"].sum().double()
+            n_tok, n_kept = mb["loss_mask"].sum().double(), stats["n_tokens"].double()
             weights["tokens"] += n_tok
+            weights["kept"] += n_kept
             for k in ("loss", "policy_loss", "kl_ref"):
                 if k in stats:
                     sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + stats[k].double()
-            # Token-weighted means over the whole global batch.
-            for k in ("clip_frac", "dual_clip_frac", "behav_cap_frac", "behav_weight_mean", "ratio_mean", "approx_kl"):
+            for k in KEPT_TOKEN_MEANS:
                 if k in stats:
-                    sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + stats[k].double() * n_tok
+                    sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + stats[k].double() * n_kept
+            if "behav_cap_frac" in stats:  # over every completion token: the share the cap acted on
+                sums["behav_cap_frac"] = sums.get("behav_cap_frac", torch.zeros((), dtype=torch.float64)) + stats["behav_cap_frac"].double() * n_tok
             if ent is not None:
                 sums["entropy"] = sums.get("entropy", torch.zeros((), dtype=torch.float64)) + (ent * mb["loss_mask"]).sum().double()
 
@@ -253,11 +259,14 @@ class GRPOTrainer:
         self.version += 1
 
         keys = sorted(sums)
-        vec = self._all_reduce(torch.stack([sums[k] for k in keys] + [weights["tokens"]]))
-        tot_tokens = float(vec[-1])
+        vec = self._all_reduce(torch.stack([sums[k] for k in keys] + [weights["tokens"], weights["kept"]]))
+        tot_tokens, tot_kept = float(vec[-2]), float(vec[-1])
         out: dict[str, float] = {}
-        for k, v in zip(keys, vec[:-1].tolist()):
-            out[k] = v if k in ("loss", "policy_loss", "kl_ref") else v / max(tot_tokens, 1.0)
+        for k, v in zip(keys, vec[:-2].tolist()):
+            if k in ("loss", "policy_loss", "kl_ref"):
+                out[k] = v
+            else:
+                out[k] = v / max(tot_kept if k in KEPT_TOKEN_MEANS else tot_tokens, 1.0)
         rewards = torch.tensor([s.reward for s in batch.samples])
         out.update(
             reward_mean=float(rewards.mean()), reward_std=float(rewards.std()) if rewards.numel() > 1 else 0.0,
