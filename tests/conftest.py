@@ -26,18 +26,26 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class RedisServer:
-    """A private redis-server on a unix socket in a temp dir, no persistence."""
+    """A private redis-server on a unix socket (and a loopback port) in a temp dir. `aof=True` runs it with
+    appendonly (fsync always, so a kill -9 loses nothing the clients were told is written); `kill()` and
+    `start()` restart it on the same socket, port and data."""
 
-    def __init__(self, workdir: Path) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
+    def __init__(self, workdir: Path, aof: bool = False) -> None:
+        self.exe = shutil.which("redis-server")
+        if self.exe is None:
             raise RuntimeError("redis-server not found; install it (apt-get install redis-server), as .ci/run does")
         self.workdir = workdir
         self.socket = workdir / "redis.sock"
         self.port = free_port()
+        self.aof = aof
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else ["--appendonly", "no"]
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--unixsocket", str(self.socket),
-             "--unixsocketperm", "700", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--unixsocket", str(self.socket),
+             "--unixsocketperm", "700", "--save", "", *persistence, "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 10
@@ -45,6 +53,13 @@ class RedisServer:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("redis-server did not start")
             time.sleep(0.02)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: clients see their connections reset."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(5)
+        self.socket.unlink(missing_ok=True)
 
     @property
     def url(self) -> str:
@@ -55,7 +70,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(5)
@@ -67,5 +82,13 @@ class RedisServer:
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A fresh redis-server per test (starting one takes ~10 ms)."""
     server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_aof(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A fresh redis-server with AOF (appendfsync always), for tests that kill and restart it."""
+    server = RedisServer(tmp_path_factory.mktemp("redis_aof"), aof=True)
     yield server
     server.stop()

@@ -1,7 +1,8 @@
 """The Redis side of a run: the stream of scored groups and the shared run state (version, pause,
 prompt cursor and leases, re-queue list, counters)."""
 
-from asyncgrpo.queue.group_queue import DEFAULT_CONSUMER_GROUP, GroupQueue
+from asyncgrpo.queue.connection import RedisGuard, RedisUnavailable, make_async_redis, make_redis
+from asyncgrpo.queue.group_queue import DEFAULT_CONSUMER_GROUP, DeadLetter, GroupQueue
 from asyncgrpo.queue.keys import RunKeys
 from asyncgrpo.queue.run_state import Admission, CursorMismatchError, RunState
 from asyncgrpo.queue.schema import (
@@ -17,7 +18,7 @@ from asyncgrpo.queue.schema import (
 )
 
 __all__ = [
-    "SCHEMA_VERSION", "Admission", "Completion", "CursorMismatchError", "DEFAULT_CONSUMER_GROUP", "Group",
-    "GroupQueue", "GroupSchemaError", "GroupTooLargeError", "PromptRef", "RunKeys", "RunState",
-    "decode_group", "encode_group", "version_number",
+    "SCHEMA_VERSION", "Admission", "Completion", "CursorMismatchError", "DEFAULT_CONSUMER_GROUP", "DeadLetter",
+    "Group", "GroupQueue", "GroupSchemaError", "GroupTooLargeError", "PromptRef", "RedisGuard", "RedisUnavailable",
+    "RunKeys", "RunState", "decode_group", "encode_group", "make_async_redis", "make_redis", "version_number",
 ]
