@@ -5,8 +5,8 @@ asyncgrpo.queue, next to redis-benchmark on the same server with the same payloa
 
 Starts a private redis-server on a unix socket (no persistence) unless --socket is given. One client, no
 pipelining, on both sides: push = encode + one Lua call (idempotency check, XADD, lease, counters);
-consume = XREADGROUP of 16 + decode + XACK/XDEL. The baselines are redis-benchmark's XADD and SET with a
-value of the encoded group's size (-c 1, no pipeline).
+consume = XREADGROUP of 16 + decode + the step commit (version, trained count, XACK/XDEL in one script).
+The baselines are redis-benchmark's XADD and SET with a value of the encoded group's size (-c 1, no pipeline).
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import redis
 
-from asyncgrpo.queue import Completion, Group, GroupQueue, PromptRef, encode_group
+from asyncgrpo.queue import Completion, Group, GroupQueue, PromptRef, encode_group, make_redis
 
 
 def make_group(run_id: str, i: int, g: int, n: int, rng: random.Random) -> Group:
@@ -91,7 +90,7 @@ def main() -> int:
     if sock is None:
         proc, sock = start_redis(Path(tmp.name))
     try:
-        r = redis.Redis(unix_socket_path=sock)
+        r = make_redis(f"unix://{sock}")
         run_id = f"bench/q{os.getpid()}"
         rng = random.Random(0)
         # distinct groups (ids differ; content reused) so every push is a real append, not an idempotent no-op
@@ -111,7 +110,8 @@ def main() -> int:
         t0 = time.perf_counter()
         while got < args.groups:
             batch = q.consume("bench", count=16)
-            q.ack([m for m, _ in batch])
+            # what the trainer does per step without checkpoints: version, trained count and the ack in one script
+            q.commit_step([m for m, _ in batch], got // 16 + 1, got + len(batch), 0, ack=True)
             got += len(batch)
         consume_s = time.perf_counter() - t0
         for k in q.keys.all():

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import redis
 
-from asyncgrpo.queue import GroupQueue, RunState
+from asyncgrpo.queue import GroupQueue, RedisGuard, RunState
 
 from .procs import Proc, free_port, start_genserver, start_router, start_rollout, wait_for, write_config, write_dataset
 
@@ -38,11 +38,7 @@ def servers(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 def started_now(r: redis.Redis, state: RunState) -> tuple[int, int]:
     """(accepted, running) read atomically."""
-    pipe = r.pipeline(transaction=True)
-    pipe.get(state.keys.accepted)
-    pipe.zcard(state.keys.leases)
-    acc, run = pipe.execute()
-    return int(acc or 0), int(run)
+    return state.budget_usage()
 
 
 def test_groups_flow_under_the_admission_budget(servers, tiny_model_dir, redis_server, tmp_path) -> None:
@@ -78,9 +74,9 @@ def test_groups_flow_under_the_admission_budget(servers, tiny_model_dir, redis_s
                 # the fake trainer only bumps Redis; the servers keep their initial weights ("default" = 0)
                 assert g.oldest_version == 0
                 assert {v for c in g.completions for v in c.token_versions} == {"default"}
-            q.ack([m for m, _ in batch])
+            # trained: version and trained count in one step, the batch acknowledged (no checkpoint to wait for)
+            q.commit_step([m for m, _ in batch], version + 1, 2 * (version + 1), 0, ack=True)
             groups += [g for _, g in batch]
-            state.set_version(version + 1)
         assert proc.wait(60) == 0, proc.tail()
     finally:
         proc.stop()
@@ -210,7 +206,8 @@ def test_group_across_a_weight_update_carries_two_versions(servers, tiny_model_d
         async with SGLangClient(url) as client:
             before = (await client.model_info())["weight_version"]
             svc = RolloutService(params, state=RunState(r, "it/partial"), queue=q, dataset=ds, decode=decode,
-                                 clients=[client], rewards=RewardRunner(["gsm8k"]), redis_url=redis_server.url)
+                                 clients=[client], rewards=RewardRunner(["gsm8k"]), redis_url=redis_server.url,
+                                 guard=RedisGuard(redis_server.url, deadline_s=30))
             task = asyncio.create_task(svc.run())
             while (await client.loads())["loads"][0]["num_running_reqs"] < 2:
                 assert not task.done(), "the service ended before its requests reached the server"

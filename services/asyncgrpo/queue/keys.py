@@ -29,8 +29,15 @@ class RunKeys:
 
     @property
     def dead_letter(self) -> str:
-        """List of raw messages the consumer could not decode (kept for inspection)."""
+        """List of dead-letter records (msgpack: msg_id, group_id, kind, reason, at, payload): messages the
+        trainer cannot train (undecodable, wrong shape, vocabulary or version), kept for inspection."""
         return self._k("dead_letter")
+
+    @property
+    def outcomes(self) -> str:
+        """Hash group_id -> how a pushed group ended when not trained ('stale', 'dead'); trained groups are
+        recorded in the trainer's checkpoint (the lineage of the model), which is the authority for them."""
+        return self._k("outcomes")
 
     @property
     def version(self) -> str:
@@ -48,14 +55,25 @@ class RunKeys:
         return self._k("events")
 
     @property
-    def accepted(self) -> str:
-        """Groups pushed to the stream, minus those the trainer dropped as stale (AReaL's 'accepted')."""
-        return self._k("accepted")
+    def trained(self) -> str:
+        """Groups trained into the trainer's current model (int, set by the trainer with the version).
+        AReaL's 'accepted' is derived, never counted: trained + stream length - trained_in_stream."""
+        return self._k("trained")
+
+    @property
+    def trained_in_stream(self) -> str:
+        """Trained groups still in the stream, kept unacknowledged until a checkpoint holds them (int)."""
+        return self._k("trained_in_stream")
 
     @property
     def leases(self) -> str:
         """Sorted set prompt-ref -> lease deadline (ms): the groups running now (AReaL's 'running')."""
         return self._k("leases")
+
+    @property
+    def lease_owners(self) -> str:
+        """Hash prompt-ref -> 'worker_id#n' holding the lease: a restarted worker takes its own back at once."""
+        return self._k("lease_owners")
 
     @property
     def requeue(self) -> str:
@@ -73,5 +91,5 @@ class RunKeys:
         return self._k("counters")
 
     def all(self) -> list[str]:
-        return [self.stream, self.group_ids, self.dead_letter, self.version, self.paused, self.accepted,
-                self.leases, self.requeue, self.cursor, self.counters]
+        return [self.stream, self.group_ids, self.dead_letter, self.outcomes, self.version, self.paused, self.trained,
+                self.trained_in_stream, self.leases, self.lease_owners, self.requeue, self.cursor, self.counters]

@@ -6,10 +6,15 @@ number of rollout processes (AReaL's rule, with its accepted/running split):
 
     start a new group only while accepted + running + 1 <= (version + max_head_offpolicyness + 1) * batch_groups
 
-accepted = groups pushed minus groups the trainer dropped as stale; running = prompt leases held. A lease
-is the only record that a prompt is being worked on: a worker that dies leaves its lease, which expires and
-is re-issued to another worker (counted once in `running` the whole time), so nothing is lost and the budget
-does not leak. Pushing a group removes its lease and adds to `accepted` in the same script.
+running = prompt leases held. accepted is derived, never counted, so no restart or lost reply can make it
+drift: accepted = trained + (stream length - trained_in_stream), i.e. the groups in the trainer's model plus
+the groups waiting in the stream. The trainer sets `version` and `trained` together (absolute values), and
+a trainer resumed from an older checkpoint sets both back, so the budget follows the model it holds.
+
+A lease is the only record that a prompt is being worked on, and it names its owner ('worker_id#n'): a
+worker that dies leaves its lease, which expires and is re-issued to another worker (counted once in
+`running` the whole time), so nothing is lost and the budget does not leak; a restarted process with the
+same worker_id takes its own leases back at once. Pushing a group removes its lease in the same script.
 """
 
 from __future__ import annotations
@@ -22,77 +27,107 @@ from typing import Literal
 import redis
 
 from asyncgrpo.queue.keys import RunKeys
-from asyncgrpo.queue.schema import Group, PromptRef
+from asyncgrpo.queue.schema import PromptRef
 
 AdmitStatus = Literal["ok", "paused", "over_budget", "exhausted"]
 
-# KEYS: version paused accepted leases requeue cursor counters
-# ARGV: max_head_offpolicyness batch_groups dataset_size total_epochs lease_ttl_ms
-_ADMIT_LUA = """
-local ofp = tonumber(ARGV[1]); local bg = tonumber(ARGV[2]); local n = tonumber(ARGV[3])
-local epochs = tonumber(ARGV[4]); local ttl = tonumber(ARGV[5])
-local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local v = tonumber(redis.call('GET', KEYS[1]) or '0')
-local accepted = tonumber(redis.call('GET', KEYS[3]) or '0')
-local running = redis.call('ZCARD', KEYS[4])
-local cap = (v + ofp + 1) * bg
-if redis.call('GET', KEYS[2]) == '1' then return {'paused', '', v, accepted + running, cap} end
--- a dead worker's lease: already counted in running, so re-issuing it needs no budget
-local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 1)
-if #expired > 0 then
-  redis.call('ZADD', KEYS[4], now + ttl, expired[1])
-  redis.call('HINCRBY', KEYS[7], 'leases_reissued', 1)
-  return {'ok', expired[1], v, accepted + running, cap}
+# accepted = trained + XLEN(stream) - trained_in_stream   (KEYS[a] stream, KEYS[b] trained, KEYS[c] trained_in_stream)
+_ACCEPTED_LUA = """
+local function accepted(stream, trained, in_stream)
+  return tonumber(redis.call('GET', trained) or '0') + redis.call('XLEN', stream) - tonumber(redis.call('GET', in_stream) or '0')
 end
-if accepted + running + 1 > cap then return {'over_budget', '', v, accepted + running, cap} end
-local ref = redis.call('LPOP', KEYS[5])
-if not ref then
-  local epoch = tonumber(redis.call('HGET', KEYS[6], 'epoch') or '0')
-  local pos = tonumber(redis.call('HGET', KEYS[6], 'position') or '0')
-  if pos >= n then epoch = epoch + 1; pos = 0 end
-  if epoch >= epochs then return {'exhausted', '', v, accepted + running, cap} end
-  redis.call('HSET', KEYS[6], 'epoch', epoch, 'position', pos + 1)
-  ref = epoch .. ':' .. pos .. ':0'
-else
-  redis.call('HINCRBY', KEYS[7], 'requeued_taken', 1)
-end
-redis.call('ZADD', KEYS[4], now + ttl, ref)
-redis.call('HINCRBY', KEYS[7], 'groups_started', 1)
-return {'ok', ref, v, accepted + running + 1, cap}
 """
 
-# KEYS: leases   ARGV: ref ttl_ms    -> 1 if the lease was still held (and is now extended)
+# KEYS: version paused leases requeue cursor counters stream trained trained_in_stream lease_owners
+# ARGV: max_head_offpolicyness batch_groups dataset_size total_epochs lease_ttl_ms owner
+_ADMIT_LUA = _ACCEPTED_LUA + """
+local ofp = tonumber(ARGV[1]); local bg = tonumber(ARGV[2]); local n = tonumber(ARGV[3])
+local epochs = tonumber(ARGV[4]); local ttl = tonumber(ARGV[5]); local owner = ARGV[6]
+local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local v = tonumber(redis.call('GET', KEYS[1]) or '0')
+local used = accepted(KEYS[7], KEYS[8], KEYS[9]) + redis.call('ZCARD', KEYS[3])
+local cap = (v + ofp + 1) * bg
+if redis.call('GET', KEYS[2]) == '1' then return {'paused', '', v, used, cap} end
+-- a dead worker's lease: already counted in running, so re-issuing it needs no budget
+local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 1)
+if #expired > 0 then
+  redis.call('ZADD', KEYS[3], now + ttl, expired[1])
+  redis.call('HSET', KEYS[10], expired[1], owner)
+  redis.call('HINCRBY', KEYS[6], 'leases_reissued', 1)
+  return {'ok', expired[1], v, used, cap}
+end
+if used + 1 > cap then return {'over_budget', '', v, used, cap} end
+local ref = redis.call('LPOP', KEYS[4])
+if not ref then
+  local epoch = tonumber(redis.call('HGET', KEYS[5], 'epoch') or '0')
+  local pos = tonumber(redis.call('HGET', KEYS[5], 'position') or '0')
+  if pos >= n then epoch = epoch + 1; pos = 0 end
+  if epoch >= epochs then return {'exhausted', '', v, used, cap} end
+  redis.call('HSET', KEYS[5], 'epoch', epoch, 'position', pos + 1)
+  ref = epoch .. ':' .. pos .. ':0'
+else
+  redis.call('HINCRBY', KEYS[6], 'requeued_taken', 1)
+end
+redis.call('ZADD', KEYS[3], now + ttl, ref)
+redis.call('HSET', KEYS[10], ref, owner)
+redis.call('HINCRBY', KEYS[6], 'groups_started', 1)
+return {'ok', ref, v, used + 1, cap}
+"""
+
+# KEYS: leases lease_owners   ARGV: ref ttl_ms owner   -> 1 if `owner` still holds the lease (now extended)
 _RENEW_LUA = """
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[3] then return 0 end
 local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 return 1
 """
 
-# KEYS: leases counters events  ARGV: ref counter_name
+# KEYS: leases lease_owners counters events  ARGV: ref owner counter_name
 _RELEASE_LUA = """
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
 local removed = redis.call('ZREM', KEYS[1], ARGV[1])
-if removed == 1 and ARGV[2] ~= '' then redis.call('HINCRBY', KEYS[2], ARGV[2], 1) end
-redis.call('PUBLISH', KEYS[3], 'lease')
+redis.call('HDEL', KEYS[2], ARGV[1])
+if removed == 1 and ARGV[3] ~= '' then redis.call('HINCRBY', KEYS[3], ARGV[3], 1) end
+redis.call('PUBLISH', KEYS[4], 'lease')
 return removed
 """
 
-# KEYS: leases requeue counters events  ARGV: ref   -> 1 if the lease was held and the prompt is re-queued
+# KEYS: leases lease_owners requeue counters events  ARGV: ref owner -> 1 if the owner held it and it is re-queued
 _ABANDON_LUA = """
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('LPUSH', KEYS[2], ARGV[1])
-redis.call('HINCRBY', KEYS[3], 'leases_abandoned', 1)
-redis.call('PUBLISH', KEYS[4], 'requeue')
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('LPUSH', KEYS[3], ARGV[1])
+redis.call('HINCRBY', KEYS[4], 'leases_abandoned', 1)
+redis.call('PUBLISH', KEYS[5], 'requeue')
 return 1
 """
 
-# KEYS: requeue accepted counters events   ARGV: ref keys (already with attempt + 1)
-_REQUEUE_LUA = """
-for i = 1, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
-redis.call('DECRBY', KEYS[2], #ARGV)
-redis.call('HINCRBY', KEYS[3], 'stale_requeued', #ARGV)
-redis.call('PUBLISH', KEYS[4], 'requeue')
-return #ARGV
+# KEYS: leases lease_owners counters events  ARGV: owner prefix ('worker_id#'), then refs to keep
+# -> leases expired now
+_RECLAIM_LUA = """
+local keep = {}
+for i = 2, #ARGV do keep[ARGV[i]] = true end
+local owners = redis.call('HGETALL', KEYS[2])
+local n = 0
+for i = 1, #owners, 2 do
+  local ref = owners[i]
+  if string.sub(owners[i + 1], 1, #ARGV[1]) == ARGV[1] and not keep[ref] and redis.call('ZSCORE', KEYS[1], ref) then
+    redis.call('ZADD', KEYS[1], 0, ref)
+    n = n + 1
+  end
+end
+if n > 0 then
+  redis.call('HINCRBY', KEYS[3], 'leases_taken_back', n)
+  redis.call('PUBLISH', KEYS[4], 'lease')
+end
+return n
+"""
+
+# KEYS: stream trained trained_in_stream leases   -> {accepted, running} read atomically
+_USAGE_LUA = _ACCEPTED_LUA + """
+return {accepted(KEYS[1], KEYS[2], KEYS[3]), redis.call('ZCARD', KEYS[4])}
 """
 
 
@@ -125,12 +160,15 @@ class RunState:
         self._admit = client.register_script(_ADMIT_LUA)
         self._renew = client.register_script(_RENEW_LUA)
         self._release = client.register_script(_RELEASE_LUA)
-        self._requeue = client.register_script(_REQUEUE_LUA)
         self._abandon = client.register_script(_ABANDON_LUA)
+        self._reclaim = client.register_script(_RECLAIM_LUA)
+        self._usage = client.register_script(_USAGE_LUA)
 
     @classmethod
     def from_url(cls, url: str, run_id: str) -> "RunState":
-        return cls(redis.Redis.from_url(url), run_id)
+        from asyncgrpo.queue.connection import make_redis
+
+        return cls(make_redis(url), run_id)
 
     # -- trainer version and pause (control plane) --------------------------------------------------
     def get_version(self) -> int:
@@ -138,7 +176,8 @@ class RunState:
         return int(v) if v is not None else 0
 
     def set_version(self, version: int) -> None:
-        """The trainer calls this after each optimizer step; rollout waiters wake on the event."""
+        """Set the version alone (tests, tools); the trainer sets it with its trained count through
+        GroupQueue.commit_step. Rollout waiters wake on the event."""
         if version < 0:
             raise ValueError(f"version must be >= 0, got {version}")
         pipe = self.r.pipeline()
@@ -193,53 +232,66 @@ class RunState:
 
     # -- admission and leases ------------------------------------------------------------------------
     def admit(self, *, max_head_offpolicyness: int, batch_groups: int, dataset_size: int, total_epochs: int,
-              lease_ttl_s: float) -> Admission:
-        """Try to start one group: checks pause and the staleness budget, then leases the next prompt
-        (an expired lease first, then a re-queued prompt, then the cursor)."""
+              lease_ttl_s: float, owner: str = "") -> Admission:
+        """Try to start one group for `owner` ('worker_id#n'): checks pause and the staleness budget, then
+        leases the next prompt (an expired lease first, then a re-queued prompt, then the cursor)."""
         k = self.keys
         status, ref, v, started, cap = self._admit(
-            keys=[k.version, k.paused, k.accepted, k.leases, k.requeue, k.cursor, k.counters],
-            args=[max_head_offpolicyness, batch_groups, dataset_size, total_epochs, int(lease_ttl_s * 1000)],
+            keys=[k.version, k.paused, k.leases, k.requeue, k.cursor, k.counters, k.stream, k.trained,
+                  k.trained_in_stream, k.lease_owners],
+            args=[max_head_offpolicyness, batch_groups, dataset_size, total_epochs, int(lease_ttl_s * 1000), owner],
         )
         status = _s(status)
         return Admission(status, PromptRef.parse(ref) if status == "ok" else None, int(v), int(started), int(cap))  # type: ignore[arg-type]
 
-    def renew_lease(self, ref: PromptRef, lease_ttl_s: float) -> bool:
-        """Extend a held lease; False when it is gone (pushed, released, or never held)."""
-        return bool(self._renew(keys=[self.keys.leases], args=[ref.key(), int(lease_ttl_s * 1000)]))
-
-    def release_lease(self, ref: PromptRef, counter: str = "") -> bool:
-        """Give up a lease without a group (e.g. dynamic filtering dropped it); frees its budget."""
+    def renew_lease(self, ref: PromptRef, lease_ttl_s: float, owner: str = "") -> bool:
+        """Extend a lease `owner` holds; False when it is gone (pushed, released, re-issued to another owner)."""
         k = self.keys
-        return bool(self._release(keys=[k.leases, k.counters, k.events], args=[ref.key(), counter]))
+        return bool(self._renew(keys=[k.leases, k.lease_owners], args=[ref.key(), int(lease_ttl_s * 1000), owner]))
 
-    def abandon_lease(self, ref: PromptRef) -> bool:
+    def release_lease(self, ref: PromptRef, counter: str = "", owner: str = "") -> bool:
+        """Give up a lease without a group (e.g. dynamic filtering dropped it); frees its budget. Only the
+        owner can: a lease re-issued to another worker stays with it."""
+        k = self.keys
+        return bool(self._release(keys=[k.leases, k.lease_owners, k.counters, k.events], args=[ref.key(), owner, counter]))
+
+    def abandon_lease(self, ref: PromptRef, owner: str = "") -> bool:
         """Give a prompt back for another worker to run now (e.g. every generation server failed), instead
         of letting its lease expire. Same attempt: if this group somehow was pushed, the re-run dedups."""
         k = self.keys
-        return bool(self._abandon(keys=[k.leases, k.requeue, k.counters, k.events], args=[ref.key()]))
+        return bool(self._abandon(keys=[k.leases, k.lease_owners, k.requeue, k.counters, k.events], args=[ref.key(), owner]))
+
+    def reclaim_leases(self, worker_id: str, keep: Iterable[PromptRef] = ()) -> int:
+        """A restarted worker process takes back its leases: every lease owned by 'worker_id#...' (except those
+        in `keep`, still being worked on) expires now, so the next admissions re-issue them at once (no new
+        budget) instead of after lease_ttl_s."""
+        k = self.keys
+        return int(self._reclaim(keys=[k.leases, k.lease_owners, k.counters, k.events],
+                                 args=[f"{worker_id}#", *(r.key() for r in keep)]))
 
     def leases(self) -> dict[PromptRef, float]:
         """Leases held now -> deadline (unix seconds)."""
         return {PromptRef.parse(m): s / 1000 for m, s in self.r.zrange(self.keys.leases, 0, -1, withscores=True)}
 
+    def lease_owners(self) -> dict[PromptRef, str]:
+        return {PromptRef.parse(m): _s(o) or "" for m, o in self.r.hgetall(self.keys.lease_owners).items()}
+
     def running(self) -> int:
         return int(self.r.zcard(self.keys.leases))
 
-    def accepted(self) -> int:
-        v = self.r.get(self.keys.accepted)
-        return int(v) if v is not None else 0
-
-    # -- stale drops (trainer) -----------------------------------------------------------------------
-    def requeue_prompts(self, items: Iterable[Group | PromptRef]) -> int:
-        """These groups were dropped as stale: their prompts come back (as a new attempt) and their budget
-        is freed. Returns how many were re-queued. A trainer holding stream entries should prefer
-        GroupQueue.drop_stale, which also acknowledges them atomically."""
-        refs = [(i.prompt_ref() if isinstance(i, Group) else i).retry().key() for i in items]
-        if not refs:
-            return 0
+    def budget_usage(self) -> tuple[int, int]:
+        """(accepted, running), read atomically: what the admission rule counts against its capacity."""
         k = self.keys
-        return int(self._requeue(keys=[k.requeue, k.accepted, k.counters, k.events], args=refs))
+        acc, run = self._usage(keys=[k.stream, k.trained, k.trained_in_stream, k.leases])
+        return int(acc), int(run)
+
+    def accepted(self) -> int:
+        """Groups trained into the current model plus groups waiting in the stream (AReaL's 'accepted')."""
+        return self.budget_usage()[0]
+
+    def trained(self) -> int:
+        v = self.r.get(self.keys.trained)
+        return int(v) if v is not None else 0
 
     def requeued(self) -> list[PromptRef]:
         return [PromptRef.parse(m) for m in self.r.lrange(self.keys.requeue, 0, -1)]
@@ -249,7 +301,7 @@ class RunState:
         epoch, pos = self.cursor()
         return {
             "run_id": self.run_id, "version": self.get_version(), "paused": self.is_paused(),
-            "accepted": self.accepted(), "running": self.running(), "requeued": len(self.requeued()),
+            "accepted": self.accepted(), "trained": self.trained(), "running": self.running(), "requeued": len(self.requeued()),
             "cursor": {"epoch": epoch, "position": pos}, "queue_depth": int(self.r.xlen(self.keys.stream)),
             "counters": self.counters(),
         }

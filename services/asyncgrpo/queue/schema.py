@@ -212,7 +212,6 @@ def encode_group(group: Group, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> by
         "answer": group.answer,
         "admitted_version": group.admitted_version,
         "admission_index": group.admission_index,
-        "oldest_version": group.oldest_version,
         "created_at": group.created_at,
         "completions": [_pack_completion(c) for c in group.completions],
     }
