@@ -84,7 +84,7 @@ def test_client_requests_and_server_responses_validate(api, genserver) -> None:
 
     # genserver's answers parse as SGLang's response types
     single = httpx.post(f"{genserver.url}/generate", json={"input_ids": PROMPT, "return_logprob": True,
-                                                           "sampling_params": {"max_new_tokens": 3}}, timeout=60).json()
+                                                           "sampling_params": {"max_new_tokens": 3, "ignore_eos": True}}, timeout=60).json()
     r = api.GenerateResponse.from_json_value(single)
     assert r.meta_info.completion_tokens == 3 and len(r.meta_info.output_token_logprobs) == 3
     assert r.meta_info.weight_version == "default"
@@ -120,3 +120,74 @@ def test_aborted_response_validates(api, genserver) -> None:
     r = api.GenerateResponse.from_json_value(body)
     assert isinstance(r.meta_info.finish_reason, api.FinishAbort)
     assert len(r.meta_info.output_token_logprobs) == len(r.output_ids) > 0
+
+
+def sglang_dataclass_fields(wheel_dir: Path, cls: str) -> dict[str, object]:
+    """Field -> default (a literal, or ... when not a literal) of a class in the wheel's io_struct.py, read
+    with ast (the module itself needs torch and SGLang's compiled parts); BaseReq's fields come along."""
+    import ast
+
+    wheels = sorted(wheel_dir.glob("sglang-0.5.23-*.whl"))
+    with zipfile.ZipFile(wheels[0]) as z:
+        tree = ast.parse(z.read("sglang/srt/managers/io_struct.py"))
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+
+    def fields(name: str) -> dict[str, object]:
+        node = classes[name]
+        out: dict[str, object] = {}
+        for base in node.bases:
+            if isinstance(base, ast.Name) and base.id in classes:
+                out.update(fields(base.id))
+        for st in node.body:
+            if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name):
+                try:
+                    out[st.target.id] = ast.literal_eval(st.value) if st.value is not None else ...
+                except ValueError:
+                    out[st.target.id] = ...
+        return out
+
+    return fields(cls)
+
+
+@pytest.fixture(scope="module")
+def wheel_dir(api) -> Path:  # the api fixture skips (or fails under CI) without the wheel
+    return Path(os.environ.get("ASYNCGRPO_SGLANG_WHEEL_DIR", ROOT / ".cache" / "wheels"))
+
+
+def test_generate_body_knows_every_sglang_field(wheel_dir) -> None:
+    """Every field of SGLang's GenerateReqInput is understood (served, ignored, or accepted at its default), so
+    a body from an SGLang client or sglang-router is never refused for a field SGLang knows; anything else is."""
+    from asyncgrpo.genserver.requests import GENERATE_IGNORED, GENERATE_NEUTRAL, GenerateReqInput
+
+    sglang = set(sglang_dataclass_fields(wheel_dir, "GenerateReqInput"))
+    ours = set(GenerateReqInput.model_fields)
+    assert ours == sglang | {"model"}  # "model": sglang-router adds it
+    assert set(GENERATE_IGNORED) | set(GENERATE_NEUTRAL) == ours - {
+        "text", "input_ids", "rid", "sampling_params", "return_logprob", "logprob_start_len", "top_logprobs_num", "stream"}
+
+
+@pytest.mark.parametrize("ours, theirs, differs", [
+    ("AbortReq", "AbortReq", {}),
+    ("PauseGenerationReqInput", "PauseGenerationReqInput", {}),
+    ("ContinueGenerationReqInput", "ContinueGenerationReqInput", {}),
+    ("InitWeightsUpdateGroupReqInput", "InitWeightsUpdateGroupReqInput", {"backend": "gloo"}),  # a CPU server
+    ("DestroyWeightsUpdateGroupReqInput", "DestroyWeightsUpdateGroupReqInput", {}),
+    ("BeginWeightUpdateReqInput", "BeginWeightUpdateReqInput", {}),
+    ("EndWeightUpdateReqInput", "EndWeightUpdateReqInput", {}),
+    ("UpdateWeightsFromDistributedReqInput", "UpdateWeightsFromDistributedReqInput", {}),
+    ("UpdateWeightFromDiskReqInput", "UpdateWeightFromDiskReqInput", {}),
+    ("UpdateWeightVersionReqInput", "UpdateWeightVersionReqInput", {}),
+    ("GetWeightsByNameReqInput", "GetWeightsByNameReqInput", {}),
+])
+def test_control_bodies_use_sglangs_names_and_defaults(wheel_dir, ours, theirs, differs) -> None:
+    import asyncgrpo.genserver.requests as req
+
+    model = getattr(req, ours)
+    sglang = sglang_dataclass_fields(wheel_dir, theirs)
+    assert set(model.model_fields) <= set(sglang), set(model.model_fields) - set(sglang)
+    for name, f in model.model_fields.items():
+        want = differs.get(name, sglang[name])
+        if f.is_required():
+            assert sglang[name] is ..., f"{ours}.{name} is required here but has a default in SGLang"
+        elif want is not ...:
+            assert f.default == want or (name == "rid" and f.default == ""), (ours, name, f.default, want)

@@ -4,25 +4,29 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import ValidationError
 
-from asyncgrpo.genserver.app import _expand, version_spans
+from asyncgrpo.genserver.app import version_spans
+from asyncgrpo.genserver.requests import MAX_SEED, GenerateReqInput, GenerateRequestError, expand_generate
 from asyncgrpo.genserver.sampling import (
-    ALL_TOKENS, SamplingParamError, filter_logprobs, parse_sampling_params, sample_row, tempered_logprobs)
+    ALL_TOKENS, SamplingError, SamplingParamError, filter_logprobs, parse_sampling_params, sample_row,
+    tempered_logprobs)
 from asyncgrpo.sglang.client import expand_token_versions, parse_generate_response
 
 
 def test_sglang_defaults_and_unknown_keys() -> None:
     s = parse_sampling_params({})
     assert (s.max_new_tokens, s.temperature, s.top_p, s.top_k, s.n) == (128, 1.0, 1.0, ALL_TOKENS, 1)
-    with pytest.raises(SamplingParamError, match=r"unknown sampling_params key\(s\) \['max_tokens'\]"):
+    with pytest.raises(SamplingParamError, match=r"sampling_params.max_tokens: unknown field; allowed: max_new_tokens, "):
         parse_sampling_params({"max_tokens": 3})
-    with pytest.raises(SamplingParamError, match="top_p"):
+    with pytest.raises(SamplingParamError, match=r"sampling_params.top_p: Input should be less than or equal to 1 \(got 1.5\)"):
         parse_sampling_params({"top_p": 1.5})
-    with pytest.raises(SamplingParamError, match="max_new_tokens must be an integer"):
+    with pytest.raises(SamplingParamError, match="sampling_params.max_new_tokens: Input should be a valid integer"):
         parse_sampling_params({"max_new_tokens": "8"})
-    with pytest.raises(SamplingParamError, match="repetition_penalty=1.2 is not supported"):
+    with pytest.raises(SamplingParamError, match=r"sampling_params.repetition_penalty: not supported by genserver: only null or 1 "):
         parse_sampling_params({"repetition_penalty": 1.2})
-    assert parse_sampling_params({"stop": "x", "top_k": -1}).stop == ["x"]
+    s = parse_sampling_params({"stop": "x", "top_k": -1})
+    assert s.stop == ["x"] and s.top_k == ALL_TOKENS
 
 
 def test_filters() -> None:
@@ -54,6 +58,17 @@ def test_seeded_sampling_follows_the_distribution_and_repeats() -> None:
     assert sample_row(lp, parse_sampling_params({"temperature": 0}), torch.Generator(), banned=[0]) == 3
 
 
+def test_sample_row_ignores_impossible_bans_and_refuses_to_draw_from_nothing() -> None:
+    lp = torch.log_softmax(torch.tensor([1.0, 0.0, -1.0, 0.5]), -1)
+    greedy = parse_sampling_params({"temperature": 0})
+    assert sample_row(lp, greedy, torch.Generator(), banned=[0, 4, 384, -1]) == 3  # ids the row cannot hold: no-ops
+    for spec in (greedy, parse_sampling_params({})):
+        with pytest.raises(SamplingError, match="no token can be sampled"):
+            sample_row(lp, spec, torch.Generator(), banned=[0, 1, 2, 3])
+        with pytest.raises(SamplingError, match="no token can be sampled"):
+            sample_row(torch.full((4,), float("nan")), spec, torch.Generator())
+
+
 def test_version_spans_round_trip_through_the_client() -> None:
     versions = ["1", "1", "2", "2", "2", "3"]
     spans = version_spans(versions)
@@ -70,11 +85,42 @@ def test_parse_generate_response() -> None:
     assert r.aborted and r.output_logprobs == [-0.5, -1.5] and r.token_versions == ["4", "4"] and r.rid == "x"
 
 
+def expand(body: dict, vocab_size: int = 384, max_context: int = 1024):  # noqa: ANN201
+    return expand_generate(GenerateReqInput.model_validate(body), encode=lambda t: [ord(c) for c in t],
+                           vocab_size=vocab_size, max_context=max_context)
+
+
 def test_expand_batch_and_n() -> None:
-    items, is_list = _expand({"input_ids": [[1, 2], [3]], "rid": "r", "sampling_params": {"n": 2, "sampling_seed": 7}})
-    assert is_list and [i[0] for i in items] == ["r_0_0", "r_0_1", "r_1_0", "r_1_1"]
-    assert [i[2].sampling_seed for i in items] == [7, 8, 7, 8]
-    items, is_list = _expand({"input_ids": [1], "rid": "q"})
-    assert not is_list and items[0][0] == "q"
-    with pytest.raises(ValueError, match="exactly one of text and input_ids"):
-        _expand({"sampling_params": {}})
+    items, is_list = expand({"input_ids": [[1, 2], [3]], "rid": "r", "sampling_params": {"n": 2, "sampling_seed": 7}})
+    assert is_list and [i.rid for i in items] == ["r_0_0", "r_0_1", "r_1_0", "r_1_1"]
+    assert [i.spec.sampling_seed for i in items] == [7, 8, 7, 8]
+    items, is_list = expand({"input_ids": [1], "rid": "q"})
+    assert not is_list and items[0].rid == "q"
+    items, is_list = expand({"text": ["ab", "c"], "sampling_params": [{"max_new_tokens": 1}, {"max_new_tokens": 2}]})
+    assert is_list and [i.input_ids for i in items] == [[97, 98], [99]]
+    assert [i.spec.max_new_tokens for i in items] == [1, 2]
+    with pytest.raises(ValidationError, match="exactly one of text and input_ids"):
+        expand({"sampling_params": {}})
+
+
+def test_derived_seeds_never_overflow() -> None:
+    items, _ = expand({"input_ids": [1], "sampling_params": {"n": 3, "sampling_seed": MAX_SEED}})
+    assert [i.spec.sampling_seed for i in items] == [MAX_SEED, 0, 1]
+    for i in items:  # a torch generator takes every derived seed
+        torch.Generator().manual_seed(i.spec.sampling_seed)
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"input_ids": [1, 384]}, r"^input_ids\[1\]: token id 384 is outside the model's vocabulary \[0, 384\)$"),
+    ({"input_ids": [[1], [2, 3, 400]]}, r"^input_ids\[1\]\[2\]: token id 400 is outside"),
+    ({"text": "a\u0200"}, r"^text: encodes to token id 512 \(position 1\), outside the model's vocabulary"),
+    ({"input_ids": [1], "sampling_params": {"stop_token_ids": [5, 384]}},
+     r"^sampling_params.stop_token_ids\[1\]: token id 384 is outside"),
+    ({"input_ids": [[1], [2]], "sampling_params": [{}, {"stop_token_ids": [999]}]},
+     r"^sampling_params\[1\].stop_token_ids\[0\]: token id 999"),
+    ({"input_ids": list(range(100)) * 11}, r"^input_ids: the prompt has 1100 tokens; the model's context is 1024"),
+    ({"text": ""}, r"^text: the prompt encodes to no tokens"),
+])
+def test_expand_refuses_what_does_not_fit_the_model(body, message) -> None:
+    with pytest.raises(GenerateRequestError, match=message):
+        expand(body)

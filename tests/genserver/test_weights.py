@@ -90,14 +90,14 @@ def test_failed_updates_leave_weights_and_version(server, tiny_model_dir, new_ck
         async with SGLangClient(server.url) as c:
             # waits until the server's receive has failed (peer gone, or the 5 s collective timeout)
             await c.destroy_weights_update_group("g-die")
-            return await c.generate(PROMPT, {"max_new_tokens": 3})
+            return await c.generate(PROMPT, {"max_new_tokens": 3, "ignore_eos": True})
 
     res = asyncio.run(after_death())
     assert state(server.url, names[:2]) == before and len(res.output_ids) == 3
 
     async def disk_fail():
         async with SGLangClient(server.url) as c:
-            with pytest.raises(SGLangError, match="no \\*.safetensors"):
+            with pytest.raises(SGLangError, match="/nonexistent/ckpt.: not an HF checkpoint directory.*does not exist"):
                 await c.update_weights_from_disk("/nonexistent/ckpt", weight_version="x")
             await c.end_weight_update()  # the dead trainer never closed its session
             with pytest.raises(SGLangError, match="no weight update session"):

@@ -1,4 +1,9 @@
-"""The HTTP side of genserver: SGLang's endpoint subset on FastAPI, talking to the engine thread."""
+"""The HTTP side of genserver: SGLang's endpoint subset on FastAPI, talking to the engine thread.
+
+Every body is a typed model (genserver/requests.py) that FastAPI validates before the handler runs, and every
+failure a client can cause answers 400 with SGLang's error body naming the field (utils/api_errors.py); the
+OpenAPI document says so. Keys work as SGLang's --api-key / --admin-api-key (utils/auth.py).
+"""
 
 from __future__ import annotations
 
@@ -8,20 +13,32 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request as HTTPRequest
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+import torch
+from fastapi import FastAPI, Query, Request as HTTPRequest
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from asyncgrpo import __version__
 from asyncgrpo.genserver.engine import Engine, EngineError, Request
-from asyncgrpo.genserver.sampling import SamplingParamError, SamplingSpec, parse_sampling_params
+from asyncgrpo.genserver.requests import (
+    MAX_PARAM_NAME_CHARS, MAX_TRUNCATE, AbortReq, BeginWeightUpdateReqInput, ContinueGenerationReqInput,
+    DestroyWeightsUpdateGroupReqInput, EndWeightUpdateReqInput, GenerateReqInput, GenerateRequestError,
+    GetWeightsByNameReqInput, InitWeightsUpdateGroupReqInput, PauseGenerationReqInput, UpdateResult,
+    UpdateWeightFromDiskReqInput, UpdateWeightsFromDistributedReqInput, UpdateWeightVersionReqInput, expand_generate,
+    set_token_id_maximum)
+from asyncgrpo.genserver.sampling import SamplingSpec
+from asyncgrpo.utils.api_errors import customize_openapi, document_bad_request, error_response, install_error_handlers
+from asyncgrpo.utils.auth import AuthLevel, add_api_key_middleware, auth_level, document_auth
 from asyncgrpo.utils.metrics import REGISTRY
+
+ADMIN = auth_level(AuthLevel.ADMIN_OPTIONAL)  # SGLang marks these ADMIN_OPTIONAL in http_server.py
 
 
 def error(message: str, code: int = 400) -> JSONResponse:
-    return JSONResponse({"object": "error", "message": message, "type": "BadRequest", "code": code}, status_code=code)
+    return error_response(message, code)
 
 
 def version_spans(versions: list[str]) -> list[dict[str, Any]]:
@@ -61,9 +78,12 @@ class _State:
     def __init__(self, engine: Engine, host: str, port: int, dist_timeout_s: float) -> None:
         self.engine, self.host, self.port, self.dist_timeout_s = engine, host, port, dist_timeout_s
         self.groups: dict[str, Any] = {}
+        self.joining: set[str] = set()  # groups whose rendezvous is under way
         self.backends: dict[str, str] = {}
         self.in_update_session = False
         self.weight_lock = asyncio.Lock()
+        # an update can never carry more elements than the model has: a bound checked before allocating
+        self.model_numel = sum(p.numel() for p in engine.model.state_dict().values())
 
 
 async def run_on_engine(engine: Engine, fn: Any) -> Any:
@@ -81,56 +101,53 @@ async def run_on_engine(engine: Engine, fn: Any) -> Any:
     return await fut
 
 
-def _expand(body: dict[str, Any]) -> tuple[list[tuple[str, Any, SamplingSpec, bool]], bool]:
-    """(rid, input_ids or text, spec, return_logprob) per sequence, and whether the answer is a list
-    (a batch or n > 1, as in SGLang); SamplingParamError/ValueError on bad input."""
-    if "text" in body and body["text"] is not None:
-        if body.get("input_ids") is not None:
-            raise ValueError("give exactly one of text and input_ids")
-    elif body.get("input_ids") is None:
-        raise ValueError("give exactly one of text and input_ids")
-    batch = False
-    if body.get("input_ids") is not None:
-        ids = body["input_ids"]
-        if not isinstance(ids, list) or not ids:
-            raise ValueError("input_ids must be a non-empty list of token ids (or a list of such lists)")
-        batch = isinstance(ids[0], list)
-        prompts = ids if batch else [ids]
-        for p in prompts:
-            if not isinstance(p, list) or not p or not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-                raise ValueError("input_ids must hold non-empty lists of integer token ids")
-    else:
-        text = body["text"]
-        batch = isinstance(text, list)
-        prompts = text if batch else [text]
-    sp = body.get("sampling_params")
-    sps = sp if isinstance(sp, list) else [sp] * len(prompts)
-    if len(sps) != len(prompts):
-        raise ValueError(f"sampling_params has {len(sps)} entries for {len(prompts)} prompts")
-    specs = [parse_sampling_params(s) for s in sps]
-    rid = body.get("rid")
-    rids = rid if isinstance(rid, list) else [None] * len(prompts) if rid is None else (
-        [f"{rid}_{i}" for i in range(len(prompts))] if batch else [rid])
-    if len(rids) != len(prompts):
-        raise ValueError(f"rid has {len(rids)} entries for {len(prompts)} prompts")
-    rl = body.get("return_logprob", False)
-    rls = rl if isinstance(rl, list) else [rl] * len(prompts)
-    out = []
-    for i, (p, spec, r, lp) in enumerate(zip(prompts, specs, rids, rls)):
-        base = r if r is not None else uuid.uuid4().hex
-        for j in range(spec.n):
-            sj = SamplingSpec(**{**spec.__dict__, "n": 1})
-            if spec.n > 1 and spec.sampling_seed is not None:
-                sj.sampling_seed = spec.sampling_seed + j  # n distinct, reproducible samples
-            out.append((f"{base}_{j}" if spec.n > 1 else base, p, sj, bool(lp)))
-    return out, batch or any(s.n > 1 for s in specs)
+
+
+def checkpoint_problem(model_path: str) -> str | None:
+    """Why `model_path` cannot be loaded as weights (None when it can): it must be an HF checkpoint directory
+    holding *.safetensors files or one .safetensors file, all regular files (never a FIFO or a device that
+    could block a loader thread forever)."""
+    try:
+        p = Path(model_path)
+        if p.is_dir():
+            files = sorted(p.glob("*.safetensors"))
+            if not files:
+                return f"model_path {model_path!r}: no *.safetensors under it; give an HF checkpoint directory"
+            odd = [f.name for f in files if not f.is_file()]
+            return f"model_path {model_path!r}: {odd[0]} is not a regular file" if odd else None
+        if p.is_file() and p.suffix == ".safetensors":
+            return None
+        return (f"model_path {model_path!r}: not an HF checkpoint directory or a .safetensors file "
+                f"({'does not exist' if not p.exists() else 'not a directory or .safetensors file'})")
+    except (OSError, ValueError) as e:  # unreadable, or a name the OS refuses (NUL, too long)
+        return f"model_path {model_path!r}: {e}"
+
+
+def _empty_cuda_cache(engine: Engine, wanted: bool) -> None:
+    if wanted and engine.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+_OK = {"description": "Success", "model": UpdateResult}
+_FAILED = {"description": "The update or group call failed; weights and version are unchanged",
+           "model": UpdateResult}
+_PAUSE_OK = {"success": True, "message": "Generation paused successfully.", "status": "ok"}
+_CONTINUE_OK = {"success": True, "message": "Generation continued successfully.", "status": "ok"}
 
 
 def create_app(engine: Engine, *, host: str = "127.0.0.1", port: int = 0, dist_timeout_s: float = 600.0,
-               served_model_name: str | None = None) -> FastAPI:
-    app = FastAPI(title="genserver", version=__version__)
+               served_model_name: str | None = None, api_key: str | None = None,
+               admin_api_key: str | None = None) -> FastAPI:
+    """The genserver app. With api_key and/or admin_api_key set, requests need `Authorization: Bearer` as in
+    SGLang (utils/auth.py); the keys are used as given (resolve_keys() reads the environment)."""
+    app = FastAPI(title="genserver", version=__version__,
+                  description="SGLang-compatible generation server (the subset asyncgrpo uses).")
     st = _State(engine, host, port, dist_timeout_s)
     name = served_model_name or engine.model_path
+    install_error_handlers(app)
+    add_api_key_middleware(app, api_key=api_key, admin_api_key=admin_api_key)
+    customize_openapi(app, document_bad_request, lambda doc: set_token_id_maximum(doc, engine.vocab_size),
+                      lambda doc: document_auth(doc, app, api_key=api_key, admin_api_key=admin_api_key))
 
     @app.on_event("startup")
     async def _start() -> None:  # noqa: ANN202
@@ -141,26 +158,26 @@ def create_app(engine: Engine, *, host: str = "127.0.0.1", port: int = 0, dist_t
         engine.shutdown()
 
     # ---------- generation ----------
-    @app.post("/generate")
-    async def generate(request: HTTPRequest) -> Response:
+    @app.post("/generate", responses={200: {
+        "description": "One response object, or a list of them for a batch or n > 1; with stream, SSE chunks "
+                       "`data: {json}` (cumulative) then `data: [DONE]`",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
+    async def generate(body: GenerateReqInput, request: HTTPRequest) -> Response:
         try:
-            body = await request.json()
-            if not isinstance(body, dict):
-                raise ValueError("the body must be a JSON object")
-            items, is_list = _expand(body)
-            if body.get("text") is not None:
-                items = [(r, p if isinstance(p, list) else engine.tok.encode(p), s, lp) for r, p, s, lp in items]
-        except (SamplingParamError, ValueError, TypeError) as e:
+            items, is_list = expand_generate(body, encode=engine.tok.encode, vocab_size=engine.vocab_size,
+                                             max_context=engine.max_context)
+        except GenerateRequestError as e:
             return error(str(e))
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[tuple[int, dict[str, Any], bool]] = asyncio.Queue()
-        stream = bool(body.get("stream", False))
+        stream = body.stream
         reqs = []
-        for idx, (rid, ids, spec, lp) in enumerate(items):
+        for idx, item in enumerate(items):
             def on_event(r: Request, finished: bool, idx: int = idx) -> None:
                 snap = build_response(engine, r)
                 loop.call_soon_threadsafe(q.put_nowait, (idx, snap, finished))
-            reqs.append(Request(rid=rid, input_ids=list(ids), spec=spec, return_logprob=lp, on_event=on_event, stream=stream))
+            reqs.append(Request(rid=item.rid, input_ids=list(item.input_ids), spec=item.spec,
+                                return_logprob=item.return_logprob, on_event=on_event, stream=stream))
         try:
             for r in reqs:
                 engine.add_request(r)
@@ -216,33 +233,39 @@ def create_app(engine: Engine, *, host: str = "127.0.0.1", port: int = 0, dist_t
         return JSONResponse(results if is_list else results[0])
 
     @app.post("/abort_request")
-    async def abort_request(request: HTTPRequest) -> Response:
-        body = await _json(request)
-        n = await run_on_engine(engine, lambda: engine.cmd_abort(rid=str(body.get("rid", "") or ""),
-                                                                 abort_all=bool(body.get("abort_all", False))))
+    @ADMIN
+    async def abort_request(body: AbortReq | None = None) -> Response:
+        b = body or AbortReq()
+        n = await run_on_engine(engine, lambda: engine.cmd_abort(rid=b.rid or "", abort_all=b.abort_all))
         return JSONResponse({"success": True, "aborted": n})
 
     @app.post("/pause_generation")
-    async def pause_generation(request: HTTPRequest) -> Response:
-        body = await _json(request)
+    @ADMIN
+    async def pause_generation(body: PauseGenerationReqInput | None = None) -> Response:
+        mode = (body or PauseGenerationReqInput()).mode
         try:
-            await run_on_engine(engine, lambda: engine.cmd_pause(str(body.get("mode", "abort"))))
+            await run_on_engine(engine, lambda: engine.cmd_pause(mode))
         except EngineError as e:
             return error(str(e))
-        return JSONResponse({"success": True, "message": "Generation paused successfully.", "status": "ok"})
+        return JSONResponse(_PAUSE_OK)
 
     @app.post("/continue_generation")
-    async def continue_generation() -> Response:
+    @ADMIN
+    async def continue_generation(body: ContinueGenerationReqInput | None = None) -> Response:
+        _empty_cuda_cache(engine, (body or ContinueGenerationReqInput()).torch_empty_cache)
         await run_on_engine(engine, engine.cmd_continue)
-        return JSONResponse({"success": True, "message": "Generation continued successfully.", "status": "ok"})
+        return JSONResponse(_CONTINUE_OK)
 
     # ---------- inspection ----------
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses={
+        200: {"description": "The scheduler thread is alive"}, 503: {"description": "The scheduler thread died"}})
     async def health() -> Response:
         alive = engine._thread is not None and engine._thread.is_alive()
         return Response(status_code=200 if alive else 503)
 
-    @app.get("/health_generate")
+    @app.get("/health_generate", response_class=Response, responses={
+        200: {"description": "A 1-token generation finished (or generation is paused on purpose)"},
+        503: {"description": "No token within 30 s"}})
     async def health_generate() -> Response:
         if engine.paused is not None:
             return Response(status_code=200)  # paused on purpose is healthy; a generation would wait
@@ -278,6 +301,7 @@ def create_app(engine: Engine, *, host: str = "127.0.0.1", port: int = 0, dist_t
             "version": f"genserver-{__version__}", "host": st.host, "port": st.port,
             "max_running_requests": engine.max_batch_size, "disaggregation_mode": "null",
             "incremental_streaming_output": False, "weight_version": engine.weight_version,
+            "vocab_size": engine.vocab_size,
             "internal_states": [{**engine.stats, "paused": engine.paused, "num_running_reqs": engine.num_running,
                                  "num_waiting_reqs": engine.num_waiting}],
         })
@@ -289,14 +313,23 @@ def create_app(engine: Engine, *, host: str = "127.0.0.1", port: int = 0, dist_t
             "num_total_tokens": int(engine.mask.sum()) if engine.mask.numel() else 0,
             "max_running_requests": engine.max_batch_size, "paused": engine.paused is not None}]})
 
-    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    flush_responses: dict[int | str, dict[str, Any]] = {
+        400: {"description": "Requests are running or waiting", "content": {"text/plain": {}}}}
+
+    @app.post("/flush_cache", response_class=PlainTextResponse, responses=flush_responses)
+    @ADMIN
     async def flush_cache() -> Response:
         busy = await run_on_engine(engine, lambda: engine.num_running + engine.num_waiting)
         if busy:
-            return Response(f"Cache not flushed: {busy} requests are running or waiting.", status_code=400)
-        return Response("Cache flushed.", status_code=200)
+            return PlainTextResponse(f"Cache not flushed: {busy} requests are running or waiting.", status_code=400)
+        return PlainTextResponse("Cache flushed.", status_code=200)
 
-    @app.get("/metrics")
+    @app.get("/flush_cache", response_class=PlainTextResponse, responses=flush_responses)
+    @ADMIN
+    async def flush_cache_get() -> Response:  # SGLang serves both methods
+        return await flush_cache()
+
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
@@ -307,33 +340,37 @@ def create_app(engine: Engine, *, host: str = "127.0.0.1", port: int = 0, dist_t
     def fail(message: str) -> JSONResponse:
         return JSONResponse({"success": False, "message": message}, status_code=400)
 
-    @app.post("/init_weights_update_group")
-    async def init_weights_update_group(request: HTTPRequest) -> Response:
+    weight_responses: dict[int | str, dict[str, Any]] = {200: _OK, 400: _FAILED}
+
+    @app.post("/init_weights_update_group", responses=weight_responses)
+    @ADMIN
+    async def init_weights_update_group(body: InitWeightsUpdateGroupReqInput) -> Response:
         from asyncgrpo.sglang.dist_group import init_custom_process_group
 
-        b = await _json(request)
-        gname = str(b.get("group_name", "weight_update_group"))
-        if gname in st.groups:
+        gname = body.group_name
+        if gname in st.groups or gname in st.joining:
             return fail(f"group {gname!r} already exists; destroy it first")
+        st.joining.add(gname)
         try:
+            # bounded: every rendezvous and collective of the group times out after --dist-timeout-s
             pg = await asyncio.to_thread(
-                init_custom_process_group, str(b.get("backend", "gloo")), master_address=str(b["master_address"]),
-                master_port=int(b["master_port"]), world_size=int(b["world_size"]), rank=int(b["rank_offset"]),
-                group_name=gname, timeout=timedelta(seconds=st.dist_timeout_s))
-        except KeyError as e:
-            return fail(f"missing field {e}")
+                init_custom_process_group, body.backend, master_address=body.master_address,
+                master_port=body.master_port, world_size=body.world_size, rank=body.rank_offset, group_name=gname,
+                timeout=timedelta(seconds=st.dist_timeout_s))
         except Exception as e:  # noqa: BLE001 - reported to the caller
             return fail(f"joining group {gname!r} failed: {type(e).__name__}: {e}")
+        finally:
+            st.joining.discard(gname)
         st.groups[gname] = pg
-        st.backends[gname] = str(b.get("backend", "gloo"))
-        return ok(f"joined group {gname!r} as rank {b['rank_offset']}")
+        st.backends[gname] = body.backend
+        return ok(f"joined group {gname!r} as rank {body.rank_offset}")
 
-    @app.post("/destroy_weights_update_group")
-    async def destroy_weights_update_group(request: HTTPRequest) -> Response:
+    @app.post("/destroy_weights_update_group", responses=weight_responses)
+    @ADMIN
+    async def destroy_weights_update_group(body: DestroyWeightsUpdateGroupReqInput | None = None) -> Response:
         from asyncgrpo.sglang.dist_group import destroy_custom_process_group
 
-        b = await _json(request)
-        gname = str(b.get("group_name", "weight_update_group"))
+        gname = (body or DestroyWeightsUpdateGroupReqInput()).group_name
         async with st.weight_lock:  # waits for an update still receiving on this group (it fails or times out)
             pg = st.groups.pop(gname, None)
             if pg is None:
@@ -341,78 +378,83 @@ def create_app(engine: Engine, *, host: str = "127.0.0.1", port: int = 0, dist_t
             await asyncio.to_thread(destroy_custom_process_group, pg)
         return ok(f"left group {gname!r}")
 
-    @app.post("/begin_weight_update")
-    async def begin_weight_update() -> Response:
+    @app.post("/begin_weight_update", responses=weight_responses)
+    @ADMIN
+    async def begin_weight_update(body: BeginWeightUpdateReqInput | None = None) -> Response:
         st.in_update_session = True
         return ok("weight update session started")
 
-    @app.post("/end_weight_update")
-    async def end_weight_update() -> Response:
+    @app.post("/end_weight_update", responses=weight_responses)
+    @ADMIN
+    async def end_weight_update(body: EndWeightUpdateReqInput | None = None) -> Response:
         was = st.in_update_session
         st.in_update_session = False
         return ok("weight update session ended" if was else "no weight update session was open")
 
-    @app.post("/update_weights_from_distributed")
-    async def update_weights_from_distributed(request: HTTPRequest) -> Response:
+    @app.post("/update_weights_from_distributed", responses=weight_responses)
+    @ADMIN
+    async def update_weights_from_distributed(body: UpdateWeightsFromDistributedReqInput) -> Response:
         from asyncgrpo.genserver.weights import receive_broadcast
 
-        b = await _json(request)
         if not st.in_update_session:
             return fail("no weight update session: call /begin_weight_update first (SGLang >= 0.5.21 requires it)")
-        gname = str(b.get("group_name", "weight_update_group"))
+        gname = body.group_name
         pg = st.groups.get(gname)
         if pg is None:
             return fail(f"no group {gname!r}; call /init_weights_update_group first")
+        numel = sum(_numel(s) for s in body.shapes)
+        if numel > st.model_numel:
+            return fail(f"shapes announce {numel} elements, more than the model's {st.model_numel}: nothing "
+                        "received, weights unchanged")
         async with st.weight_lock:
             try:
                 device = engine.device if st.backends.get(gname) == "nccl" else "cpu"
-                tensors = await asyncio.to_thread(receive_broadcast, pg, list(b["names"]), list(b["dtypes"]),
-                                                  [list(s) for s in b["shapes"]], b.get("load_format"), device)
+                tensors = await asyncio.to_thread(receive_broadcast, pg, list(body.names), list(body.dtypes),
+                                                  [list(s) for s in body.shapes], body.load_format, device)
             except Exception as e:  # noqa: BLE001 - old weights stay
                 return fail(f"receiving weights over group {gname!r} failed, weights unchanged: {type(e).__name__}: {e}")
-            return await _apply(tensors, b.get("weight_version"), bool(b.get("abort_all_requests", False)))
+            res = await _apply(tensors, body.weight_version, body.abort_all_requests)
+        _empty_cuda_cache(engine, body.torch_empty_cache)
+        return res
 
-    async def _apply(tensors: dict[str, Any], version: Any, abort_all: bool) -> Response:
+    async def _apply(tensors: dict[str, Any], version: str | None, abort_all: bool) -> Response:
         try:
-            await run_on_engine(engine, lambda: engine.cmd_apply_weights(
-                tensors, None if version is None else str(version), abort_all))
-        except EngineError as e:
+            await run_on_engine(engine, lambda: engine.cmd_apply_weights(tensors, version, abort_all))
+        except Exception as e:  # noqa: BLE001 - EngineError or a tensor torch cannot check/copy: weights stay
             return fail(f"weights rejected, unchanged: {e}")
         return ok(f"updated {len(tensors)} tensors", weight_version=engine.weight_version)
 
-    @app.post("/update_weights_from_disk")
-    async def update_weights_from_disk(request: HTTPRequest) -> Response:
+    @app.post("/update_weights_from_disk", responses=weight_responses)
+    @ADMIN
+    async def update_weights_from_disk(body: UpdateWeightFromDiskReqInput) -> Response:
         from asyncgrpo.genserver.weights import load_safetensors_dir
 
-        b = await _json(request)
-        if "model_path" not in b:
-            return fail("missing field 'model_path'")
+        problem = checkpoint_problem(body.model_path)
+        if problem is not None:
+            return fail(f"{problem}; weights unchanged")
         async with st.weight_lock:
-            try:
-                tensors = await asyncio.to_thread(load_safetensors_dir, b["model_path"])
+            try:  # bounded like a collective: a stuck filesystem cannot hold the weight lock forever
+                tensors = await asyncio.wait_for(asyncio.to_thread(load_safetensors_dir, body.model_path),
+                                                 st.dist_timeout_s)
+            except asyncio.TimeoutError:
+                return fail(f"loading {body.model_path} took over {st.dist_timeout_s:g} s, weights unchanged")
             except Exception as e:  # noqa: BLE001
-                return fail(f"loading {b['model_path']} failed, weights unchanged: {type(e).__name__}: {e}")
-            return await _apply(tensors, b.get("weight_version"), bool(b.get("abort_all_requests", False)))
+                return fail(f"loading {body.model_path} failed, weights unchanged: {type(e).__name__}: {e}")
+            res = await _apply(tensors, body.weight_version, body.abort_all_requests)
+        _empty_cuda_cache(engine, body.torch_empty_cache)
+        return res
 
-    @app.post("/update_weight_version")
-    async def update_weight_version(request: HTTPRequest) -> Response:
-        b = await _json(request)
-        if "new_version" not in b:
-            return fail("missing field 'new_version'")
-        await run_on_engine(engine, lambda: engine.cmd_set_version(str(b["new_version"]),
-                                                                   bool(b.get("abort_all_requests", True))))
-        return ok(f"weight version set to {b['new_version']}", weight_version=engine.weight_version)
+    @app.post("/update_weight_version", responses={200: _OK})
+    @ADMIN
+    async def update_weight_version(body: UpdateWeightVersionReqInput) -> Response:
+        await run_on_engine(engine, lambda: engine.cmd_set_version(body.new_version, body.abort_all_requests))
+        return ok(f"weight version set to {body.new_version}", weight_version=engine.weight_version)
 
-    @app.api_route("/get_weights_by_name", methods=["GET", "POST"])
-    async def get_weights_by_name(request: HTTPRequest) -> Response:
-        b = await _json(request) if request.method == "POST" else dict(request.query_params)
-        wname = str(b.get("name", ""))
-        trunc = int(b.get("truncate_size", 100))
-
+    async def weights_by_name(wname: str, trunc: int) -> Response:
         def read() -> Any:
             p = engine.state().get(wname)
             if p is None:
-                raise EngineError(f"unknown parameter {wname!r}")
+                raise EngineError(f"name: unknown parameter {wname!r} (HF names, e.g. model.embed_tokens.weight)")
             return p.detach().float().narrow(0, 0, min(trunc, p.shape[0])).tolist() if p.dim() else p.item()
 
         try:
@@ -420,12 +462,23 @@ def create_app(engine: Engine, *, host: str = "127.0.0.1", port: int = 0, dist_t
         except EngineError as e:
             return error(str(e))
 
+    @app.get("/get_weights_by_name")
+    @ADMIN
+    async def get_weights_by_name_query(
+            name: Annotated[str, Query(min_length=1, max_length=MAX_PARAM_NAME_CHARS)],
+            truncate_size: Annotated[int, Query(ge=0, le=MAX_TRUNCATE)] = 100) -> Response:
+        return await weights_by_name(name, truncate_size)
+
+    @app.post("/get_weights_by_name")
+    @ADMIN
+    async def get_weights_by_name(body: GetWeightsByNameReqInput) -> Response:
+        return await weights_by_name(body.name, body.truncate_size)
+
     return app
 
 
-async def _json(request: HTTPRequest) -> dict[str, Any]:
-    raw = await request.body()
-    if not raw:
-        return {}
-    body = json.loads(raw)
-    return body if isinstance(body, dict) else {}
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -5,22 +5,44 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
+
+from asyncgrpo.utils.auth import ENV_ADMIN_API_KEY, ENV_API_KEY
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "--model-path", dest="model", required=True, help="HF checkpoint directory")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to serve other machines)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to serve other machines: needs a key)")
     p.add_argument("--port", type=int, default=30000, help="HTTP port (SGLang's default is 30000)")
     p.add_argument("--max-batch-size", type=int, default=64, help="most requests decoded together (SGLang: max_running_requests)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--weight-version", default="default", help="initial weight_version label")
-    p.add_argument("--dist-timeout-s", type=float, default=600.0, help="timeout of every weight-sync collective")
+    p.add_argument("--dist-timeout-s", type=float, default=600.0,
+                   help="timeout of every weight-sync rendezvous and collective, and of a load from disk")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1") or 1), help="torch intra-op threads")
     p.add_argument("--served-model-name", default=None, help="name reported by /model_info (default: the path)")
+    p.add_argument("--api-key", default=None,
+                   help=f"bearer token every endpoint but /health* and /metrics needs, as SGLang's (default: ${ENV_API_KEY})")
+    p.add_argument("--admin-api-key", default=None,
+                   help="bearer token the admin endpoints (weight updates, pause/continue, abort, flush_cache) need, as "
+                        f"SGLang's (default: ${ENV_ADMIN_API_KEY})")
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from pathlib import Path
+
+    from asyncgrpo.utils.auth import resolve_keys, unprotected_listener
+
+    api_key, admin_api_key = resolve_keys(args.api_key, args.admin_api_key)
+    # before loading anything: a misconfigured server fails in a second, with one line
+    problem = unprotected_listener("genserver", args.host, api_key, admin_api_key, "--api-key/--admin-api-key")
+    if problem is None and not (Path(args.model) / "config.json").is_file():
+        problem = f"asyncgrpo genserver: --model {args.model!r} is not an HF checkpoint directory (no config.json)"
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 2
+
     import torch
     import uvicorn
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -30,15 +52,19 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from asyncgrpo.utils.logging import setup_logging
 
     log = setup_logging("genserver")
+    if not (api_key or admin_api_key):
+        log.warning("genserver: no --api-key/--admin-api-key: every endpoint on %s:%d is open to local users",
+                    args.host, args.port)
     torch.set_num_threads(max(1, args.threads))
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device)
     tok = AutoTokenizer.from_pretrained(args.model)
     engine = Engine(model, tok, model_path=str(args.model), max_batch_size=args.max_batch_size,
                     weight_version=args.weight_version)
     app = create_app(engine, host=args.host, port=args.port, dist_timeout_s=args.dist_timeout_s,
-                     served_model_name=args.served_model_name)
-    log.info("genserver: %s on http://%s:%d (max batch %d, %s)", args.model, args.host, args.port,
-             args.max_batch_size, args.dtype)
+                     served_model_name=args.served_model_name, api_key=api_key, admin_api_key=admin_api_key)
+    log.info("genserver: %s on http://%s:%d (max batch %d, %s, vocab %d, auth: %s)", args.model, args.host, args.port,
+             args.max_batch_size, args.dtype, engine.vocab_size,
+             "+".join(k for k, v in (("api key", api_key), ("admin key", admin_api_key)) if v) or "none")
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30)
     return 0

@@ -10,11 +10,17 @@ batching), and every row keeps its own sampling params and torch.Generator.
 Everything that touches the model or the batch (steps, pause, abort, weight application, reads of
 weights) runs on this thread; the HTTP side talks to it through `submit()` and per-request callbacks,
 so the event loop is never blocked by a forward pass.
+
+One bad request never affects another: the HTTP side validates every request before it gets here, and the
+scheduler still isolates failures. A prefill that fails fails only the rows it was admitting (retried one
+by one to find the culprit; the running batch is untouched), and a row whose sampling fails is finished
+alone. Only a failed decode step, which all rows share, fails the whole batch.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import random
 import threading
@@ -70,6 +76,22 @@ class EngineError(RuntimeError):
     """A command failed on the engine thread; becomes HTTP 400 with this message."""
 
 
+def model_vocab_size(model: torch.nn.Module) -> int:
+    """Token ids the model can take and produce: the smallest of config.vocab_size, the input embedding rows
+    and the output layer rows (a padded embedding has more rows than the tokenizer has tokens)."""
+    sizes = [int(getattr(model.config, "vocab_size", 0) or 0)]
+    emb = model.get_input_embeddings()
+    sizes.append(int(emb.weight.shape[0]))
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None and getattr(out, "weight", None) is not None:
+        sizes.append(int(out.weight.shape[0]))
+    return min(s for s in sizes if s > 0)
+
+
+def _failure(e: BaseException) -> dict[str, Any]:
+    return {"type": "abort", "message": f"engine error: {type(e).__name__}: {e}", "err_type": "internal"}
+
+
 class Engine:
     """Owns model + tokenizer; `start()` runs the scheduler thread."""
 
@@ -80,6 +102,7 @@ class Engine:
         self.model_path = model_path
         self.max_batch_size = max_batch_size
         self.max_context = int(max_context or getattr(model.config, "max_position_embeddings", 4096))
+        self.vocab_size = model_vocab_size(model)
         self.weight_version = weight_version
         eos = getattr(model.config, "eos_token_id", None)
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -117,11 +140,19 @@ class Engine:
         self._wake.set()
 
     def add_request(self, req: Request) -> None:
+        """Queue a request; EngineError for one that cannot run (the HTTP side has checked all of this
+        already: this is the engine's own guard, so no caller can put a poisoned row into the batch)."""
         self.stats["requests"] += 1
         if not req.input_ids:
             raise EngineError("input_ids is empty")
         if len(req.input_ids) >= self.max_context:
             raise EngineError(f"prompt has {len(req.input_ids)} tokens; the model's context is {self.max_context}")
+        for what, ids in (("input_ids", req.input_ids), ("stop_token_ids", req.spec.stop_token_ids)):
+            if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+                bad = next(t for t in ids if not 0 <= t < self.vocab_size)
+                raise EngineError(f"{what}: token id {bad} is outside the model's vocabulary [0, {self.vocab_size})")
+        if not math.isfinite(req.spec.temperature) or req.spec.temperature < 0:
+            raise EngineError(f"temperature {req.spec.temperature} must be a finite number >= 0")
         if req.spec.max_new_tokens == 0:  # nothing to generate: answer at once, as SGLang does
             self.submit(lambda: self._finish(req, {"type": "length", "length": 0}), lambda r, e: None)
             return
@@ -142,10 +173,11 @@ class Engine:
             if self.paused is None and (self.rows or self.waiting):
                 try:
                     self._step()
-                except Exception as e:  # a failed step must not kill the server: fail the batch, keep serving
-                    log.exception("engine step failed")
+                except Exception as e:  # a failed decode must not kill the server: fail the batch, keep serving
+                    log.exception("engine step failed; failing the %d running requests", len(self.rows))
                     for r in self.rows:
-                        self._finish(r, {"type": "abort", "message": f"engine error: {e}", "err_type": "internal"})
+                        if r.finish_reason is None:
+                            self._finish(r, _failure(e))
                     self._reset_batch()
             else:
                 self._wake.wait(0.05)
@@ -173,7 +205,15 @@ class Engine:
 
     def _finish(self, req: Request, reason: dict[str, Any]) -> None:
         req.finish_reason = reason
-        req.on_event(req, True)
+        try:
+            req.on_event(req, True)
+        except Exception:  # noqa: BLE001 - one request's callback must not take the scheduler down
+            log.exception("finishing request %s failed", req.rid)
+
+    def _fail(self, req: Request, e: BaseException) -> None:
+        log.warning("request %s failed alone: %s: %s", req.rid, type(e).__name__, e)
+        if req.finish_reason is None:
+            self._finish(req, _failure(e))
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
                  kv: list[tuple[torch.Tensor, torch.Tensor]] | None) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -196,17 +236,18 @@ class Engine:
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         logits, kv = self._forward(ids, mask, pos, None)
         self.stats["prefills"] += 1
-        # merge with the running batch: left-pad the shorter cache so both share one length
+        # merge with the running batch: left-pad the shorter cache so both share one length. Built aside and
+        # assigned at the end, so a failure on the way leaves the running batch as it was.
         if self.rows:
             L0 = self.mask.shape[1]
             Lmax = max(L0, L)
-            self.kv = [(torch.cat([_lpad(k0, Lmax), _lpad(k1, Lmax)]), torch.cat([_lpad(v0, Lmax), _lpad(v1, Lmax)]))
-                       for (k0, v0), (k1, v1) in zip(self.kv, kv)]
-            self.mask = torch.cat([_lpad_mask(self.mask, Lmax), _lpad_mask(mask, Lmax)])
+            new_kv = [(torch.cat([_lpad(k0, Lmax), _lpad(k1, Lmax)]), torch.cat([_lpad(v0, Lmax), _lpad(v1, Lmax)]))
+                      for (k0, v0), (k1, v1) in zip(self.kv, kv)]
+            new_mask = torch.cat([_lpad_mask(self.mask, Lmax), _lpad_mask(mask, Lmax)])
         else:
-            self.kv, self.mask = kv, mask
-        self.pos = torch.cat([self.pos.to(self.device), torch.tensor([len(s) for s in seqs], dtype=torch.long, device=self.device)])
-        self.rows = self.rows + reqs
+            new_kv, new_mask = kv, mask
+        new_pos = torch.cat([self.pos.to(self.device), torch.tensor([len(s) for s in seqs], dtype=torch.long, device=self.device)])
+        self.kv, self.mask, self.pos, self.rows = new_kv, new_mask, new_pos, self.rows + reqs
         return logits
 
     def _decode(self) -> torch.Tensor:
@@ -239,10 +280,7 @@ class Engine:
     def _step(self) -> None:
         free = self.max_batch_size - len(self.rows)
         if self.waiting and free > 0:
-            new = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
-            n_old = len(self.rows)
-            logits = self._prefill(new)
-            self._sample(list(range(n_old, n_old + len(new))), logits)
+            self._admit([self.waiting.popleft() for _ in range(min(free, len(self.waiting)))])
         # rows whose prefill just sampled their first token still need a decode step like everyone else
         if self.rows:
             self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(self.rows))
@@ -250,6 +288,28 @@ class Engine:
             logits = self._decode()
             self.stats["steps"] += 1
             self._sample(list(range(len(self.rows))), logits)
+
+    def _admit(self, new: list[Request]) -> None:
+        """Prefill new rows into the batch and sample their first token. A failing prefill leaves the running
+        batch untouched and fails only the new rows: each alone, so the culprit fails and the others join."""
+        n_old = len(self.rows)
+        try:
+            logits = self._prefill(new)
+        except Exception as e:  # noqa: BLE001 - isolated below
+            if len(new) == 1:
+                self._fail(new[0], e)
+                return
+            log.warning("prefill of %d new requests failed (%s); admitting them one by one", len(new), e)
+            for r in new:
+                self._admit([r])
+            return
+        try:
+            self._sample(list(range(n_old, n_old + len(new))), logits)
+        except Exception as e:  # noqa: BLE001 - a failure of the new rows' batch sampling: drop just them
+            joined = {id(r) for r in new}
+            for r in new:
+                self._fail(r, e)
+            self._keep([i for i, r in enumerate(self.rows) if id(r) not in joined])
 
     def _sample(self, row_idx: list[int], logits: torch.Tensor) -> None:
         reqs = [self.rows[i] for i in row_idx]
@@ -260,22 +320,30 @@ class Engine:
         for i, r, lp in zip(row_idx, reqs, lps):
             if r.finish_reason is not None:
                 continue
-            banned = None
-            if len(r.output_ids) < r.spec.min_new_tokens:
-                banned = sorted((set() if r.spec.ignore_eos else self.eos_ids) | set(r.spec.stop_token_ids))
-            tok = sample_row(lp, r.spec, r.generator, banned)
-            r.output_ids.append(tok)
-            r.logprobs.append(float(lp[tok]))
-            r.versions.append(self.weight_version)
-            reason = self._check_finish(r, tok)
-            if reason is not None:
-                self._finish(r, reason)
-            else:
-                keep.append(i)
-                if r.stream and len(r.output_ids) % r.spec.stream_interval == 0:
-                    r.on_event(r, False)
+            try:
+                if self._sample_one(r, lp):
+                    keep.append(i)
+            except Exception as e:  # noqa: BLE001 - this row fails alone; the others go on
+                self._fail(r, e)
         self._count_tokens(len(reqs))
         self._keep(sorted(keep))
+
+    def _sample_one(self, r: Request, lp: torch.Tensor) -> bool:
+        """Draw and record one token of a row; True while the row goes on."""
+        banned = None
+        if len(r.output_ids) < r.spec.min_new_tokens:
+            banned = sorted((set() if r.spec.ignore_eos else self.eos_ids) | set(r.spec.stop_token_ids))
+        tok = sample_row(lp, r.spec, r.generator, banned)
+        r.output_ids.append(tok)
+        r.logprobs.append(float(lp[tok]))
+        r.versions.append(self.weight_version)
+        reason = self._check_finish(r, tok)
+        if reason is not None:
+            self._finish(r, reason)
+            return False
+        if r.stream and len(r.output_ids) % r.spec.stream_interval == 0:
+            r.on_event(r, False)
+        return True
 
     def _check_finish(self, r: Request, tok: int) -> dict[str, Any] | None:
         n = len(r.output_ids)

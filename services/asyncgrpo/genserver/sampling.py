@@ -8,6 +8,7 @@ pi_prox are comparable. Filters shape the sampling only. Greedy (T < 1e-5) repor
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ KNOWN_KEYS = frozenset({
     "stream_interval", "logit_bias", "sampling_seed", "custom_params", "beam_width", "watermark", "choice",
 })
 # Known to SGLang but not implemented here: accepted only at their neutral value.
-_NEUTRAL: dict[str, Any] = {
+NEUTRAL: dict[str, tuple[Any, ...]] = {
     "stop_regex": (None, [], ""), "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
     "repetition_penalty": (None, 1, 1.0), "json_schema": (None,), "regex": (None,), "ebnf": (None,),
     "structural_tag": (None,), "logit_bias": (None, {}), "custom_params": (None,), "beam_width": (None, 0, 1),
@@ -59,57 +60,19 @@ class SamplingSpec:
 
 
 def parse_sampling_params(raw: dict[str, Any] | None) -> SamplingSpec:
-    """Validate a request's sampling_params (SGLang names, SGLang defaults); SamplingParamError on bad input."""
-    raw = dict(raw or {})
-    unknown = sorted(set(raw) - KNOWN_KEYS)
-    if unknown:
-        raise SamplingParamError(f"unknown sampling_params key(s) {unknown}; SGLang accepts {sorted(KNOWN_KEYS)}")
-    for k, ok in _NEUTRAL.items():
-        if k in raw and raw[k] not in ok:
-            raise SamplingParamError(f"sampling_params.{k}={raw[k]!r} is not supported by genserver (only {ok[0]!r})")
-    s = SamplingSpec()
+    """Validate a request's sampling_params (SGLang names, SGLang defaults, genserver's bounds: the pydantic
+    model /generate validates with) into a SamplingSpec; SamplingParamError names the field on bad input."""
+    from pydantic import ValidationError
 
-    def num(key: str, typ: type, lo: float | None = None, hi: float | None = None) -> Any:
-        v = raw.get(key)
-        if v is None:
-            return getattr(s, key)
-        if typ is int and (isinstance(v, bool) or not isinstance(v, int)):
-            raise SamplingParamError(f"sampling_params.{key} must be an integer, got {v!r}")
-        if typ is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            raise SamplingParamError(f"sampling_params.{key} must be a number, got {v!r}")
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise SamplingParamError(f"sampling_params.{key}={v} is outside [{lo}, {hi}]")
-        return typ(v)
+    from asyncgrpo.genserver.requests import SamplingParams
+    from asyncgrpo.utils.api_errors import describe_errors
 
-    s.max_new_tokens = num("max_new_tokens", int, 0)
-    s.temperature = num("temperature", float, 0.0)
-    s.top_p = num("top_p", float, 1e-9, 1.0)
-    top_k = num("top_k", int)
-    s.top_k = ALL_TOKENS if top_k in (-1, 0) or top_k >= ALL_TOKENS else top_k
-    if s.top_k < 1:
-        raise SamplingParamError(f"sampling_params.top_k={top_k} must be >= 1 or -1 (all tokens)")
-    s.min_p = num("min_p", float, 0.0, 1.0)
-    s.min_new_tokens = num("min_new_tokens", int, 0)
-    s.n = num("n", int, 1, 1024)
-    s.stream_interval = num("stream_interval", int, 1)
-    seed = raw.get("sampling_seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise SamplingParamError(f"sampling_params.sampling_seed must be an integer, got {seed!r}")
-    s.sampling_seed = seed
-    stop = raw.get("stop")
-    s.stop = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
-    if not all(isinstance(x, str) and x for x in s.stop):
-        raise SamplingParamError(f"sampling_params.stop must be a non-empty string or list of them, got {stop!r}")
-    ids = raw.get("stop_token_ids") or []
-    if not isinstance(ids, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in ids):
-        raise SamplingParamError(f"sampling_params.stop_token_ids must be a list of integers, got {ids!r}")
-    s.stop_token_ids = list(ids)
-    for key in ("ignore_eos", "skip_special_tokens", "no_stop_trim"):
-        if raw.get(key) is not None:
-            if not isinstance(raw[key], bool):
-                raise SamplingParamError(f"sampling_params.{key} must be true or false, got {raw[key]!r}")
-            setattr(s, key, raw[key])
-    return s
+    try:
+        params = SamplingParams.model_validate(raw or {})
+    except ValidationError as e:
+        errors = [{**err, "loc": ("sampling_params", *err["loc"])} for err in e.errors()]
+        raise SamplingParamError(describe_errors(errors, SamplingParams)) from None
+    return params.to_spec()
 
 
 def tempered_logprobs(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
@@ -135,16 +98,29 @@ def filter_logprobs(lp: torch.Tensor, top_k: int, top_p: float, min_p: float) ->
     return out
 
 
+class SamplingError(RuntimeError):
+    """No token can be drawn from a row (every token masked, or log-probs that are not numbers)."""
+
+
 def sample_row(lp: torch.Tensor, spec: SamplingSpec, generator: torch.Generator, banned: list[int] | None = None) -> int:
     """Draw one token from a row of tempered log-probs under the request's filters, with its own generator
-    (so a seeded request gives the same tokens whatever else shares its batch)."""
+    (so a seeded request gives the same tokens whatever else shares its batch). Banned ids outside the row
+    are ignored (the model cannot produce them); SamplingError when nothing can be drawn."""
     masked = lp
     if banned:
-        masked = lp.clone()
-        masked[banned] = float("-inf")
+        inside = [t for t in banned if 0 <= t < lp.numel()]
+        if inside:
+            masked = lp.clone()
+            masked[inside] = float("-inf")
     if spec.greedy:
-        return int(torch.argmax(masked))
-    masked = filter_logprobs(masked, spec.top_k, spec.top_p, spec.min_p)
-    # exponential race: argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i
-    e = torch.empty(masked.shape, dtype=torch.float32).exponential_(generator=generator)
-    return int(torch.argmax(masked - e.log()))
+        tok = int(torch.argmax(masked))
+    else:
+        masked = filter_logprobs(masked, spec.top_k, spec.top_p, spec.min_p)
+        # exponential race: argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i
+        e = torch.empty(masked.shape, dtype=torch.float32).exponential_(generator=generator)
+        tok = int(torch.argmax(masked - e.log()))
+    # argmax picks a NaN, or any -inf when all are: one check of the winner catches both
+    if not math.isfinite(float(masked[tok])):
+        raise SamplingError(f"no token can be sampled: the best candidate has log-prob {float(masked[tok])} "
+                            "(every token masked, or log-probs that are not numbers)")
+    return tok

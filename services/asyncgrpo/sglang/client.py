@@ -10,6 +10,10 @@ Retry policy (why: a retried /generate or weight update may run twice on the ser
   read errors and 5xx answers.
 - Up to `retries` retries with exponential backoff (`backoff_s`, 2x, ...); when they run out a
   connection problem raises `SGLangUnavailable`, anything else `SGLangError`.
+
+Keys (SGLang's --api-key / --admin-api-key, utils/auth.py): ordinary calls send `Authorization: Bearer
+<api_key>`, admin-level calls (weights, groups, pause/continue, abort, flush_cache, get_weights_by_name)
+send `Bearer <admin_api_key or api_key>`, so one client works against a server with either key or both.
 """
 
 from __future__ import annotations
@@ -98,13 +102,19 @@ class SGLangClient:
     """One generation server. Use as `async with SGLangClient(url) as c: ...`."""
 
     def __init__(self, base_url: str, timeout_s: float = 600.0, connect_timeout_s: float = 5.0, retries: int = 3,
-                 backoff_s: float = 0.5) -> None:
+                 backoff_s: float = 0.5, api_key: str | None = None, admin_api_key: str | None = None) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url {base_url!r} must start with http:// or https://")
         self.base_url = base_url.rstrip("/")
         self.timeout_s, self.connect_timeout_s = timeout_s, connect_timeout_s
         self.retries, self.backoff_s = retries, backoff_s
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        admin = admin_api_key or api_key
+        self._admin_auth = {"Authorization": f"Bearer {admin}"} if admin else {}
         self._http: httpx.AsyncClient | None = None
+
+    def __repr__(self) -> str:  # never the keys
+        return f"SGLangClient({self.base_url!r})"
 
     async def __aenter__(self) -> "SGLangClient":
         self._client()
@@ -128,9 +138,10 @@ class SGLangClient:
         return self._http
 
     async def _call(self, method: str, path: str, body: Any = None, *, idempotent: bool = False,
-                    timeout_s: float | None = None, retries: int | None = None) -> Any:
+                    timeout_s: float | None = None, retries: int | None = None, admin: bool = False) -> Any:
         retries = self.retries if retries is None else retries
-        kw: dict[str, Any] = {}
+        headers = self._admin_auth if admin else self._auth
+        kw: dict[str, Any] = {"headers": headers} if headers else {}
         if body is not None:
             kw["json"] = body
         if timeout_s is not None:
@@ -159,6 +170,10 @@ class SGLangClient:
             if r.status_code >= 500 and idempotent and attempt < retries:
                 last = SGLangError(self.base_url, path, f"HTTP {r.status_code}: {r.text[:500]}", r.status_code)
                 continue
+            if r.status_code == 401:
+                sent = "no key was sent" if not headers else "the key was refused"
+                raise SGLangError(self.base_url, path, f"HTTP 401 Unauthorized: {sent}; give the server's "
+                                  f"{'admin_api_key (or api_key)' if admin else 'api_key'}", 401)
             if r.status_code >= 400:
                 raise SGLangError(self.base_url, path, f"HTTP {r.status_code}: {r.text[:1000]}", r.status_code)
             if not r.content:
@@ -173,7 +188,7 @@ class SGLangClient:
                                 f"({type(last).__name__}: {last})") from last
 
     async def _update(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        out = await self._call("POST", path, body)
+        out = await self._call("POST", path, body, admin=True)
         if isinstance(out, dict) and out.get("success") is False:
             raise SGLangError(self.base_url, path, str(out.get("message", out)))
         return out if isinstance(out, dict) else {"result": out}
@@ -203,15 +218,15 @@ class SGLangClient:
         return [parse_generate_response(o) for o in items]
 
     async def abort(self, rid: str = "", abort_all: bool = False) -> None:
-        await self._call("POST", "/abort_request", {"rid": rid, "abort_all": abort_all})
+        await self._call("POST", "/abort_request", {"rid": rid, "abort_all": abort_all}, admin=True)
 
     async def pause(self, mode: str = "abort") -> None:
         if mode not in ("abort", "retract", "in_place"):
             raise ValueError(f"pause mode {mode!r}: use abort, retract or in_place")
-        await self._call("POST", "/pause_generation", {"mode": mode})
+        await self._call("POST", "/pause_generation", {"mode": mode}, admin=True)
 
     async def resume(self) -> None:
-        await self._call("POST", "/continue_generation", {})
+        await self._call("POST", "/continue_generation", {}, admin=True)
 
     # ---- inspection ----
     async def loads(self) -> dict[str, Any]:
@@ -239,7 +254,7 @@ class SGLangClient:
             return False
 
     async def flush_cache(self) -> None:
-        await self._call("POST", "/flush_cache", {})
+        await self._call("POST", "/flush_cache", {}, admin=True)
 
     # ---- weights ----
     async def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int,
@@ -282,4 +297,4 @@ class SGLangClient:
 
     async def get_weights_by_name(self, name: str, truncate_size: int = 100) -> Any:
         return await self._call("POST", "/get_weights_by_name", {"name": name, "truncate_size": int(truncate_size)},
-                                idempotent=True)
+                                idempotent=True, admin=True)
