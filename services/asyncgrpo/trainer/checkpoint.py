@@ -2,7 +2,9 @@
 
 Layout: DIR/step_00000012/rank_00000.pt per global rank, DIR/step_00000012/meta.json, and DIR/latest
 holding the name of the newest COMPLETE step directory (written last, after a barrier, then renamed
-into place, so a crash mid-save leaves the previous checkpoint as the latest).
+into place, so a crash mid-save leaves the previous checkpoint as the latest). Every file is fsynced
+before the rename that publishes it: the trainer acknowledges the groups a checkpoint holds only after
+save_checkpoint returns, so the checkpoint must survive the machine, not only the process.
 """
 
 from __future__ import annotations
@@ -28,6 +30,21 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_durably(tmp: Path, dst: Path) -> None:
+    _fsync(tmp)
+    os.replace(tmp, dst)
+    _fsync(dst.parent)
 
 
 def rng_state() -> dict[str, Any]:
@@ -60,16 +77,17 @@ def save_checkpoint(trainer: Any, ckpt_dir: str | Path, data_position: dict[str,
     }
     tmp = step_dir / f"rank_{_rank():05d}.pt.tmp"
     torch.save(state, tmp)
-    os.replace(tmp, step_dir / f"rank_{_rank():05d}.pt")
+    _replace_durably(tmp, step_dir / f"rank_{_rank():05d}.pt")
     _barrier()
     if _rank() == 0:
         world = dist.get_world_size() if dist.is_initialized() else 1
-        meta = {"version": trainer.version, "world_size": world, "tp": trainer.cfg.trainer.tensor_parallel_size,
-                "data_position": data_position or {}}
-        (step_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+        meta = {"version": trainer.version, "world_size": world, "tp": trainer.cfg.trainer.tensor_parallel_size}
+        meta_tmp = step_dir / "meta.json.tmp"
+        meta_tmp.write_text(json.dumps(meta, indent=1))
+        _replace_durably(meta_tmp, step_dir / "meta.json")
         latest_tmp = root / "latest.tmp"
         latest_tmp.write_text(step_dir.name)
-        os.replace(latest_tmp, root / "latest")
+        _replace_durably(latest_tmp, root / "latest")
         steps = sorted(p for p in root.glob("step_*") if p.is_dir())
         for old in steps[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -15,22 +15,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from asyncgrpo.config.command import add_config_arguments
 
     add_config_arguments(parser)
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides trainer.max_steps)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="stop once the policy version reaches this (overrides trainer.max_steps; resumes count)")
     parser.add_argument("--idle-timeout-s", type=float, default=None,
                         help="exit when no full batch arrived for this long (default: wait forever)")
     parser.add_argument("--no-weight-sync", action="store_true", help="do not publish new weights to the weight-sync service")
-
-
-def _weight_sink(cfg):  # type: ignore[no-untyped-def]
-    """The weight-sync publisher's publish(named_tensors, version)."""
-    try:
-        from asyncgrpo.weight_sync.publisher import WeightPublisher
-    except ImportError as e:
-        from asyncgrpo.config import ConfigError
-
-        raise ConfigError(f"weight sync is not available ({e}); run with --no-weight-sync to train without publishing") from None
-
-    return WeightPublisher.from_config(cfg).publish
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -56,7 +45,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
 
     import torch.distributed as dist
 
-    from asyncgrpo.queue import GroupQueue, RunState
+    from asyncgrpo.queue import GroupQueue, RedisGuard, RedisUnavailable, RunState, make_redis
     from asyncgrpo.trainer.model import destroy_parallel
     from asyncgrpo.trainer.service import TrainerService
     from asyncgrpo.trainer.train_step import GRPOTrainer
@@ -66,22 +55,42 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     except ValueError as e:  # bad sizes or paths in the config: one clear line
         raise ConfigError(str(e)) from None
     rank = dist.get_rank()
-    queue = state = sink = None
-    if rank == 0:
-        queue = GroupQueue.from_url(cfg.redis.url, cfg.run_id, max_message_bytes=cfg.rollout.max_message_bytes)
-        state = RunState.from_url(cfg.redis.url, cfg.run_id)
-        serve_metrics(cfg.trainer.metrics_port)
-        if not args.no_weight_sync:
-            sink = _weight_sink(cfg)
-    service = TrainerService(cfg, trainer, queue, state, weight_sink=sink)
-    service.install_signal_handlers()
-    version = service.resume()
-    log.info("trainer %s: world %d, TP %d, version %d, batch %d groups x G=%d", cfg.run_id, dist.get_world_size(),
-             cfg.trainer.tensor_parallel_size, version, cfg.train_dataset.batch_size, cfg.actor.group_size)
+    queue = state = publisher = None
+    guard = RedisGuard(cfg.redis.url, cfg.redis.outage_deadline_s)
     try:
-        stats = service.run(max_steps=args.max_steps, idle_timeout_s=args.idle_timeout_s)
+        if rank == 0:
+            # One client: its socket timeout exceeds the XREADGROUP block of trainer.poll_timeout_s.
+            client = make_redis(cfg.redis.url, max_block_s=cfg.trainer.poll_timeout_s)
+            guard.wait_reachable(client)
+            queue = GroupQueue(client, cfg.run_id, max_message_bytes=cfg.rollout.max_message_bytes)
+            state = RunState(client, cfg.run_id)
+            serve_metrics(cfg.trainer.metrics_port, cfg.bind_host)
+            if not args.no_weight_sync:
+                from asyncgrpo.weight_sync.publisher import WeightPublisher
+                from asyncgrpo.weight_sync.snapshot import SnapshotInUse
+
+                try:
+                    publisher = WeightPublisher.from_config(cfg)
+                except SnapshotInUse as e:
+                    raise ConfigError(str(e)) from None
+        service = TrainerService(cfg, trainer, queue, state, weight_sink=publisher.publish if publisher else None,
+                                 guard=guard)
+        service.install_signal_handlers()
+        version = service.resume()
+        log.info("trainer %s: world %d, TP %d, version %d, batch %d groups x G=%d", cfg.run_id, dist.get_world_size(),
+                 cfg.trainer.tensor_parallel_size, version, cfg.train_dataset.batch_size, cfg.actor.group_size)
+        target = args.max_steps if args.max_steps is not None else cfg.trainer.max_steps
+        if target is not None and version >= target:
+            log.info("already at version %d (max steps %d): nothing to train", version, target)
+        stats = service.run(max_steps=None if target is None else max(0, target - version),
+                            idle_timeout_s=args.idle_timeout_s)
+    except RedisUnavailable as e:
+        log.error("%s; stopping (the groups trained since the last checkpoint are replayed on restart)", e)
+        return 3
     finally:
+        if publisher is not None:
+            publisher.close()
         destroy_parallel()
-    log.info("trainer done: %d steps, %d groups trained, %d dropped as stale, version %d", stats.steps,
-             stats.groups_trained, stats.groups_dropped_stale, trainer.version)
+    log.info("trainer done: %d steps, %d groups trained, %d dropped as stale, %d dead-lettered, version %d", stats.steps,
+             stats.groups_trained, stats.groups_dropped_stale, stats.groups_dead_lettered, trainer.version)
     return 0

@@ -1,14 +1,23 @@
 """`asyncgrpo trainer`: the loop around `GRPOTrainer.train_step`, fed by the Redis stream of scored groups.
 
-Global rank 0 alone talks to Redis. It collects `train_dataset.batch_size` groups, dropping (ack +
-prompt re-queue, counted) any group whose oldest token is more than `rollout.max_head_offpolicyness`
-versions behind the version about to be trained, broadcasts the batch to every rank, and after the step
-acks the batch, bumps the policy version in Redis and hands the new weights to weight sync. Every
-`trainer.checkpoint_interval` steps it checkpoints; on start it resumes from the latest checkpoint and
-first re-reads the groups it had consumed but not acknowledged.
+Global rank 0 alone talks to Redis. It collects `train_dataset.batch_size` groups and sorts out, before
+anything is trained: deliveries of groups the model already holds (dropped as duplicates), groups the
+trainer cannot train (dead-lettered with their reason, once: group_checks.py) and groups whose oldest
+token is more than `rollout.max_head_offpolicyness` versions behind the version about to be trained
+(acknowledged, prompt re-queued). It broadcasts the batch to every rank, steps, and records the step in
+Redis (new version and trained count, atomically) and hands the new weights to weight sync.
 
-Delivery is at-least-once up to the checkpoint: groups trained after the last checkpoint were acked, so
-a crash replays the model from the checkpoint without them (they are not trained twice).
+Exactly once into the checkpointed model: trained groups stay pending (unacknowledged) until a checkpoint
+that holds their update is durable; the checkpoint records the model's lineage (the group ids trained at
+each version), and only then are they acknowledged. A crash replays the groups trained since the last
+checkpoint from the pending list; a crash between checkpoint and acknowledgement finds them in the lineage
+and acknowledges them without training. On start the version and trained count in Redis are set back to
+the checkpoint's, so the admission budget (derived from them) follows the model and no restart can
+deadlock the run. With trainer.checkpoint_interval = 0 there is nothing to resume from: groups are
+acknowledged right after their step.
+
+Redis outages are ridden out through one RedisGuard (backoff, one warning per outage); after an outage
+the groups delivered to this consumer are read again, in case a reply carrying them was lost.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -30,6 +39,7 @@ from asyncgrpo.trainer.train_step import Batch, GRPOTrainer, Sample
 log = logging.getLogger(__name__)
 
 WeightSink = Callable[[Iterable[tuple[str, torch.Tensor]], int], Any]
+T = TypeVar("T")
 
 
 def group_to_samples(group: Any) -> list[Sample]:
@@ -57,6 +67,9 @@ class LoopStats:
     steps: int = 0
     groups_trained: int = 0
     groups_dropped_stale: int = 0
+    groups_dead_lettered: int = 0
+    duplicates_dropped: int = 0
+    longest_wait_s: float = 0.0  # longest time spent collecting one batch
     last: dict[str, float] = field(default_factory=dict)
 
 
@@ -70,10 +83,15 @@ class _Metrics:
         self.version = gauge("trainer_policy_version", "Policy version (optimizer steps taken)")
         self.trained = counter("trainer_groups_trained_total", "Groups trained")
         self.dropped = counter("trainer_groups_dropped_stale_total", "Groups dropped as too stale (prompt re-queued)")
+        self.dead = counter("trainer_groups_dead_lettered_total", "Groups the trainer cannot train, moved to the dead-letter list", ["kind"])
+        self.duplicates = counter("trainer_duplicates_dropped_total", "Deliveries of groups the model already holds, acknowledged untrained")
+        self.replayed = counter("trainer_groups_replayed_total", "Groups trained after the last checkpoint and replayed on resume")
+        self.unacked = gauge("trainer_groups_awaiting_checkpoint", "Trained groups kept pending until a checkpoint holds them")
         self.tokens = counter("trainer_tokens_total", "Tokens (prompt + completion) trained")
         self.staleness = histogram("trainer_sample_staleness", "Staleness of trained samples (version - oldest token version)",
                                    buckets=(0, 1, 2, 3, 4, 8, 16))
         self.step_time = histogram("trainer_step_seconds", "Seconds per training step", buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
+        self.wait_time = histogram("trainer_batch_wait_seconds", "Seconds spent collecting one batch", buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300))
 
     def record(self, stats: dict[str, float], batch: Batch, version: int) -> None:
         for k, v in stats.items():
@@ -88,10 +106,12 @@ class _Metrics:
 
 
 class TrainerService:
-    """Runs on every rank; `queue` / `state` / `weight_sink` are used on global rank 0 only."""
+    """Runs on every rank; `queue` / `state` / `weight_sink` / `guard` are used on global rank 0 only."""
 
     def __init__(self, cfg: RunConfig, trainer: GRPOTrainer, queue: Any = None, state: Any = None,
-                 weight_sink: WeightSink | None = None, consumer: str = "trainer-0") -> None:
+                 weight_sink: WeightSink | None = None, consumer: str = "trainer-0", guard: Any = None) -> None:
+        from asyncgrpo.queue.connection import RedisGuard
+
         self.cfg = cfg
         self.trainer = trainer
         self.queue = queue
@@ -101,24 +121,41 @@ class TrainerService:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         if self.rank == 0 and (queue is None or state is None):
             raise ValueError("rank 0 needs the group queue and the run state")
+        self.guard = guard or RedisGuard(cfg.redis.url, cfg.redis.outage_deadline_s)
         self.stop_requested = False
         self.stats = LoopStats()
         self.metrics = _Metrics()
         self._pending: list[tuple[str, Any]] = []  # consumed, not yet trained or dropped
-        self._replayed = False
+        self._unacked: list[str] = []  # trained, kept pending until a checkpoint holds them
+        self.lineage: list[list[str]] = []  # group ids trained at versions 1..version of the model held now
+        self._trained: set[str] = set()
+        self._reread = True  # read the groups delivered to this consumer (start, and after a Redis outage)
+        self._episodes_seen = 0
         self._saved_version = -1
+
+    def _redis(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        return self.guard.call(fn, *args, **kw)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def resume(self) -> int:
-        """Load the latest checkpoint if any; returns the version to continue from."""
+        """Load the latest checkpoint if any and set the run state in Redis back to it; returns the version
+        to continue from."""
         from asyncgrpo.trainer.checkpoint import latest_checkpoint, load_checkpoint
 
         step_dir = latest_checkpoint(checkpoint_dir(self.cfg))
         if step_dir is not None:
-            load_checkpoint(self.trainer, step_dir)
-            log.info("resumed from %s at version %d", step_dir, self.trainer.version)
+            data = load_checkpoint(self.trainer, step_dir)
+            self.lineage = [list(g) for g in data.get("lineage", [])]
+            if len(self.lineage) != self.trainer.version:
+                raise ValueError(f"checkpoint {step_dir} records {len(self.lineage)} trained batches for version "
+                                 f"{self.trainer.version}; it was not written by this trainer version")
+            self._trained = {g for batch in self.lineage for g in batch}
+            log.info("resumed from %s at version %d (%d groups trained into it)", step_dir, self.trainer.version,
+                     len(self._trained))
         if self.rank == 0:
-            self.state.set_version(self.trainer.version)
+            done = self._redis(self.queue.resume, self.trainer.version, self._trained)
+            if done:
+                log.info("%d groups already in the checkpoint acknowledged (the previous run stopped before doing it)", done)
         return self.trainer.version
 
     def install_signal_handlers(self) -> None:
@@ -130,38 +167,74 @@ class TrainerService:
         signal.signal(signal.SIGINT, _stop)
 
     # -- rank 0: collecting a batch ------------------------------------------------------------------
-    def _admit(self, entries: list[tuple[str, Any]]) -> None:
+    def _sort(self, entries: list[tuple[str, Any]]) -> None:
+        """Drop duplicates, dead-letter what cannot be trained, drop the stale; keep the rest pending."""
+        from asyncgrpo.trainer.group_checks import group_problem
+
         bound = self.cfg.rollout.max_head_offpolicyness
-        stale = [e for e in entries if is_stale(e[1], self.trainer.version, bound)]
-        fresh = [e for e in entries if not is_stale(e[1], self.trainer.version, bound)]
+        arch = self.trainer.arch
+        held = {g.group_id for _, g in self._pending}
+        dups: list[str] = []
+        dead: list[tuple[str, str, str, str]] = []
+        stale: list[tuple[str, Any]] = []
+        for msg_id, g in entries:
+            if g.group_id in self._trained or g.group_id in held:
+                dups.append(msg_id)
+                continue
+            problem = group_problem(g, run_id=self.cfg.run_id, group_size=self.cfg.actor.group_size,
+                                    vocab_size=arch.vocab_size, max_seq_len=arch.max_position_embeddings)
+            if problem is not None:
+                dead.append((msg_id, g.group_id, *problem))
+            elif is_stale(g, self.trainer.version, bound):
+                stale.append((msg_id, g))
+            else:
+                self._pending.append((msg_id, g))
+                held.add(g.group_id)
+        if dups:
+            n = self._redis(self.queue.drop_duplicates, dups)
+            self.stats.duplicates_dropped += n
+            self.metrics.duplicates.inc(n)
+            log.info("dropped %d deliveries of groups the model already holds", n)
+        if dead:
+            n = self._redis(self.queue.dead_letter, dead)
+            self.stats.groups_dead_lettered += n
+            for _, _, kind, _ in dead:
+                self.metrics.dead.labels(kind).inc()
         if stale:
-            n = self.queue.drop_stale(stale)
+            n = self._redis(self.queue.drop_stale, stale)
             self.stats.groups_dropped_stale += n
             self.metrics.dropped.inc(n)
             log.info("dropped %d stale groups (trainer version %d, bound %d)", n, self.trainer.version, bound)
-        G = self.cfg.actor.group_size
-        for e in fresh:
-            if len(e[1].completions) != G:
-                raise ValueError(f"group {e[1].group_id} has {len(e[1].completions)} completions, actor.group_size is {G}; "
-                                 "the rollout and trainer configs must agree")
-        self._pending.extend(fresh)
+
+    def _reread_delivered(self) -> None:
+        """The groups delivered to this consumer and not acknowledged that this process does not hold:
+        all of them on start (the replay after a crash), lost replies after a Redis outage."""
+        self._reread = False
+        self._episodes_seen = self.guard.episodes
+        held = {m for m, _ in self._pending} | set(self._unacked)
+        entries = [e for e in self._redis(self.queue.pending_of, self.consumer) if e[0] not in held]
+        if entries and self.stats.steps == 0:
+            self.metrics.replayed.inc(len(entries))
+            log.info("replaying %d groups delivered before the restart and not in the checkpoint", len(entries))
+        self._sort(entries)
 
     def _collect(self, deadline: float | None) -> list[tuple[str, Any]] | None:
         """Block until a full batch is pending (None if stopping or past the deadline)."""
         bs = self.cfg.train_dataset.batch_size
-        if not self._replayed:
-            self._admit(self.queue.consume_own_pending(self.consumer, count=1000))
-            self._replayed = True
         # Groups may have gone stale while waiting for the rest of the batch.
         if self._pending:
             keep = self._pending
             self._pending = []
-            self._admit(keep)
-        while len(self._pending) < bs:
+            self._sort(keep)
+        while True:
+            if self._reread or self.guard.episodes != self._episodes_seen:
+                self._reread_delivered()
+            if len(self._pending) >= bs:
+                break
             if self.stop_requested or (deadline is not None and time.monotonic() > deadline):
                 return None
             block = int(self.cfg.trainer.poll_timeout_s * 1000)
-            self._admit(self.queue.consume(self.consumer, count=bs - len(self._pending), block_ms=block))
+            self._sort(self._redis(self.queue.consume, self.consumer, count=bs - len(self._pending), block_ms=block))
         batch, self._pending = self._pending[:bs], self._pending[bs:]
         return batch
 
@@ -180,19 +253,34 @@ class TrainerService:
         for _ in it:  # the export is collective over TP: every rank runs it to the end
             pass
 
-    def run(self, max_steps: int | None = None, idle_timeout_s: float | None = None) -> LoopStats:
-        """Train until stopped, `max_steps` steps were taken in this call, or (if given) no full batch
-        arrived for idle_timeout_s seconds."""
+    def _checkpoint(self) -> None:
+        """Save (collective), then acknowledge the groups the checkpoint now holds."""
         from asyncgrpo.trainer.checkpoint import save_checkpoint
 
         t = self.cfg.trainer
-        max_steps = max_steps if max_steps is not None else t.max_steps
+        save_checkpoint(self.trainer, checkpoint_dir(self.cfg), {"version": self.trainer.version, "lineage": self.lineage},
+                        keep=t.keep_checkpoints)
+        self._saved_version = self.trainer.version
+        if self.rank == 0 and self._unacked:
+            self._redis(self.queue.ack_trained, self._unacked, 0)
+            self._unacked = []
+            self.metrics.unacked.set(0)
+
+    def run(self, max_steps: int | None = None, idle_timeout_s: float | None = None) -> LoopStats:
+        """Train until stopped, `max_steps` steps were taken in this call (None: no limit), or (if given) no
+        full batch arrived for idle_timeout_s seconds."""
+        t = self.cfg.trainer
+        ack_now = not t.checkpoint_interval
         taken = 0
         while max_steps is None or taken < max_steps:
             entries = None
             if self.rank == 0:
-                deadline = time.monotonic() + idle_timeout_s if idle_timeout_s is not None else None
+                t0 = time.monotonic()
+                deadline = t0 + idle_timeout_s if idle_timeout_s is not None else None
                 entries = self._collect(deadline)
+                waited = time.monotonic() - t0
+                self.stats.longest_wait_s = max(self.stats.longest_wait_s, waited)
+                self.metrics.wait_time.observe(waited)
             payload = None if entries is None else [group_to_samples(g) for _, g in entries]
             payload = self._broadcast(payload if self.rank == 0 else None)
             if payload is None:
@@ -200,9 +288,14 @@ class TrainerService:
             batch = Batch([s for group in payload for s in group])
             stats = self.trainer.train_step(batch)
             version = self.trainer.version
+            self.lineage.append(list(batch.group_ids))
+            self._trained.update(batch.group_ids)
             if self.rank == 0:
-                self.queue.ack([m for m, _ in entries])
-                self.state.set_version(version)
+                msg_ids = [m for m, _ in entries]
+                if not ack_now:
+                    self._unacked.extend(msg_ids)
+                self._redis(self.queue.commit_step, msg_ids, version, len(self._trained), len(self._unacked), ack_now)
+                self.metrics.unacked.set(len(self._unacked))
                 self.metrics.record(stats, batch, version)
                 log.info("step %d: loss %.4f reward %.3f clip %.3f grad_norm %.3f %.0f tok/s", version, stats["loss"],
                          stats["reward_mean"], stats.get("clip_frac", 0.0), stats["grad_norm"], stats["tokens_per_s"])
@@ -212,8 +305,7 @@ class TrainerService:
             self.stats.groups_trained += batch.n_groups
             self.stats.last = stats
             if t.checkpoint_interval and version % t.checkpoint_interval == 0:
-                save_checkpoint(self.trainer, checkpoint_dir(self.cfg), {"version": version}, keep=t.keep_checkpoints)
-                self._saved_version = version
+                self._checkpoint()
             if t.hf_save_interval and version % t.hf_save_interval == 0:
                 from asyncgrpo.trainer.model import save_hf_checkpoint
 
@@ -224,8 +316,7 @@ class TrainerService:
                 break
         # A clean stop checkpoints too, so a restart continues exactly where this run ended.
         if t.checkpoint_interval and self.stats.steps and self._saved_version != self.trainer.version:
-            save_checkpoint(self.trainer, checkpoint_dir(self.cfg), {"version": self.trainer.version}, keep=t.keep_checkpoints)
-            self._saved_version = self.trainer.version
+            self._checkpoint()
         if self.rank == 0 and self._pending:
-            log.info("%d consumed groups left unacknowledged; a restart re-reads them", len(self._pending))
+            log.info("%d consumed groups left pending; a restart replays them", len(self._pending))
         return self.stats
