@@ -9,7 +9,7 @@ import json
 import pytest
 import redis
 
-from asyncgrpo.queue import GroupQueue, RunState
+from asyncgrpo.queue import GroupQueue, RedisGuard, RunState
 from asyncgrpo.rollout.dataset import PromptDataset, load_records
 from asyncgrpo.rollout.rewards import RewardRunner
 from asyncgrpo.rollout.sampling import PartialRolloutError, sample_completion
@@ -42,7 +42,8 @@ def make_service(url: str, dataset: PromptDataset, client: FakeGenClient, **kw) 
         setattr(params, k, v)
     r = redis.Redis.from_url(url)
     return RolloutService(params, state=RunState(r, RUN), queue=GroupQueue(r, RUN), dataset=dataset, decode=byte_decode,
-                          clients=[client], rewards=RewardRunner(["gsm8k"], timeout_s=10), redis_url=url)
+                          clients=[client], rewards=RewardRunner(["gsm8k"], timeout_s=10), redis_url=url,
+                          guard=RedisGuard(url, deadline_s=30))
 
 
 def drain(url: str) -> list:

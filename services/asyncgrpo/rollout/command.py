@@ -23,10 +23,11 @@ async def serve(cfg) -> int:  # type: ignore[no-untyped-def]
     """Run the service for a resolved RunConfig until done or signalled; returns an exit code."""
     import logging
 
-    from asyncgrpo.queue import GroupQueue, RunState
+    from asyncgrpo.queue import GroupQueue, RedisGuard, RunState, make_redis
     from asyncgrpo.rollout.dataset import PromptDataset, load_records, tokenizer_encoder
     from asyncgrpo.rollout.rewards import RewardRunner
     from asyncgrpo.rollout.service import RolloutParams, RolloutService
+    from asyncgrpo.utils.auth import resolve_keys
     from asyncgrpo.utils.metrics import serve_metrics
 
     log = logging.getLogger("asyncgrpo.rollout")
@@ -42,15 +43,20 @@ async def serve(cfg) -> int:  # type: ignore[no-untyped-def]
     dataset = PromptDataset(records, encode, template=ds_cfg.prompt_template, prompt_key=ds_cfg.prompt_key,
                             answer_key=ds_cfg.answer_key, seed=cfg.seed, shuffle=ds_cfg.shuffle)
     r = cfg.rollout
-    state = RunState.from_url(cfg.redis.url, cfg.run_id)
-    queue = GroupQueue.from_url(cfg.redis.url, cfg.run_id, max_message_bytes=r.max_message_bytes)
+    client = make_redis(cfg.redis.url)
+    guard = RedisGuard(cfg.redis.url, cfg.redis.outage_deadline_s)
+    await guard.acall(client.ping)
+    state = RunState(client, cfg.run_id)
+    queue = GroupQueue(client, cfg.run_id, max_message_bytes=r.max_message_bytes)
     rewards = RewardRunner(cfg.reward.fns, cfg.reward.weights, timeout_s=cfg.reward.timeout_s,
                            executor=r.reward_executor, max_workers=r.reward_workers)
-    serve_metrics(r.metrics_port)
+    serve_metrics(r.metrics_port, cfg.bind_host)
     async with contextlib.AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(SGLangClient(url, timeout_s=r.request_timeout_s)) for url in r.server_urls]
+        api_key, admin_key = resolve_keys(cfg.auth.api_key, cfg.auth.admin_api_key)
+        clients = [await stack.enter_async_context(SGLangClient(url, timeout_s=r.request_timeout_s, api_key=api_key,
+                                                                admin_api_key=admin_key)) for url in r.server_urls]
         service = RolloutService(RolloutParams.from_config(cfg), state=state, queue=queue, dataset=dataset,
-                                 decode=decode, clients=clients, rewards=rewards, redis_url=cfg.redis.url)
+                                 decode=decode, clients=clients, rewards=rewards, redis_url=cfg.redis.url, guard=guard)
         loop = asyncio.get_running_loop()
         main_task = asyncio.current_task()
         signals = 0
@@ -73,7 +79,7 @@ async def serve(cfg) -> int:  # type: ignore[no-untyped-def]
         try:
             stats = await service.run()
         except asyncio.CancelledError:
-            log.warning("rollout cut short; leases of unfinished groups handed back")
+            log.info("rollout cut short; leases of unfinished groups handed back")
             return 130
         finally:
             rewards.close()
@@ -87,12 +93,15 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from asyncgrpo.utils.logging import setup_logging
 
     from asyncgrpo.config import ConfigError
-    from asyncgrpo.queue import CursorMismatchError
+    from asyncgrpo.queue import CursorMismatchError, RedisUnavailable
     from asyncgrpo.tasks.jsonl import TaskDataError
 
-    setup_logging("rollout")
+    log = setup_logging("rollout")
     cfg = load_config(args.config, overrides)
     try:
         return asyncio.run(serve(cfg))
     except (TaskDataError, CursorMismatchError) as e:  # the user's data or run, not a bug: one clear line
         raise ConfigError(str(e)) from None
+    except RedisUnavailable as e:
+        log.error("%s; stopping (leases of unfinished groups are taken back when this worker_id restarts)", e)
+        return 3

@@ -7,22 +7,28 @@
 A worker over budget or paused waits on the run's pub/sub channel (version bumps, resume, re-queues, lease
 releases) with a 1 s fallback for leases that expire silently: it never spins. While a group runs, its
 lease is renewed every lease_ttl_s / 3; a killed process stops renewing, and another worker re-runs the
-prompt once the lease expires.
+prompt once the lease expires. Leases carry their owner ('worker_id#n'): a process restarted with the same
+worker_id takes its own back at once instead of waiting for them to expire.
+
+Faults are weather: every Redis call goes through one RedisGuard (backoff through an outage, one warning,
+RedisUnavailable only past redis.outage_deadline_s); a group whose generation server failed hands its
+prompt back and is logged once per server outage, not once per group.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
-
-from asyncgrpo.queue import Admission, Completion, Group, GroupQueue, GroupTooLargeError, PromptRef, RunState
+from asyncgrpo.queue import Admission, Completion, Group, GroupQueue, GroupTooLargeError, PromptRef, RedisGuard, RunState
+from asyncgrpo.queue.connection import make_async_redis
 from asyncgrpo.queue.schema import spans_from_versions
 from asyncgrpo.rollout.dataset import PromptDataset
 from asyncgrpo.rollout.rewards import RewardRunner
@@ -51,6 +57,7 @@ class RolloutParams:
     num_workers: int = 4
     exit_when_exhausted: bool = False
     log_interval_s: float = 10.0
+    worker_id: str = "rollout"  # stable identity of this process; leases are owned by 'worker_id#n'
     sampling_extra: dict[str, Any] = field(default_factory=dict)  # more SGLang sampling params (e.g. ignore_eos)
 
     @classmethod
@@ -62,7 +69,7 @@ class RolloutParams:
                    total_epochs=cfg.total_train_epochs, lease_ttl_s=r.lease_ttl_s,
                    dynamic_filtering=cfg.actor.dynamic_filtering, max_resubmits=r.max_resubmits,
                    num_workers=r.max_concurrent_rollouts, exit_when_exhausted=r.exit_when_exhausted,
-                   log_interval_s=r.log_interval_s)
+                   log_interval_s=r.log_interval_s, worker_id=r.worker_id or socket.gethostname())
 
     def sampling_params(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, **self.sampling_extra}
@@ -124,7 +131,7 @@ class _Wakeup:
 class RolloutService:
     def __init__(self, params: RolloutParams, *, state: RunState, queue: GroupQueue, dataset: PromptDataset,
                  decode: Callable[[list[int]], str], clients: Sequence[GenerateClient], rewards: RewardRunner,
-                 redis_url: str) -> None:
+                 redis_url: str, guard: RedisGuard) -> None:
         if not clients:
             raise ValueError("rollout needs at least one generation server (rollout.server_urls)")
         self.p = params
@@ -135,11 +142,16 @@ class RolloutService:
         self.clients = list(clients)
         self.rewards = rewards
         self.redis_url = redis_url
+        self.guard = guard
         self.stats = RolloutStats()
         self.m = _Metrics()
         self._stop = asyncio.Event()
         self._wake = _Wakeup()
         self._next_server = 0
+        self._server_down: set[str] = set()  # servers whose failure was reported and not yet followed by a success
+        self._in_flight: dict[int, PromptRef] = {}  # worker -> the lease it works on
+        self._episodes_seen = 0
+        self._reclaiming = asyncio.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -147,8 +159,15 @@ class RolloutService:
         self._stop.set()
         self._wake.notify()
 
+    def owner(self, wid: int) -> str:
+        return f"{self.p.worker_id}#{wid}"
+
     async def run(self) -> RolloutStats:
-        self.state.init_cursor(len(self.dataset), self.dataset.seed, self.dataset.fingerprint())
+        await self.guard.acall(self.state.init_cursor, len(self.dataset), self.dataset.seed, self.dataset.fingerprint())
+        taken = await self.guard.acall(self.state.reclaim_leases, self.p.worker_id)
+        if taken:
+            log.info("took back %d leases of worker %s (a restart of this process); re-running them now", taken,
+                     self.p.worker_id)
         watcher = asyncio.create_task(self._watch_events(), name="rollout-events")
         reporter = asyncio.create_task(self._report(), name="rollout-report")
         try:
@@ -161,39 +180,60 @@ class RolloutService:
         return self.stats
 
     async def _watch_events(self) -> None:
-        """Wake waiting workers on every message of the run's channel; reconnect if Redis drops."""
+        """Wake waiting workers on every message of the run's channel; resubscribe if Redis drops (waiters
+        still wake on the fallback timer meanwhile, and the guard reports the outage once)."""
         while True:
-            client = aioredis.Redis.from_url(self.redis_url)
+            client = make_async_redis(self.redis_url, max_block_s=WAIT_FALLBACK_S)
             try:
-                async with client.pubsub() as ps:
+                async with client.pubsub(ignore_subscribe_messages=True) as ps:
                     await ps.subscribe(self.state.keys.events)
-                    async for msg in ps.listen():
-                        if msg.get("type") == "message":
+                    while True:
+                        msg = await ps.get_message(timeout=WAIT_FALLBACK_S)
+                        if msg is not None:
                             self._wake.notify()
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # Redis restarts: waiters still wake on the fallback timer meanwhile
-                log.warning("event subscription lost (%s); reconnecting", e)
+            except Exception as e:  # noqa: BLE001 - Redis restarting; the worker calls report it through the guard
+                log.debug("event subscription lost (%s: %s); resubscribing", type(e).__name__, e)
                 await asyncio.sleep(WAIT_FALLBACK_S)
             finally:
-                await client.aclose()
+                with contextlib.suppress(Exception):
+                    await client.aclose()
 
     # -- one worker ----------------------------------------------------------------------------------
+    async def _after_outage(self) -> None:
+        """After a Redis outage: writes of the last moments before a crash may be lost (AOF everysec), e.g. a
+        push whose lease survived. Leases of this process that no worker holds now are taken back at once."""
+        async with self._reclaiming:
+            if self.guard.episodes == self._episodes_seen:
+                return
+            self._episodes_seen = self.guard.episodes
+            n = await self.guard.acall(self.state.reclaim_leases, self.p.worker_id, list(self._in_flight.values()))
+            if n:
+                log.info("took back %d leases this process no longer works on (lost in the Redis outage)", n)
+
     async def _worker(self, wid: int) -> None:
         while not self._stop.is_set():
+            if self.guard.episodes != self._episodes_seen:
+                await self._after_outage()
             ev = self._wake.current()
-            adm = await asyncio.to_thread(
+            adm = await self.guard.acall(
                 self.state.admit, max_head_offpolicyness=self.p.max_head_offpolicyness, batch_groups=self.p.batch_groups,
                 dataset_size=len(self.dataset), total_epochs=self.p.total_epochs, lease_ttl_s=self.p.lease_ttl_s,
+                owner=self.owner(wid),
             )
             if adm.status == "ok":
                 assert adm.ref is not None
                 self.stats.admissions.append(adm)
-                await self._run_group(wid, adm)
+                self._in_flight[wid] = adm.ref
+                try:
+                    await self._run_group(wid, adm)
+                finally:
+                    self._in_flight.pop(wid, None)
                 continue
             self.stats.admission_waits[adm.status] += 1
             self.m.waits.labels(adm.status).inc()
-            if adm.status == "exhausted" and self.p.exit_when_exhausted and await asyncio.to_thread(self._drained):
+            if adm.status == "exhausted" and self.p.exit_when_exhausted and await self.guard.acall(self._drained):
                 log.info("worker %d: every prompt of %d epoch(s) is done", wid, self.p.total_epochs)
                 return
             await self._wake.wait(ev, WAIT_FALLBACK_S)
@@ -212,7 +252,7 @@ class RolloutService:
                 done, _ = await asyncio.wait({task}, timeout=self.p.lease_ttl_s / 3)
                 if done:
                     break
-                if not await asyncio.to_thread(self.state.renew_lease, ref, self.p.lease_ttl_s):
+                if not await self.guard.acall(self.state.renew_lease, ref, self.p.lease_ttl_s, self.owner(wid)):
                     # pushed by a twin that got the expired lease, or released: this copy is moot
                     log.warning("worker %d: lease %s lost; abandoning the group", wid, ref.key())
                     task.cancel()
@@ -221,17 +261,43 @@ class RolloutService:
             group = task.result()
         except asyncio.CancelledError:
             task.cancel()
-            self.state.abandon_lease(ref)  # quick, synchronous: hand the prompt to another worker now
+            try:  # quick, synchronous: hand the prompt to another worker now
+                self.state.abandon_lease(ref, self.owner(wid))
+            except Exception as e:  # noqa: BLE001 - Redis down: a restart with this worker_id takes it back
+                log.info("lease %s not handed back (%s); it is taken back on restart or expires", ref.key(), e)
             raise
         except Exception as e:
             self.stats.groups_failed += 1
             self.m.groups.labels("failed").inc()
-            log.error("worker %d: group %s failed (%s: %s); prompt handed back", wid, ref.group_id(), type(e).__name__, e)
-            await asyncio.to_thread(self.state.abandon_lease, ref)
-            await asyncio.to_thread(self.state.incr, "groups_failed")
+            self._report_failure(wid, ref, client, e)
+            await self.guard.acall(self.state.abandon_lease, ref, self.owner(wid))
+            await self.guard.acall(self.state.incr, "groups_failed")
             await asyncio.sleep(1.0)  # servers down: do not hot-loop over the prompts
             return
-        await self._finish(group, ref)
+        self._server_up(client)
+        await self._finish(group, ref, wid)
+
+    def _report_failure(self, wid: int, ref: PromptRef, client: GenerateClient, e: Exception) -> None:
+        """A generation server failing is weather: one WARNING per server outage. Anything else is a bug."""
+        from asyncgrpo.rollout.sampling import PartialRolloutError
+        from asyncgrpo.sglang.client import SGLangError
+
+        url = str(getattr(client, "base_url", client))
+        if isinstance(e, (SGLangError, PartialRolloutError)):
+            if url not in self._server_down:
+                self._server_down.add(url)
+                log.warning("generation on %s failing (%s); prompts are handed back and retried, quiet until it "
+                            "answers again", url, e)
+            else:
+                log.debug("worker %d: group %s failed on %s: %s", wid, ref.group_id(), url, e)
+        else:
+            log.error("worker %d: group %s failed; prompt handed back", wid, ref.group_id(), exc_info=e)
+
+    def _server_up(self, client: GenerateClient) -> None:
+        url = str(getattr(client, "base_url", client))
+        if url in self._server_down:
+            self._server_down.discard(url)
+            log.info("generation on %s works again", url)
 
     async def _produce(self, client: GenerateClient, adm: Admission) -> Group:
         ref = adm.ref
@@ -260,7 +326,7 @@ class RolloutService:
                      position=ref.position, attempt=ref.attempt, prompt_ids=prompt.input_ids, completions=completions,
                      answer=prompt.answer, admitted_version=adm.version, admission_index=adm.started)
 
-    async def _finish(self, group: Group, ref: PromptRef) -> None:
+    async def _finish(self, group: Group, ref: PromptRef, wid: int) -> None:
         rewards = group.rewards
         errors = sum(c.reward_error is not None for c in group.completions)
         resumes = sum(c.resumes for c in group.completions)
@@ -273,18 +339,18 @@ class RolloutService:
         for r in rewards:
             self.m.reward.observe(r)
         if errors:
-            await asyncio.to_thread(self.state.incr, "reward_errors", errors)
+            await self.guard.acall(self.state.incr, "reward_errors", errors)
         if self.p.dynamic_filtering and len(set(rewards)) == 1:
             # zero advantage for every completion: nothing to learn; the prompt is done for this epoch
-            await asyncio.to_thread(self.state.release_lease, ref, "groups_filtered")
+            await self.guard.acall(self.state.release_lease, ref, "groups_filtered", self.owner(wid))
             self.stats.groups_filtered += 1
             self.m.groups.labels("filtered").inc()
             return
         try:
-            await asyncio.to_thread(self.queue.push, group, ref)
+            await self.guard.acall(self.queue.push, group, ref)  # idempotent on group_id: safe to retry
         except GroupTooLargeError as e:
             log.error("%s; group dropped", e)
-            await asyncio.to_thread(self.state.release_lease, ref, "groups_too_large")
+            await self.guard.acall(self.state.release_lease, ref, "groups_too_large", self.owner(wid))
             self.stats.groups_failed += 1
             self.m.groups.labels("failed").inc()
             return
@@ -297,8 +363,8 @@ class RolloutService:
     def _publish_gauges(self) -> dict[str, float]:
         try:
             snap = self.state.snapshot()
-        except Exception as e:
-            log.warning("cannot read run state: %s", e)
+        except Exception as e:  # noqa: BLE001 - reporting only; an outage is reported by the guard
+            (log.debug if self.guard.down else log.warning)("cannot read run state: %s", e)
             return {}
         self.m.depth.set(float(snap["queue_depth"]))  # type: ignore[arg-type]
         counters: dict[str, float] = snap["counters"]  # type: ignore[assignment]
