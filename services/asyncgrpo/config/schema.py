@@ -124,10 +124,19 @@ class RolloutConfig(Section):
     exit_when_exhausted: bool = Field(False, description="Exit once every epoch's prompts are done and none is leased or re-queued (else wait for re-queued prompts).")
     metrics_port: int = Field(0, ge=0, description="Port of the rollout service's Prometheus /metrics (0 disables).")
     log_interval_s: float = Field(10.0, gt=0, description="Seconds between progress log lines (groups/s, tokens/s, reward mean).")
+    worker_id: str | None = Field(None, min_length=1, description="Stable identity of this rollout process: restarted with the same id it takes back its leases at once; null means the host name.")
 
 
 class RedisConfig(Section):
     url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (redis:// or unix://) holding the queue and run state.")
+    outage_deadline_s: float = Field(300.0, gt=0, description="A service that cannot reach Redis this long exits with one line; until then it retries with backoff.")
+
+
+class AuthConfig(Section):
+    """Bearer tokens, exactly as SGLang's --api-key / --admin-api-key (sglang/srt/utils/auth.py)."""
+
+    api_key: str | None = Field(None, description="Token for ordinary endpoints (generate, reads); null: env ASYNCGRPO_API_KEY, unset means none.")
+    admin_api_key: str | None = Field(None, description="Token for admin endpoints (weight updates, pause, publish, membership); null: env ASYNCGRPO_ADMIN_API_KEY, unset means none.")
 
 
 class TrainerConfig(Section):
@@ -141,7 +150,7 @@ class TrainerConfig(Section):
     checkpoint_interval: int = Field(10, ge=0, description="Save a checkpoint every K steps (0 disables periodic saves).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk; older ones are deleted.")
     hf_save_interval: int = Field(0, ge=0, description="Also write an HF checkpoint (safetensors) every K steps (0 disables).")
-    max_steps: int | None = Field(None, ge=1, description="Stop the service after this many steps (null: run until stopped).")
+    max_steps: int | None = Field(None, ge=1, description="Stop once the policy version (optimizer steps in all, resumes included) reaches this; null: run until stopped.")
     poll_timeout_s: float = Field(5.0, gt=0, description="Block this long waiting for groups before checking for shutdown.")
     metrics_port: int = Field(0, ge=0, description="Port of the trainer's Prometheus /metrics (0 disables).")
 
@@ -178,6 +187,7 @@ class RunConfig(Section):
     trial_name: str = Field("trial0", min_length=1, description="Name of this run within the experiment; with experiment_name it is the run id.")
     seed: int = Field(1, description="Seed for data order, sampling and initialisation.")
     fileroot: str = Field("runs", description="Directory for checkpoints, logs and generated artefacts.")
+    bind_host: str = Field("127.0.0.1", min_length=1, description="Interface the trainer's and rollout's listeners bind (metrics, torch.distributed stores); 0.0.0.0 for all.")
     total_train_epochs: int = Field(1, ge=1, description="Passes over the training prompts.")
     actor: ActorConfig = Field(default_factory=ActorConfig, description="The policy being trained and its loss.")
     ref: RefConfig = Field(default_factory=RefConfig, description="The frozen reference policy for the KL term.")
@@ -186,6 +196,7 @@ class RunConfig(Section):
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward functions.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Generation and staleness control.")
     redis: RedisConfig = Field(default_factory=RedisConfig, description="The Redis server shared by the services.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="Bearer tokens of the HTTP services (SGLang's api-key contract).")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="The megatron-core trainer service.")
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig, description="The weight-sync service between trainer and generation servers.")
 

@@ -5,7 +5,9 @@ Why not init_process_group: a server joins a new group per trainer (re)start ove
 trainer already has its own default group (megatron). Each group rendezvouses over its own TCPStore,
 namespaced by PrefixStore(group_name), and is registered in torch's world tables, so the usual
 `dist.broadcast(t, src=0, group=pg)` works on it. Every collective on it times out after `timeout`.
-(Same approach as SGLang's and verl's init_custom_process_group.)
+(Same approach as SGLang's and verl's init_custom_process_group.) Rank 0 hosts the store on the master
+address only, not on every interface as torch's tcp:// rendezvous would, and gloo's transport is pinned
+to that address's interface (utils/net.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
-from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
+from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
+
+from asyncgrpo.utils.net import is_loopback, pin_gloo_interface, tcp_store
 
 
 def init_custom_process_group(backend: str, init_method: str | None = None, *, master_address: str | None = None,
@@ -22,15 +26,20 @@ def init_custom_process_group(backend: str, init_method: str | None = None, *, m
                               timeout: timedelta | float = 60.0) -> Any:
     """Join (rank > 0) or host (rank 0) a group; returns the ProcessGroup. Blocks until all ranks joined
     or `timeout` passes. Give either init_method ("tcp://host:port") or master_address + master_port."""
-    if init_method is None:
-        if master_address is None or master_port is None:
-            raise ValueError("init_custom_process_group: give init_method or master_address and master_port")
-        init_method = f"tcp://{master_address}:{int(master_port)}"
+    if init_method is not None:
+        if not init_method.startswith("tcp://"):
+            raise ValueError(f"init_method {init_method!r}: only tcp://host:port is supported")
+        master_address, _, port = init_method.removeprefix("tcp://").rpartition(":")
+        master_port = int(port)
+    if master_address is None or master_port is None:
+        raise ValueError("init_custom_process_group: give init_method or master_address and master_port")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if not isinstance(timeout, timedelta):
         timeout = timedelta(seconds=float(timeout))
-    store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
+    if str(backend) == "gloo" and (rank == 0 or is_loopback(master_address)):
+        pin_gloo_interface(master_address)  # rank 0 listens where it said it is; on one host, loopback only
+    store = tcp_store(master_address, int(master_port), world_size, rank == 0, timeout)
     store.set_timeout(timeout)
     store = PrefixStore(group_name, store)
     pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name,

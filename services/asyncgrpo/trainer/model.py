@@ -20,7 +20,7 @@ from torch import Tensor
 
 from asyncgrpo.trainer import megatron_compat
 from asyncgrpo.trainer.hf_mapping import ModelArch, hf_to_megatron, megatron_param_names, megatron_param_to_hf, tp_split_dim
-from asyncgrpo.utils.net import free_port
+from asyncgrpo.utils.net import is_loopback, pin_gloo_interface, tcp_store
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
@@ -36,21 +36,31 @@ def te_available() -> bool:
     return torch.cuda.is_available()
 
 
-def init_parallel(tp_size: int = 1, seed: int = 0, backend: str | None = None, timeout_s: float = 600) -> None:
+def init_parallel(tp_size: int = 1, seed: int = 0, backend: str | None = None, timeout_s: float = 600,
+                  bind_host: str = "127.0.0.1") -> None:
     """Initialise torch.distributed (world size 1 from defaults if no launcher set the env) and megatron's
-    model-parallel groups: TP = tp_size, DP = world_size / tp_size. Idempotent."""
+    model-parallel groups: TP = tp_size, DP = world_size / tp_size. Idempotent. The rendezvous store
+    listens on `bind_host` (lone process) or MASTER_ADDR (a launcher's env), never on every interface;
+    under torchrun's agent store the agent owns that listener (set its --master-addr / --rdzv-endpoint)."""
     from megatron.core import parallel_state, tensor_parallel
 
     megatron_compat.install()
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        timeout = timedelta(seconds=timeout_s)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        if "WORLD_SIZE" in os.environ:  # a launcher (torchrun, our spawn helpers) set the env:// variables
-            dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun: its agent hosts the store
+            dist.init_process_group(backend=backend, timeout=timeout)
+        elif "WORLD_SIZE" in os.environ:  # a launcher set the env:// variables (our spawn helpers, plain env)
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
+            pin_gloo_interface(addr if is_loopback(addr) or rank == 0 else "")
+            store = tcp_store(addr, port, world, rank == 0, timeout)
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
         else:  # a lone process: world size 1 on a private port, without touching os.environ (children inherit it)
-            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                                    world_size=1, timeout=timedelta(seconds=timeout_s))
+            store = tcp_store(bind_host, 0, 1, True, timeout)
+            dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
     world = dist.get_world_size()
     if world % tp_size:
         raise ValueError(f"trainer.tensor_parallel_size={tp_size} does not divide the world size {world}")

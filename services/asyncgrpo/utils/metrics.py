@@ -43,7 +43,8 @@ def histogram(name: str, doc: str, labels: Sequence[str] = (), buckets: Sequence
     return _get(Histogram, name, doc, labels, **kw)  # type: ignore[return-value]
 
 
-def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:
-    """Expose REGISTRY on http://addr:port/metrics from a background thread (port 0 disables)."""
+def serve_metrics(port: int, host: str) -> None:
+    """Expose REGISTRY on http://host:port/metrics from a background thread (port 0 disables); `host` is
+    the configured interface (bind_host), never every interface by default."""
     if port:
-        start_http_server(port, addr=addr, registry=REGISTRY)
+        start_http_server(port, addr=host, registry=REGISTRY)

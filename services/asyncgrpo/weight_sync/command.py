@@ -30,14 +30,15 @@ async def serve(settings) -> int:  # type: ignore[no-untyped-def]
 
     log = logging.getLogger("asyncgrpo.weight_sync")
     service = WeightSyncService(settings)
-    server = uvicorn.Server(uvicorn.Config(build_app(service), host=settings.host, port=settings.port,
+    server = uvicorn.Server(uvicorn.Config(build_app(service, settings.api_key, settings.admin_api_key),
+                                           host=settings.host, port=settings.port,
                                            log_level="warning", lifespan="off"))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    serve_metrics(settings.metrics_port)
+    serve_metrics(settings.metrics_port, settings.host)
     await service.start()
     api = asyncio.create_task(server.serve())
     log.info("weight-sync on %s (backend %s, dtype %s, buckets %.3g MiB, snapshot %s), servers %s, disk servers %s",
@@ -57,6 +58,19 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from asyncgrpo.utils.logging import setup_logging
     from asyncgrpo.weight_sync.settings import resolve
 
+    from asyncgrpo.config import ConfigError
+    from asyncgrpo.weight_sync.snapshot import SnapshotInUse
+
+    from asyncgrpo.utils.auth import unprotected_listener
+
     setup_logging("weight-sync")
     torch.set_num_threads(1)
-    return asyncio.run(serve(resolve(load_config(args.config, overrides))))
+    settings = resolve(load_config(args.config, overrides))
+    problem = unprotected_listener("weight-sync", settings.host, settings.api_key, settings.admin_api_key,
+                                   "--auth.api_key/--auth.admin_api_key")
+    if problem is not None:
+        raise ConfigError(problem.removeprefix("asyncgrpo weight-sync: "))
+    try:
+        return asyncio.run(serve(settings))
+    except SnapshotInUse as e:
+        raise ConfigError(str(e)) from None

@@ -30,6 +30,8 @@ class SyncSettings:
     auto_disk_fallback: bool
     keep_checkpoints: int
     metrics_port: int
+    api_key: str | None  # cfg.auth resolved (env fallback): sent to the servers and required by this service's API
+    admin_api_key: str | None
 
 
 def _cuda() -> bool:
@@ -42,7 +44,10 @@ def _cuda() -> bool:
 
 
 def resolve(cfg) -> SyncSettings:  # type: ignore[no-untyped-def]
+    from asyncgrpo.utils.auth import resolve_keys
+
     ws = cfg.weight_sync
+    api_key, admin_api_key = resolve_keys(cfg.auth.api_key, cfg.auth.admin_api_key)
     backend = ws.backend if ws.backend != "auto" else ("nccl" if _cuda() else "gloo")
     dtype = ws.dtype if ws.dtype != "auto" else ("bfloat16" if backend == "nccl" else None)
     servers = list(ws.servers) if ws.servers is not None else list(cfg.rollout.server_urls)
@@ -59,4 +64,5 @@ def resolve(cfg) -> SyncSettings:  # type: ignore[no-untyped-def]
         port=ws.port, master_address=ws.master_address, master_port=ws.master_port, pause_mode=ws.pause_mode,
         group_timeout_s=ws.group_timeout_s, collective_timeout_s=ws.collective_timeout_s,
         request_timeout_s=ws.request_timeout_s, resync_interval_s=ws.resync_interval_s,
-        auto_disk_fallback=ws.auto_disk_fallback, keep_checkpoints=ws.keep_checkpoints, metrics_port=ws.metrics_port)
+        auto_disk_fallback=ws.auto_disk_fallback, keep_checkpoints=ws.keep_checkpoints, metrics_port=ws.metrics_port,
+        api_key=api_key, admin_api_key=admin_api_key)
