@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from asyncgrpo.sglang.buckets import unpack_bucket
 from asyncgrpo.weight_sync.checkpoint import write_checkpoint
 from asyncgrpo.weight_sync.layout import BUCKET_ALIGN, Layout, TensorSpec, plan_layout, tensor_views
 from asyncgrpo.weight_sync.publisher import WeightPublisher
-from asyncgrpo.weight_sync.snapshot import SnapshotDir
+from asyncgrpo.weight_sync.snapshot import OWNER, READER, SnapshotInUse, SnapshotDir
 
 
 def _weights(seed: int = 0) -> list[tuple[str, torch.Tensor]]:
@@ -95,13 +96,39 @@ def test_publish_errors_name_the_problem(tmp_path: Path) -> None:
         pub.publish(_weights()[:2], version=3)
 
 
-def test_new_publisher_continues_the_slot_cycle_and_may_go_back(tmp_path: Path) -> None:
-    """A restarted trainer (new publisher) writes the slot the service is not reading and may publish a
-    lower version than the last one (resumed from an older checkpoint)."""
-    WeightPublisher(tmp_path).publish(_weights(), version=4)  # slot 0
+def _kill(pub: WeightPublisher) -> None:
+    """What a SIGKILL does to a publisher: its owner lock is released, nothing is cleaned up."""
+    os.close(pub.snapshot._roles.pop(OWNER))
+
+
+def test_new_publisher_forgets_the_old_versions_and_continues_the_slot_cycle(tmp_path: Path) -> None:
+    """A restarted trainer (new publisher) must not let the service serve its predecessor's versions (finding
+    8: a new run found the last run's snapshot and served it), writes the slot the service is not reading,
+    and may publish a lower version than the last one (resumed from an older checkpoint)."""
+    old = WeightPublisher(tmp_path)
+    old.publish(_weights(), version=4)  # slot 0
+    _kill(old)
+    assert SnapshotDir(tmp_path).latest() is None, "a dead trainer's snapshot is not served"
     pub = WeightPublisher(tmp_path)
+    assert SnapshotDir(tmp_path).latest() is None, "the new trainer forgot version 4"
     res = pub.publish(_weights(), version=3)
     assert res.slot == 1 and SnapshotDir(tmp_path).latest() == {"slot": 1, "version": 3}
+
+
+def test_one_live_trainer_and_one_live_service_per_snapshot(tmp_path: Path) -> None:
+    pub = WeightPublisher(tmp_path)
+    with pytest.raises(SnapshotInUse, match=f"pid {os.getpid()}"):
+        WeightPublisher(tmp_path)
+    reader = SnapshotDir(tmp_path)
+    reader.claim(READER)
+    with pytest.raises(SnapshotInUse, match="weight-sync"):
+        SnapshotDir(tmp_path).claim(READER)
+    pub.publish(_weights(), version=1)
+    # the last of the two to leave removes the directory: nothing stays behind in /dev/shm
+    pub.close()
+    assert tmp_path.exists() and reader.latest() is None
+    reader.release(READER)
+    assert not tmp_path.exists()
 
 
 def _hold_shared_lock(path: str, ready, release) -> None:  # type: ignore[no-untyped-def]

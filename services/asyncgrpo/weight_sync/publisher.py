@@ -24,7 +24,7 @@ import torch
 from asyncgrpo.sglang.buckets import dtype_from_name
 from asyncgrpo.utils.metrics import gauge, histogram
 from asyncgrpo.weight_sync.layout import Layout, TensorSpec, dtype_name, plan_layout, tensor_views
-from asyncgrpo.weight_sync.snapshot import N_SLOTS, Manifest, SnapshotDir
+from asyncgrpo.weight_sync.snapshot import N_SLOTS, OWNER, Manifest, SnapshotDir
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +50,21 @@ class WeightPublisher:
     """
 
     def __init__(self, snapshot_dir: str | Path, service_url: str | None = None, dtype: str | torch.dtype | None = None,
-                 bucket_bytes: int = 512 << 20, notify_timeout_s: float = 10.0) -> None:
+                 bucket_bytes: int = 512 << 20, notify_timeout_s: float = 10.0, key: str | None = None) -> None:
         self.snapshot = SnapshotDir(snapshot_dir)
+        # The one live writer of this snapshot (SnapshotInUse otherwise). What an earlier process published is
+        # not this model's: forget it, but keep the slot cycle so the first write avoids the slot a reader may
+        # still be broadcasting from.
+        self.snapshot.claim(OWNER)
+        stale = self.snapshot.latest()
+        self.snapshot.clear()
+        self._last_slot = stale["slot"] if stale else N_SLOTS - 1
         self.service_url = service_url.rstrip("/") if service_url else None
         self.dtype = dtype_name(dtype) if dtype is not None else None
         self.bucket_bytes = int(bucket_bytes)
         self.notify_timeout_s = notify_timeout_s
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}  # /publish is an admin endpoint
         self._layout: Layout | None = None
-        latest = self.snapshot.latest()
-        self._last_slot = latest["slot"] if latest else N_SLOTS - 1
         # Versions must increase within one publisher; a new one (a restarted trainer, resumed from a
         # checkpoint older than the last published version) may go back: its version is the truth.
         self._last_version: int | None = None
@@ -69,7 +75,11 @@ class WeightPublisher:
         from asyncgrpo.weight_sync.settings import resolve
 
         s = resolve(cfg)
-        return cls(s.snapshot_dir, s.service_url, s.wire_dtype, s.bucket_bytes)
+        return cls(s.snapshot_dir, s.service_url, s.wire_dtype, s.bucket_bytes, key=s.admin_api_key or s.api_key)
+
+    def close(self) -> None:
+        """Stop owning the snapshot (the weight-sync service, if it outlives us, removes it when it stops)."""
+        self.snapshot.release(OWNER)
 
     def _spec(self, name: str, t: torch.Tensor) -> TensorSpec:
         return TensorSpec(name, self.dtype or dtype_name(t.dtype), tuple(int(x) for x in t.shape))
@@ -121,7 +131,7 @@ class WeightPublisher:
             return False
         try:
             r = httpx.post(f"{self.service_url}/publish", json={"version": version, "blocked_s": blocked_s},
-                           timeout=self.notify_timeout_s)
+                           headers=self._headers, timeout=self.notify_timeout_s)
             r.raise_for_status()
             return True
         except httpx.HTTPError as e:

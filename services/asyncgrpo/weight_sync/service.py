@@ -35,7 +35,7 @@ from asyncgrpo.weight_sync.checkpoint import write_checkpoint
 from asyncgrpo.utils.net import free_port
 from asyncgrpo.weight_sync.group import BroadcastGroup
 from asyncgrpo.weight_sync.settings import SyncSettings
-from asyncgrpo.weight_sync.snapshot import Manifest, SnapshotDir
+from asyncgrpo.weight_sync.snapshot import READER, Manifest, SnapshotDir
 
 log = logging.getLogger("asyncgrpo.weight_sync")
 
@@ -131,6 +131,7 @@ class WeightSyncService:
 
     # ---------------- lifecycle ----------------
     async def start(self) -> None:
+        self.snapshot.claim(READER)  # SnapshotInUse if another live weight-sync reads this snapshot
         latest = self.snapshot.latest()
         if latest is not None:
             self.published_version = latest["version"]
@@ -153,6 +154,7 @@ class WeightSyncService:
             await self._teardown_group()
             for m in self.members.values():
                 await m.client.aclose()
+        self.snapshot.release(READER)
 
     # ---------------- control functions (HTTP now, gRPC later) ----------------
     async def register(self, url: str, transport: str = "distributed") -> dict[str, Any]:
@@ -163,7 +165,7 @@ class WeightSyncService:
         m = self.members.get(url)
         if m is None:
             client = SGLangClient(url, timeout_s=self.s.request_timeout_s, connect_timeout_s=min(5.0, self.s.request_timeout_s),
-                                  retries=0)
+                                  retries=0, api_key=self.s.api_key, admin_api_key=self.s.admin_api_key)
             m = self.members[url] = Member(url=url, transport=transport, client=client)
             log.info("server %s registered (transport %s)", url, transport)
         elif m.state != "ready":
@@ -481,7 +483,7 @@ class WeightSyncService:
             await asyncio.gather(*(self._leave_old(m) for m in todo))
             self._gen += 1
             name = f"asyncgrpo-ws-{os.getpid()}-{self._gen}"
-            port = s.master_port or free_port("")  # any interface: peers may connect from other hosts
+            port = s.master_port or free_port(s.master_address)
             group = BroadcastGroup(name=name, backend=s.backend, master_address=s.master_address, master_port=port,
                                    world_size=len(todo) + 1, timeout_s=s.collective_timeout_s)
             errors: dict[str, str] = {}

@@ -5,6 +5,15 @@ Files in `snapshot_dir`:
   slot0.bin, slot1.bin  the weights of one version each, laid out as the flattened buckets (layout.py)
   slot0.json, slot1.json the manifest of what a slot holds (version, layout), written under the slot lock
   latest.json           {"slot", "version"}: the newest complete slot (atomic rename)
+  owner.lock            flock'ed (exclusive) by the live trainer that writes this snapshot
+  reader.lock           flock'ed (exclusive) by the live weight-sync service that reads it
+
+A snapshot belongs to one run: a second live trainer or weight-sync on the same directory is refused
+(SnapshotInUse, naming the holder's pid), a starting trainer clears what an earlier process left (its
+versions are not this model's), the reader trusts a snapshot only while its trainer holds owner.lock (a
+dead run's weights are never served to a new run's servers), and whoever of the two stops last removes
+the directory, so nothing stays behind in /dev/shm. Locks held by a killed process are released by the
+kernel, so a restarted trainer or service takes its role back at once.
 
 Locking (fcntl.flock on the .bin file): the writer holds LOCK_EX while it fills a slot, the service holds
 LOCK_SH while it broadcasts from one. The writer always fills the slot that is *not* the latest, so it
@@ -16,9 +25,11 @@ reads is seen consistently.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +41,11 @@ import torch
 from asyncgrpo.weight_sync.layout import Layout
 
 N_SLOTS = 2
+OWNER, READER = "owner", "reader"
+
+
+class SnapshotInUse(RuntimeError):
+    """Another live process holds this snapshot directory's role (another run with the same names?)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +80,82 @@ class SnapshotDir:
         # Mappings are kept: a fresh mmap per version would page-fault on every page of the model again
         # (measured: the first broadcast from a fresh mapping runs at ~2/3 of the warm speed).
         self._maps: dict[int, tuple[tuple[int, int, int], torch.Tensor]] = {}
+        self._roles: dict[str, int] = {}  # role -> fd holding its flock
+
+    # -- ownership -------------------------------------------------------------------------------------
+    def lock_path(self, role: str) -> Path:
+        return self.path / f"{role}.lock"
+
+    def claim(self, role: str) -> None:
+        """Hold `role` (OWNER: the trainer, READER: the weight-sync service) for this process's life, or
+        raise SnapshotInUse if another live process holds it."""
+        if role in self._roles:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path(role), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise
+            who = "trainer" if role == OWNER else "weight-sync service"
+            raise SnapshotInUse(
+                f"weight snapshot {self.path} is in use by a live {who} (pid {holder}): another run with the same "
+                "experiment_name/trial_name on this host? Use another trial_name or set weight_sync.snapshot_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._roles[role] = fd
+
+    def alive(self, role: str) -> bool:
+        """True while a live process (this one included) holds `role`."""
+        if role in self._roles:
+            return True
+        try:
+            fd = os.open(self.lock_path(role), os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                return True
+            raise
+        finally:
+            os.close(fd)  # releases the probe's lock, if it got one
+        return False
+
+    def owner_alive(self) -> bool:
+        return self.alive(OWNER)
+
+    def clear(self) -> None:
+        """Forget every published version (a new trainer process: versions of an earlier one are not its model's)."""
+        for p in [self.latest_path, *(self.manifest_path(i) for i in range(N_SLOTS))]:
+            p.unlink(missing_ok=True)
+
+    def release(self, role: str) -> None:
+        """Give `role` up; the last of trainer and service to leave removes the directory."""
+        fd = self._roles.pop(role, None)
+        if fd is None:
+            return
+        self.lock_path(role).unlink(missing_ok=True)
+        os.close(fd)
+        self._maps.clear()
+        if not self.alive(READER if role == OWNER else OWNER):
+            self.remove()
+
+    def remove(self) -> None:
+        """Delete the snapshot directory, and its parents up to the first that is not empty."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        parent = self.path.parent
+        while parent != parent.parent:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
 
     def bin_path(self, slot: int) -> Path:
         return self.path / f"slot{slot}.bin"
@@ -76,6 +168,10 @@ class SnapshotDir:
         return self.path / "latest.json"
 
     def latest(self) -> dict[str, int] | None:
+        """The newest published {slot, version}, or None (nothing published, or the trainer that published
+        it is gone: a reader never serves a dead run's weights)."""
+        if not self.owner_alive():
+            return None
         try:
             obj = json.loads(self.latest_path.read_text())
             return {"slot": int(obj["slot"]), "version": int(obj["version"])}
@@ -125,5 +221,8 @@ class SnapshotDir:
             yield None
             return
         with self._locked(latest["slot"], fcntl.LOCK_SH):
-            manifest = Manifest.from_json(json.loads(self.manifest_path(latest["slot"]).read_text()))
-            yield manifest, self._map(manifest.slot, manifest.layout.total_bytes)
+            try:
+                manifest = Manifest.from_json(json.loads(self.manifest_path(latest["slot"]).read_text()))
+            except FileNotFoundError:  # a new trainer cleared the snapshot meanwhile
+                manifest = None
+            yield None if manifest is None else (manifest, self._map(manifest.slot, manifest.layout.total_bytes))
