@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "weight-sync": ("asyncgrpo.weight_sync.command", "Broadcast each new policy version to the generation servers."),
     "genserver": ("asyncgrpo.genserver.command", "Serve an HF model over SGLang's HTTP API (CPU/test stand-in for SGLang)."),
     "trainer": ("asyncgrpo.trainer.command", "Train the policy (megatron-core GRPO) on the scored groups in Redis; checkpoints and resumes."),
+    "up": ("asyncgrpo.launch.up", "Run the whole system on this machine as processes, then evaluate before -> after."),
 }
 
 

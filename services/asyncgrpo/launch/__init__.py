@@ -1,0 +1,1 @@
+"""Running the services of a run together on one machine (`asyncgrpo up`)."""

@@ -1,0 +1,317 @@
+"""`asyncgrpo up --config run.yaml [--steps N] [overrides]`: the whole system on one machine as processes.
+
+Validates the config before anything starts, then starts in order: a private redis-server (AOF, a generated
+password, loopback only) unless --redis-url is given, the genserver(s), weight-sync, rollout and the trainer,
+each waited for until healthy. Shared secrets are generated per run and reach the services through the
+environment (never a file or a command line). The weight snapshot lives in a shared-memory directory of
+this run's own. When any service exits early, everything else stops at once and that service's last log
+lines are printed. When the trainer has taken its steps everything stops in reverse order, the policy is
+evaluated before and after on held-out prompts (eval.json in the run directory) and one line says
+before -> after. SIGINT / SIGTERM stop everything the same way (a second one kills at once).
+
+Run directory: config.yaml (keys removed), logs/*.log, redis/ (AOF), checkpoints/, hf/version_N (the final
+model), weight_sync/ (disk-transport checkpoints), eval.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ACCEPTS_OVERRIDES = True
+
+EVAL_PROMPTS, EVAL_SAMPLES, EVAL_SEED = 200, 4, 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from asyncgrpo.config.command import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps to train (default: trainer.max_steps)")
+    parser.add_argument("--run-dir", default=None, help="run directory (default: FILEROOT/EXPERIMENT-YYYYmmdd-HHMMSS)")
+    parser.add_argument("--redis-url", default=None, help="use this Redis instead of starting a private redis-server")
+    parser.add_argument("--genservers", type=int, default=1, help="generation servers to start (default 1)")
+    parser.add_argument("--eval-data", default=None,
+                        help="held-out JSONL for the before/after evaluation (default: test.jsonl beside train_dataset.path)")
+    parser.add_argument("--eval-prompts", type=int, default=EVAL_PROMPTS, help="held-out prompts evaluated (0 skips)")
+    parser.add_argument("--dry-run", action="store_true", help="print what would be started, start nothing")
+
+
+class _Stop(Exception):
+    """SIGINT / SIGTERM received."""
+
+
+def _fail(msg: str) -> int:
+    print(f"asyncgrpo up: {msg}", file=sys.stderr)
+    return 1
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from asyncgrpo.config import ConfigError, load_config
+    from asyncgrpo.launch.procs import ServiceFailed, Supervisor
+
+    cfg = load_config(args.config, overrides)  # a typo fails here, before anything starts (ConfigError: one line)
+    if args.steps is not None:
+        if args.steps < 1:
+            raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+        cfg.trainer.max_steps = args.steps
+    if cfg.trainer.max_steps is None:
+        raise ConfigError("the run needs an end: pass --steps N or set trainer.max_steps")
+    _check_inputs(cfg, args)
+    if args.genservers < 1:
+        raise ConfigError(f"--genservers must be >= 1, got {args.genservers}")
+    eval_data = _eval_data(cfg, args)
+
+    run_dir = Path(args.run_dir or Path(cfg.fileroot) / f"{cfg.experiment_name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    plan = plan_run(cfg, run_dir, genservers=args.genservers, redis_url=args.redis_url)
+    if args.dry_run:
+        for svc in plan.services:
+            print(f"{svc.name:<12} {svc.command_line()}")
+        print(f"{'snapshot':<12} {plan.snapshot_dir}")
+        return 0
+
+    plan.write()
+    sup = Supervisor({**os.environ, **plan.env})
+    stop = {"n": 0}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop["n"] += 1
+        if stop["n"] == 1:
+            raise _Stop(signal.Signals(signum).name)
+        for s in sup.services:  # second signal: now
+            if s.running:
+                s.proc.kill()  # type: ignore[union-attr]
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    steps = plan.cfg.trainer.max_steps
+    print(f"asyncgrpo up: {steps} steps, logs in {run_dir / 'logs'}", flush=True)
+    code = 0
+    try:
+        try:
+            for svc in plan.services:
+                sup.start(svc)
+            _watch(sup, run_dir / "logs" / "trainer.log")
+        except ServiceFailed as e:
+            code = _fail(str(e))
+        except _Stop as e:
+            print(f"asyncgrpo up: {e}: stopping every service", file=sys.stderr)
+            code = 130
+        try:
+            sup.stop_all()
+        except _Stop:
+            sup.stop_all()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        shutil.rmtree(plan.snapshot_dir, ignore_errors=True)
+    _report_log_problems(run_dir / "logs")
+    if code:
+        return code
+    final = _final_model(run_dir)
+    if final is None:
+        return _fail(f"no final HF model under {run_dir / 'hf'}; see {run_dir / 'logs' / 'trainer.log'}")
+    print(f"final model: {final}")
+    if eval_data is not None and args.eval_prompts > 0:
+        _evaluate(cfg, Path(cfg.actor.path), final, eval_data, args.eval_prompts, run_dir / "eval.json")
+    return 0
+
+
+# -- planning ------------------------------------------------------------------------------------------------
+def _check_inputs(cfg: Any, args: argparse.Namespace) -> None:
+    from asyncgrpo.config import ConfigError
+
+    if not (Path(cfg.actor.path) / "config.json").is_file():
+        raise ConfigError(f"actor.path {cfg.actor.path!r} is not an HF checkpoint directory (no config.json); "
+                          "for the tiny example run `asyncgrpo prepare --out runs/tiny` first")
+    if not Path(cfg.train_dataset.path).is_file():
+        raise ConfigError(f"train_dataset.path {cfg.train_dataset.path!r} does not exist; "
+                          "for the tiny example run `asyncgrpo prepare --out runs/tiny` first")
+    if args.redis_url is None and shutil.which("redis-server") is None:
+        raise ConfigError("redis-server not found on PATH: apt-get install -y redis-server, or pass --redis-url")
+
+
+def _eval_data(cfg: Any, args: argparse.Namespace) -> Path | None:
+    from asyncgrpo.config import ConfigError
+
+    if args.eval_data:
+        if not Path(args.eval_data).is_file():
+            raise ConfigError(f"--eval-data {args.eval_data!r} does not exist")
+        return Path(args.eval_data)
+    beside = Path(cfg.train_dataset.path).with_name("test.jsonl")
+    return beside if beside.is_file() else None
+
+
+def _snapshot_root() -> Path:
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+@dataclass
+class RunPlan:
+    """What `up` starts: the run's config (ports, paths filled in), its services in start order, the
+    environment they share (the run's keys) and the files to write before starting (mode 600)."""
+
+    run_dir: Path
+    cfg: Any
+    services: list[Any]
+    env: dict[str, str]
+    snapshot_dir: Path
+    files: dict[Path, str] = field(default_factory=dict)
+
+    def service(self, name: str) -> Any:
+        return next(s for s in self.services if s.name == name)
+
+    def write(self) -> None:
+        from asyncgrpo.config import dump_config
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+        for path, text in self.files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+            path.write_text(text)
+
+
+def plan_run(cfg: Any, run_dir: Path, *, genservers: int = 1, redis_url: str | None = None) -> RunPlan:
+    """The run's config (ports, paths, secrets filled in) and its services in start order."""
+    import httpx
+
+    from asyncgrpo.launch.procs import Service
+    from asyncgrpo.queue import make_redis
+    from asyncgrpo.utils.net import free_port
+
+    cfg = cfg.model_copy(deep=True)
+    logs = run_dir / "logs"
+    exe = [sys.executable, "-m", "asyncgrpo.cli"]
+    api_key = cfg.auth.api_key or os.environ.get("ASYNCGRPO_API_KEY") or secrets.token_urlsafe(24)
+    admin_key = cfg.auth.admin_api_key or os.environ.get("ASYNCGRPO_ADMIN_API_KEY") or secrets.token_urlsafe(24)
+    cfg.auth.api_key = cfg.auth.admin_api_key = None  # the keys travel in the environment, never in a file
+    env = {"ASYNCGRPO_API_KEY": api_key, "ASYNCGRPO_ADMIN_API_KEY": admin_key, "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    host = "127.0.0.1"
+    services: list[Service] = []
+    files: dict[Path, str] = {}  # written (mode 600) by run() before anything starts
+
+    if redis_url:
+        cfg.redis.url = redis_url
+    else:
+        port, password = free_port(host), secrets.token_urlsafe(24)
+        cfg.redis.url = f"redis://:{password}@{host}:{port}/0"
+        # the password stays off redis-server's command line (visible to every local user): a config file
+        # only this user can read, written by run() next to the AOF
+        conf = run_dir / "redis" / "redis.conf"
+        files[conf] = f"requirepass {password}\n"
+        services.append(Service(
+            "redis", ["redis-server", str(conf), "--port", str(port), "--bind", host, "--protected-mode", "yes",
+                      "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(conf.parent)],
+            logs / "redis.log", health=lambda url=cfg.redis.url: make_redis(url).ping(), start_timeout_s=30))
+
+    gen_urls = []
+    for i in range(genservers):
+        port = free_port(host)
+        url = f"http://{host}:{port}"
+        gen_urls.append(url)
+        services.append(Service(
+            f"genserver{i}" if genservers > 1 else "genserver",
+            [*exe, "genserver", "--model", str(cfg.actor.path), "--host", host, "--port", str(port), "--weight-version", "0"],
+            logs / (f"genserver{i}.log" if genservers > 1 else "genserver.log"),
+            health=lambda url=url: httpx.get(f"{url}/health", timeout=2).status_code == 200, start_timeout_s=180))
+    cfg.rollout.server_urls = gen_urls
+    cfg.weight_sync.host = host
+    cfg.weight_sync.port = free_port(host)
+    snapshot_dir = _snapshot_root() / "asyncgrpo" / f"{run_dir.name}-{secrets.token_hex(4)}"
+    cfg.weight_sync.snapshot_dir = str(snapshot_dir)
+    cfg.weight_sync.checkpoint_dir = str(run_dir / "weight_sync")
+    cfg.trainer.checkpoint_dir = str(run_dir / "checkpoints")
+    if not cfg.trainer.hf_save_interval:
+        cfg.trainer.hf_save_interval = cfg.trainer.max_steps
+    cfg.fileroot = str(run_dir)
+
+    conf_args = ["--config", str(run_dir / "config.yaml")]
+    ws_url = f"http://{host}:{cfg.weight_sync.port}"
+    services.append(Service("weight-sync", [*exe, "weight-sync", *conf_args], logs / "weight_sync.log",
+                            health=lambda: httpx.get(f"{ws_url}/health", timeout=2).status_code == 200, start_timeout_s=60))
+    # rollout: the first SIGTERM lets running groups finish and be queued, a second cuts them short
+    services.append(Service("rollout", [*exe, "rollout", *conf_args], logs / "rollout.log",
+                            stop_sequence=((signal.SIGTERM, 15.0), (signal.SIGTERM, 10.0))))
+    # trainer: SIGTERM stops after the current step and checkpoints
+    services.append(Service("trainer", [*exe, "trainer", *conf_args], logs / "trainer.log",
+                            stop_sequence=((signal.SIGTERM, 120.0),)))
+    return RunPlan(run_dir, cfg, services, env, snapshot_dir, files)
+
+
+# -- running -------------------------------------------------------------------------------------------------
+def _watch(sup: Any, trainer_log: Path) -> None:
+    """Until the trainer exits 0 (done) or any service exits early (ServiceFailed). Echoes step lines."""
+    from asyncgrpo.launch.procs import ServiceFailed, tail
+
+    trainer = next(s for s in sup.services if s.name == "trainer")
+    pos = 0
+    while True:
+        pos = _echo_steps(trainer_log, pos)
+        for svc in sup.exited():
+            code = svc.proc.returncode
+            if svc is trainer and code == 0:
+                _echo_steps(trainer_log, pos)
+                return
+            raise ServiceFailed(f"{svc.name} exited with code {code}; stopping the others. Last lines of {svc.log}:\n"
+                                f"{tail(svc.log)}")
+        time.sleep(0.5)
+
+
+def _echo_steps(log: Path, pos: int) -> int:
+    try:
+        with log.open("rb") as f:
+            f.seek(pos)
+            data = f.read()
+    except OSError:
+        return pos
+    end = data.rfind(b"\n") + 1
+    for line in data[:end].decode(errors="replace").splitlines():
+        if "] asyncgrpo.trainer.service: step " in line or "trainer done:" in line:
+            print(line.split(": ", 1)[-1], flush=True)
+    return pos + end
+
+
+def _report_log_problems(logs: Path) -> None:
+    """A clean run leaves no ERROR line and no traceback in any log; say so when one does."""
+    for log in sorted(logs.glob("*.log")):
+        text = log.read_text(errors="replace")
+        bad = sum(1 for line in text.splitlines() if " ERROR " in line or line.startswith("Traceback"))
+        if bad:
+            print(f"asyncgrpo up: {bad} ERROR/traceback line(s) in {log}", file=sys.stderr)
+
+
+def _final_model(run_dir: Path) -> Path | None:
+    versions = sorted(((int(p.name.removeprefix("version_")), p) for p in (run_dir / "hf").glob("version_*")
+                       if p.name.removeprefix("version_").isdigit()), reverse=True)
+    return versions[0][1] if versions else None
+
+
+def _evaluate(cfg: Any, before: Path, after: Path, data: Path, prompts: int, out: Path) -> None:
+    import torch
+
+    from asyncgrpo.tiny.evaluate import EvalConfig, evaluate
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    ecfg = EvalConfig(temperature=cfg.actor.temperature, n_samples=EVAL_SAMPLES, max_new_tokens=cfg.rollout.max_new_tokens,
+                      max_prompts=prompts, seed=EVAL_SEED, reward_fns=tuple(cfg.reward.fns),
+                      prompt_key=cfg.train_dataset.prompt_key, answer_key=cfg.train_dataset.answer_key)
+    print(f"evaluating before and after on {prompts} held-out prompts x {EVAL_SAMPLES} samples ...", flush=True)
+    res = {"before": asdict(evaluate(before, data, ecfg)), "after": asdict(evaluate(after, data, ecfg))}
+    out.write_text(json.dumps(res, indent=1))
+    fn = cfg.reward.fns[0]
+    b, a = res["before"], res["after"]
+    print(f"held-out {fn} reward, {prompts} prompts x {EVAL_SAMPLES} samples: sampled {b['reward'][fn]:.3f} -> "
+          f"{a['reward'][fn]:.3f} ({a['reward'][fn] - b['reward'][fn]:+.3f}), greedy {b['greedy_reward'][fn]:.3f} -> "
+          f"{a['greedy_reward'][fn]:.3f} ({a['greedy_reward'][fn] - b['greedy_reward'][fn]:+.3f}); {out}")

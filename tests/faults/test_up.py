@@ -1,0 +1,107 @@
+"""`asyncgrpo up` as a user runs it: a typo fails before anything starts, a service that dies takes the run
+down at once with its last log lines, SIGTERM stops everything and leaves no process and no shared memory,
+and a clean run ends with an eval.json, one before -> after line and no ERROR line in any log."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from faults.system import write_dataset
+
+pytestmark = pytest.mark.slow
+
+
+def _config(tmp: Path, model_dir: Path) -> Path:
+    data = write_dataset(tmp / "train.jsonl", 200)
+    write_dataset(tmp / "test.jsonl", 20)
+    cfg = {"experiment_name": "up", "actor": {"path": str(model_dir), "group_size": 4, "dynamic_filtering": False},
+           "train_dataset": {"path": str(data), "batch_size": 4},
+           "rollout": {"max_new_tokens": 8, "max_concurrent_rollouts": 8}, "trainer": {"checkpoint_interval": 2}}
+    path = tmp / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _up(*args: str, **kw) -> subprocess.Popen[str]:  # type: ignore[no-untyped-def]
+    return subprocess.Popen([sys.executable, "-m", "asyncgrpo.cli", "up", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            start_new_session=True, **kw)
+
+
+def _children_alive(run_dir: Path) -> list[str]:
+    """Processes whose command line names this run directory (its services)."""
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if str(run_dir) in line and "ps -eo" not in line]
+
+
+def _snapshots(run_dir: Path) -> list[Path]:
+    return [p for p in Path("/dev/shm/asyncgrpo").glob(f"{run_dir.name}-*")] if Path("/dev/shm/asyncgrpo").exists() else []
+
+
+def test_a_typo_fails_before_anything_starts(tmp_path: Path, tiny_model_dir: Path) -> None:
+    cfg = _config(tmp_path, tiny_model_dir)
+    t0 = time.monotonic()
+    p = _up("--config", str(cfg), "--steps", "2", "--actor.grup_size=4", "--run-dir", str(tmp_path / "run"))
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 2 and time.monotonic() - t0 < 30
+    assert out.strip().splitlines() == ["asyncgrpo up: unknown config key 'actor.grup_size'. Did you mean "
+                                        "'actor.group_size'? Valid keys at actor: " + out.split("Valid keys at actor: ")[1].strip()]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_service_that_dies_stops_the_run_with_its_last_lines(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The rollout service dies at start (its dataset disappears after validation): up stops everything at once and
+    prints the rollout's last log lines, instead of waiting minutes for a health check."""
+    cfg = _config(tmp_path, tiny_model_dir)
+    run_dir = tmp_path / "run"
+    p = _up("--config", str(cfg), "--steps", "50", "--run-dir", str(run_dir), "--eval-prompts", "0")
+    deadline = time.monotonic() + 120
+    while not (run_dir / "logs" / "weight_sync.log").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (tmp_path / "train.jsonl").write_text("this is not json\n")  # rollout reads it when it starts, after this
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 1, out
+    assert "rollout exited with code" in out and "Last lines of" in out, out
+    assert not _children_alive(run_dir) and not _snapshots(run_dir)
+
+
+def test_sigterm_stops_everything_and_a_clean_run_reports(tmp_path: Path, tiny_model_dir: Path) -> None:
+    cfg = _config(tmp_path, tiny_model_dir)
+    # SIGTERM in the middle of a run
+    stopped = tmp_path / "stopped"
+    p = _up("--config", str(cfg), "--steps", "500", "--run-dir", str(stopped))
+    trainer_log = stopped / "logs" / "trainer.log"
+    deadline = time.monotonic() + 240
+    while not (trainer_log.exists() and "step 2:" in trainer_log.read_text(errors="replace")):
+        assert p.poll() is None, p.communicate()[0]
+        assert time.monotonic() < deadline, "no step 2 within 240 s"
+        time.sleep(0.5)
+    assert _snapshots(stopped), "the run's snapshot is in /dev/shm while it runs"
+    os.killpg(p.pid, signal.SIGTERM)
+    out, _ = p.communicate(timeout=240)
+    assert p.returncode == 130, out
+    assert not _children_alive(stopped), _children_alive(stopped)
+    assert not _snapshots(stopped), "shared memory removed"
+
+    # a short clean run
+    clean = tmp_path / "clean"
+    p = _up("--config", str(cfg), "--steps", "3", "--run-dir", str(clean), "--eval-prompts", "8")
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    assert (clean / "eval.json").is_file() and (clean / "hf" / "version_3" / "config.json").is_file()
+    summary = [line for line in out.splitlines() if line.startswith("held-out gsm8k reward")]
+    assert len(summary) == 1 and "->" in summary[0], out
+    assert "ERROR/traceback" not in out, out
+    for log in (clean / "logs").glob("*.log"):
+        bad = [line for line in log.read_text(errors="replace").splitlines() if " ERROR " in line or "Traceback" in line]
+        assert not bad, f"{log.name}: {bad}"
+    assert not _children_alive(clean) and not _snapshots(clean)
+    assert "api_key: null" in (clean / "config.yaml").read_text(), "the run's keys never land in a file"
