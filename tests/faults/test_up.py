@@ -57,19 +57,25 @@ def test_a_typo_fails_before_anything_starts(tmp_path: Path, tiny_model_dir: Pat
     assert not (tmp_path / "run").exists()
 
 
+def test_a_bad_dataset_fails_before_anything_starts(tmp_path: Path, tiny_model_dir: Path) -> None:
+    cfg = _config(tmp_path, tiny_model_dir)
+    (tmp_path / "train.jsonl").write_text('{"prompt": "Q: 1+1=?", "answer": "2"}\nthis is not json\n')
+    p = _up("--config", str(cfg), "--steps", "2", "--run-dir", str(tmp_path / "run"))
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 2 and len(out.strip().splitlines()) == 1 and "train.jsonl:2: not valid JSON" in out, out
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_service_that_dies_stops_the_run_with_its_last_lines(tmp_path: Path, tiny_model_dir: Path) -> None:
-    """The rollout service dies at start (its dataset disappears after validation): up stops everything at once and
-    prints the rollout's last log lines, instead of waiting minutes for a health check."""
+    """The trainer exits at start (TP 2 does not divide its world size of 1: only it can know): up stops
+    everything at once and prints the trainer's last log lines, instead of waiting on a health check."""
     cfg = _config(tmp_path, tiny_model_dir)
     run_dir = tmp_path / "run"
-    p = _up("--config", str(cfg), "--steps", "50", "--run-dir", str(run_dir), "--eval-prompts", "0")
-    deadline = time.monotonic() + 120
-    while not (run_dir / "logs" / "weight_sync.log").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    (tmp_path / "train.jsonl").write_text("this is not json\n")  # rollout reads it when it starts, after this
+    p = _up("--config", str(cfg), "--steps", "50", "--run-dir", str(run_dir), "--eval-prompts", "0",
+            "--trainer.tensor_parallel_size=2")
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 1, out
-    assert "rollout exited with code" in out and "Last lines of" in out, out
+    assert "trainer exited with code 2" in out and "Last lines of" in out and "tensor_parallel_size" in out, out
     assert not _children_alive(run_dir) and not _snapshots(run_dir)
 
 

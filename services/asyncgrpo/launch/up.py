@@ -136,6 +136,13 @@ def _check_inputs(cfg: Any, args: argparse.Namespace) -> None:
     if not Path(cfg.train_dataset.path).is_file():
         raise ConfigError(f"train_dataset.path {cfg.train_dataset.path!r} does not exist; "
                           "for the tiny example run `asyncgrpo prepare --out runs/tiny` first")
+    from asyncgrpo.rollout.dataset import load_records
+    from asyncgrpo.tasks.jsonl import TaskDataError
+
+    try:  # the rollout service would find a bad record only after everything started
+        load_records(cfg.train_dataset.path, cfg.train_dataset.prompt_key, cfg.train_dataset.answer_key)
+    except TaskDataError as e:
+        raise ConfigError(str(e)) from None
     if args.redis_url is None and shutil.which("redis-server") is None:
         raise ConfigError("redis-server not found on PATH: apt-get install -y redis-server, or pass --redis-url")
 
