@@ -307,9 +307,11 @@ def _final_model(run_dir: Path) -> Path | None:
 
 def _evaluate(cfg: Any, before: Path, after: Path, data: Path, prompts: int, out: Path) -> None:
     import torch
+    from transformers.utils import logging as hf_logging
 
     from asyncgrpo.tiny.evaluate import EvalConfig, evaluate
 
+    hf_logging.disable_progress_bar()  # two "Loading weights" bars would break the one-line summary's neighbourhood
     torch.set_num_threads(os.cpu_count() or 1)
     ecfg = EvalConfig(temperature=cfg.actor.temperature, n_samples=EVAL_SAMPLES, max_new_tokens=cfg.rollout.max_new_tokens,
                       max_prompts=prompts, seed=EVAL_SEED, reward_fns=tuple(cfg.reward.fns),
