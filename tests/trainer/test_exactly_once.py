@@ -164,3 +164,39 @@ def test_poison_messages_are_dead_lettered_once_and_training_goes_on(tiny_model_
     assert again.resume() == 2
     assert again.run(max_steps=1).groups_trained == 2
     assert len(q.dead_letters()) == 4
+
+
+def test_copies_of_uncheckpointed_groups_are_kept_until_a_checkpoint(tiny_model_dir: Path, tmp_path: Path, redis_server) -> None:
+    """Redis restarted with AOF everysec may lose its last second: a delivery (the same message comes back) or a
+    push (the rollout pushes the group again under a new id). A copy of a group trained since the last
+    checkpoint must not be acknowledged before a checkpoint holds the original, or a crash loses the group."""
+    cfg = _config(tiny_model_dir, tmp_path, redis_server.url, "copies")
+    ids = _push(cfg, 4)
+
+    def crash_after_step(it, version: int) -> None:  # type: ignore[no-untyped-def]
+        raise Crash("killed right after step 1, before any checkpoint")
+
+    a = _service(cfg, crash_after_step)
+    a.resume()
+    with pytest.raises(Crash):
+        a.run(max_steps=1)
+    q, r = a.queue, a.queue.r
+    trained = a.lineage[0]
+    assert a.queue.pending() == 2 and len(a._unacked) == 2
+    # Redis lost the deliveries, and the push of one trained group: the rollout pushed it again
+    r.xgroup_setid(q.keys.stream, q.consumer_group, "0")
+    r.hdel(q.keys.group_ids, trained[0])
+    q.push(_group(cfg.run_id, cfg.actor.group_size, int(trained[0].split("-p")[1].split("-")[0]),
+                  seed=int(trained[0].split("-p")[1].split("-")[0])))
+    a._sort(q.consume(a.consumer, count=10))
+    assert q.depth() == 5, "nothing acknowledged: the copies wait for a checkpoint"
+    assert sorted(g.group_id for _, g in a._pending) == sorted(set(ids) - set(trained))
+    assert "duplicates_dropped" not in a.state.counters()
+
+    # the process dies before any checkpoint: the next one replays everything once
+    b = _service(cfg)
+    assert b.resume() == 0
+    assert b.run(max_steps=2).steps == 2
+    lineage = [g for batch in b.lineage for g in batch]
+    assert sorted(lineage) == sorted(ids), lineage
+    assert q.depth() == 0 and q.pending() == 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -109,7 +110,8 @@ class TrainerService:
     """Runs on every rank; `queue` / `state` / `weight_sink` / `guard` are used on global rank 0 only."""
 
     def __init__(self, cfg: RunConfig, trainer: GRPOTrainer, queue: Any = None, state: Any = None,
-                 weight_sink: WeightSink | None = None, consumer: str = "trainer-0", guard: Any = None) -> None:
+                 weight_sink: WeightSink | None = None, consumer: str = "trainer-0", guard: Any = None,
+                 claim: Any = None) -> None:
         from asyncgrpo.queue.connection import RedisGuard
 
         self.cfg = cfg
@@ -123,12 +125,16 @@ class TrainerService:
             raise ValueError("rank 0 needs the group queue and the run state")
         self.guard = guard or RedisGuard(cfg.redis.url, cfg.redis.outage_deadline_s)
         self.stop_requested = False
+        self.claim = claim  # the run's trainer role (queue/claims.py), renewed by a heartbeat thread
+        self.fenced = False  # another trainer took the role over: this one stops before its next step commits
+        self._beat_stop = threading.Event()
         self.stats = LoopStats()
         self.metrics = _Metrics()
         self._pending: list[tuple[str, Any]] = []  # consumed, not yet trained or dropped
         self._unacked: list[str] = []  # trained, kept pending until a checkpoint holds them
         self.lineage: list[list[str]] = []  # group ids trained at versions 1..version of the model held now
-        self._trained: set[str] = set()
+        self._trained: set[str] = set()  # every group id in the lineage
+        self._checkpointed: set[str] = set()  # those the latest durable checkpoint holds
         self._reread = True  # read the groups delivered to this consumer (start, and after a Redis outage)
         self._episodes_seen = 0
         self._saved_version = -1
@@ -147,9 +153,13 @@ class TrainerService:
             data = load_checkpoint(self.trainer, step_dir)
             self.lineage = [list(g) for g in data.get("lineage", [])]
             if len(self.lineage) != self.trainer.version:
-                raise ValueError(f"checkpoint {step_dir} records {len(self.lineage)} trained batches for version "
-                                 f"{self.trainer.version}; it was not written by this trainer version")
+                from asyncgrpo.config import ConfigError
+
+                raise ConfigError(f"checkpoint {step_dir} records {len(self.lineage)} trained batches for version "
+                                  f"{self.trainer.version} (written by an asyncgrpo without the lineage): resume it "
+                                  "with the asyncgrpo that wrote it, or start a new trial_name")
             self._trained = {g for batch in self.lineage for g in batch}
+            self._checkpointed = set(self._trained)
             log.info("resumed from %s at version %d (%d groups trained into it)", step_dir, self.trainer.version,
                      len(self._trained))
         if self.rank == 0:
@@ -158,28 +168,66 @@ class TrainerService:
                 log.info("%d groups already in the checkpoint acknowledged (the previous run stopped before doing it)", done)
         return self.trainer.version
 
+    def start_heartbeat(self) -> None:
+        """Renew the trainer role from a thread (a step or a checkpoint may take longer than its TTL)."""
+        if self.claim is None:
+            return
+
+        def beat() -> None:
+            from asyncgrpo.queue.connection import RedisUnavailable
+
+            while not self._beat_stop.wait(self.claim.interval_s):
+                try:
+                    held = self.claim.renew()
+                except RedisUnavailable:
+                    return  # the main loop meets the same outage and stops with its own line
+                if not held:
+                    log.error("another trainer (%s) took this run over; stopping before the next step commits",
+                              self.claim.holder())
+                    self.fenced = self.stop_requested = True
+                    return
+
+        threading.Thread(target=beat, name="trainer-claim", daemon=True).start()
+
+    def stop_heartbeat(self) -> None:
+        """Before releasing the claim: a renewal after the release would take it again."""
+        self._beat_stop.set()
+
     def install_signal_handlers(self) -> None:
         def _stop(signum: int, _frame: Any) -> None:
             log.info("signal %d: stopping after the current step", signum)
             self.stop_requested = True
+            self.guard.stopping()
 
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
 
     # -- rank 0: collecting a batch ------------------------------------------------------------------
     def _sort(self, entries: list[tuple[str, Any]]) -> None:
-        """Drop duplicates, dead-letter what cannot be trained, drop the stale; keep the rest pending."""
+        """Sort deliveries out: copies of groups already held, what cannot be trained (dead letters), the
+        stale; keep the rest pending."""
         from asyncgrpo.trainer.group_checks import group_problem
 
         bound = self.cfg.rollout.max_head_offpolicyness
         arch = self.trainer.arch
+        held_msgs = {m for m, _ in self._pending} | set(self._unacked)
         held = {g.group_id for _, g in self._pending}
         dups: list[str] = []
         dead: list[tuple[str, str, str, str]] = []
         stale: list[tuple[str, Any]] = []
         for msg_id, g in entries:
-            if g.group_id in self._trained or g.group_id in held:
+            if msg_id in held_msgs:  # delivered again (Redis lost the delivery with its last second): held already
+                continue
+            if g.group_id in self._checkpointed:  # the durable model holds it: acknowledge this copy now
                 dups.append(msg_id)
+                continue
+            if g.group_id in self._trained or g.group_id in held:
+                # another copy of a group trained since the checkpoint, or waiting in this batch: acknowledged
+                # with the next checkpoint (or step), so a crash before it still finds a copy to replay
+                self._unacked.append(msg_id)
+                held_msgs.add(msg_id)
+                self.stats.duplicates_dropped += 1
+                self.metrics.duplicates.inc()
                 continue
             problem = group_problem(g, run_id=self.cfg.run_id, group_size=self.cfg.actor.group_size,
                                     vocab_size=arch.vocab_size, max_seq_len=arch.max_position_embeddings)
@@ -261,6 +309,7 @@ class TrainerService:
         save_checkpoint(self.trainer, checkpoint_dir(self.cfg), {"version": self.trainer.version, "lineage": self.lineage},
                         keep=t.keep_checkpoints)
         self._saved_version = self.trainer.version
+        self._checkpointed = set(self._trained)
         if self.rank == 0 and self._unacked:
             self._redis(self.queue.ack_trained, self._unacked, 0)
             self._unacked = []
@@ -290,9 +339,13 @@ class TrainerService:
             version = self.trainer.version
             self.lineage.append(list(batch.group_ids))
             self._trained.update(batch.group_ids)
+            if self._broadcast(self.fenced if self.rank == 0 else None):
+                break  # the run belongs to another trainer now: record, publish and checkpoint nothing (every rank)
             if self.rank == 0:
                 msg_ids = [m for m, _ in entries]
-                if not ack_now:
+                if ack_now:  # no checkpoint to wait for: the batch and any copies held back go now
+                    msg_ids, self._unacked = msg_ids + self._unacked, []
+                else:
                     self._unacked.extend(msg_ids)
                 self._redis(self.queue.commit_step, msg_ids, version, len(self._trained), len(self._unacked), ack_now)
                 self.metrics.unacked.set(len(self._unacked))
@@ -315,7 +368,8 @@ class TrainerService:
             if stop:
                 break
         # A clean stop checkpoints too, so a restart continues exactly where this run ended.
-        if t.checkpoint_interval and self.stats.steps and self._saved_version != self.trainer.version:
+        fenced = self._broadcast(self.fenced if self.rank == 0 else None)
+        if t.checkpoint_interval and self.stats.steps and self._saved_version != self.trainer.version and not fenced:
             self._checkpoint()
         if self.rank == 0 and self._pending:
             log.info("%d consumed groups left pending; a restart replays them", len(self._pending))
