@@ -124,7 +124,7 @@ class RolloutConfig(Section):
     exit_when_exhausted: bool = Field(False, description="Exit once every epoch's prompts are done and none is leased or re-queued (else wait for re-queued prompts).")
     metrics_port: int = Field(0, ge=0, description="Port of the rollout service's Prometheus /metrics (0 disables).")
     log_interval_s: float = Field(10.0, gt=0, description="Seconds between progress log lines (groups/s, tokens/s, reward mean).")
-    worker_id: str | None = Field(None, min_length=1, description="Stable identity of this rollout process: restarted with the same id it takes back its leases at once; null means the host name.")
+    worker_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[^#\s]+$", description="Stable identity of this rollout process (no '#' or spaces): restarted with the same id it takes back its leases at once; one live process per id; null means the host name.")
 
 
 class RedisConfig(Section):
@@ -158,11 +158,11 @@ class TrainerConfig(Section):
 class WeightSyncConfig(Section):
     """The weight-sync service (asyncgrpo weight-sync): rank 0 of the broadcast group to the generation servers."""
 
-    host: str = Field("127.0.0.1", description="Interface the service's HTTP API (publish, register/leave, /servers) listens on.")
+    host: str = Field("127.0.0.1", description="Interface the service's HTTP API and the broadcast group's rendezvous store listen on.")
     port: int = Field(30100, ge=1, le=65535, description="Port of the service's HTTP API; the trainer's publisher POSTs here.")
     servers: list[str] | None = Field(None, description="Generation servers synced over the broadcast group; null means rollout.server_urls (list the workers, not a router).")
     disk_servers: list[str] = Field(default_factory=list, description="Servers that cannot join the group: synced by /update_weights_from_disk of an HF checkpoint.")
-    master_address: str = Field("127.0.0.1", description="Address of this host as the generation servers reach it (rendezvous of the group).")
+    master_address: str = Field("127.0.0.1", description="Address the generation servers are told to reach the group's rendezvous at (may be a NAT or Service address; the store listens on host).")
     master_port: int = Field(0, ge=0, le=65535, description="Rendezvous port of the group; 0 picks a free port each time the group is (re)built.")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend of the group; auto: nccl when CUDA is available, else gloo.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="dtype the weights travel in; auto: bfloat16 on nccl, the trainer's dtype on gloo.")

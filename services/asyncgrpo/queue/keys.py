@@ -90,6 +90,10 @@ class RunKeys:
         """Hash of run counters (groups_pushed, groups_filtered, stale_requeued, reward_errors, ...)."""
         return self._k("counters")
 
+    def claim(self, role: str) -> str:
+        """String holding the token of the live process that holds `role` (with a TTL: queue/claims.py)."""
+        return self._k(f"claim:{role}")
+
     def all(self) -> list[str]:
         return [self.stream, self.group_ids, self.dead_letter, self.outcomes, self.version, self.paused, self.trained,
                 self.trained_in_stream, self.leases, self.lease_owners, self.requeue, self.cursor, self.counters]

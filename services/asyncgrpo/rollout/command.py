@@ -23,7 +23,7 @@ async def serve(cfg) -> int:  # type: ignore[no-untyped-def]
     """Run the service for a resolved RunConfig until done or signalled; returns an exit code."""
     import logging
 
-    from asyncgrpo.queue import GroupQueue, RedisGuard, RunState, make_redis
+    from asyncgrpo.queue import Claim, GroupQueue, RedisGuard, RunState, make_redis
     from asyncgrpo.rollout.dataset import PromptDataset, load_records, tokenizer_encoder
     from asyncgrpo.rollout.rewards import RewardRunner
     from asyncgrpo.rollout.service import RolloutParams, RolloutService
@@ -46,6 +46,10 @@ async def serve(cfg) -> int:  # type: ignore[no-untyped-def]
     client = make_redis(cfg.redis.url)
     guard = RedisGuard(cfg.redis.url, cfg.redis.outage_deadline_s)
     await guard.acall(client.ping)
+    params = RolloutParams.from_config(cfg)
+    # one live process per worker_id: a second one would take this one's leases (waits for a killed one's to lapse)
+    claim = Claim(client, cfg.run_id, f"rollout:{params.worker_id}", guard)
+    await asyncio.to_thread(claim.acquire)
     state = RunState(client, cfg.run_id)
     queue = GroupQueue(client, cfg.run_id, max_message_bytes=r.max_message_bytes)
     rewards = RewardRunner(cfg.reward.fns, cfg.reward.weights, timeout_s=cfg.reward.timeout_s,
@@ -55,8 +59,8 @@ async def serve(cfg) -> int:  # type: ignore[no-untyped-def]
         api_key, admin_key = resolve_keys(cfg.auth.api_key, cfg.auth.admin_api_key)
         clients = [await stack.enter_async_context(SGLangClient(url, timeout_s=r.request_timeout_s, api_key=api_key,
                                                                 admin_api_key=admin_key)) for url in r.server_urls]
-        service = RolloutService(RolloutParams.from_config(cfg), state=state, queue=queue, dataset=dataset,
-                                 decode=decode, clients=clients, rewards=rewards, redis_url=cfg.redis.url, guard=guard)
+        service = RolloutService(params, state=state, queue=queue, dataset=dataset, decode=decode, clients=clients,
+                                 rewards=rewards, redis_url=cfg.redis.url, guard=guard, claim=claim)
         loop = asyncio.get_running_loop()
         main_task = asyncio.current_task()
         signals = 0
@@ -69,6 +73,7 @@ async def serve(cfg) -> int:  # type: ignore[no-untyped-def]
             if signals == 1:
                 log.info("stopping: no new groups; running groups finish (signal again to abandon them)")
                 service.stop()
+                guard.stopping()
             elif main_task is not None:
                 main_task.cancel()
 
@@ -83,6 +88,9 @@ async def serve(cfg) -> int:  # type: ignore[no-untyped-def]
             return 130
         finally:
             rewards.close()
+            claim.release()
+        if service.fenced:
+            return 4
         log.info("rollout done: %d groups pushed, %d filtered, %d failed, %d tokens, %d reward errors",
                  stats.groups_pushed, stats.groups_filtered, stats.groups_failed, stats.tokens, stats.reward_errors)
     return 0
@@ -93,14 +101,14 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from asyncgrpo.utils.logging import setup_logging
 
     from asyncgrpo.config import ConfigError
-    from asyncgrpo.queue import CursorMismatchError, RedisUnavailable
+    from asyncgrpo.queue import CursorMismatchError, RedisUnavailable, RoleTaken
     from asyncgrpo.tasks.jsonl import TaskDataError
 
     log = setup_logging("rollout")
     cfg = load_config(args.config, overrides)
     try:
         return asyncio.run(serve(cfg))
-    except (TaskDataError, CursorMismatchError) as e:  # the user's data or run, not a bug: one clear line
+    except (TaskDataError, CursorMismatchError, RoleTaken) as e:  # the user's data or run, not a bug: one clear line
         raise ConfigError(str(e)) from None
     except RedisUnavailable as e:
         log.error("%s; stopping (leases of unfinished groups are taken back when this worker_id restarts)", e)

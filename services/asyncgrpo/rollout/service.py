@@ -131,7 +131,7 @@ class _Wakeup:
 class RolloutService:
     def __init__(self, params: RolloutParams, *, state: RunState, queue: GroupQueue, dataset: PromptDataset,
                  decode: Callable[[list[int]], str], clients: Sequence[GenerateClient], rewards: RewardRunner,
-                 redis_url: str, guard: RedisGuard) -> None:
+                 redis_url: str, guard: RedisGuard, claim: Any = None) -> None:
         if not clients:
             raise ValueError("rollout needs at least one generation server (rollout.server_urls)")
         self.p = params
@@ -143,6 +143,8 @@ class RolloutService:
         self.rewards = rewards
         self.redis_url = redis_url
         self.guard = guard
+        self.claim = claim  # this process's worker_id in the run (queue/claims.py), renewed by a heartbeat
+        self.fenced = False  # another process took the worker_id over: this one stopped
         self.stats = RolloutStats()
         self.m = _Metrics()
         self._stop = asyncio.Event()
@@ -170,14 +172,28 @@ class RolloutService:
                      self.p.worker_id)
         watcher = asyncio.create_task(self._watch_events(), name="rollout-events")
         reporter = asyncio.create_task(self._report(), name="rollout-report")
+        background = [watcher, reporter]
+        if self.claim is not None:
+            background.append(asyncio.create_task(self._heartbeat(), name="rollout-claim"))
         try:
             await asyncio.gather(*(self._worker(i) for i in range(self.p.num_workers)))
         finally:
-            watcher.cancel()
-            reporter.cancel()
-            await asyncio.gather(watcher, reporter, return_exceptions=True)
+            for t in background:
+                t.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             self._publish_gauges()
         return self.stats
+
+    async def _heartbeat(self) -> None:
+        """Renew this process's worker_id claim; if another process holds it now, stop (it runs our leases)."""
+        while True:
+            await asyncio.sleep(self.claim.interval_s)
+            if not await asyncio.to_thread(self.claim.renew):
+                log.error("another rollout process (%s) took worker_id %s over; stopping", self.claim.holder(),
+                          self.p.worker_id)
+                self.fenced = True
+                self.stop()
+                return
 
     async def _watch_events(self) -> None:
         """Wake waiting workers on every message of the run's channel; resubscribe if Redis drops (waiters
