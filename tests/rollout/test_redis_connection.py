@@ -28,10 +28,14 @@ def test_blocking_read_longer_than_redis_py_default_timeout(redis_server) -> Non
 
 
 def test_default_client_would_have_timed_out(redis_server) -> None:
-    """The same read on redis-py's default client raises: the test above is not vacuous."""
-    q = GroupQueue(redis.Redis.from_url(redis_server.tcp_url), RUN)
+    """The same read on redis-py's default client times out (the test above is not vacuous); the queue now
+    refuses such a block up front instead of failing on the first quiet moment."""
+    r = redis.Redis.from_url(redis_server.tcp_url)
+    r.xgroup_create("plain", "g", id="0", mkstream=True)
     with pytest.raises(redis.TimeoutError):
-        q.consume("trainer-0", count=1, block_ms=6000)
+        r.xreadgroup("g", "c", {"plain": ">"}, count=1, block=6000)
+    with pytest.raises(ValueError, match="make_redis"):
+        GroupQueue(r, RUN).consume("trainer-0", count=1, block_ms=6000)
 
 
 def test_guard_rides_out_a_killed_and_restarted_server(redis_aof, caplog) -> None:

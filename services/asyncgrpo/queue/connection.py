@@ -8,8 +8,9 @@ business, so retries happen in one visible place, `RedisGuard`.
 Outages: `RedisGuard.call` / `acall` retry a callable on connection errors, timeouts and a server still
 loading its AOF, with exponential backoff. One WARNING when an outage starts, one INFO when Redis answers
 again, and `RedisUnavailable` (one line, for the service to exit with) once an outage lasts longer than
-`redis.outage_deadline_s`. Everything a service does against Redis is written to be safe to repeat
-(idempotent scripts, absolute values), so a command whose reply was lost may simply run again.
+`redis.outage_deadline_s`. What a service writes to Redis is safe to repeat (idempotent scripts, absolute
+values, XACK-gated moves), so a command whose reply was lost may simply run again; only informational
+counters (HINCRBY) may count a retried increment twice.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ T = TypeVar("T")
 
 SOCKET_MARGIN_S = 10.0  # socket timeout = longest block on the client + this
 CONNECT_TIMEOUT_S = 5.0
+STOPPING_DEADLINE_S = 10.0  # the outage deadline of a service that was told to stop
 HEALTH_CHECK_INTERVAL_S = 15  # a pooled connection idle this long is pinged before use (catches a restarted server)
 
 # Transient: the server is down, restarting, unreachable or still loading its AOF (BusyLoadingError is a
@@ -105,6 +107,11 @@ class RedisGuard:
     @property
     def down(self) -> bool:
         return self._down_since is not None
+
+    def stopping(self) -> None:
+        """The service is shutting down: an outage now (e.g. the whole run is being stopped, Redis with it) is
+        waited out only briefly, so the service exits in seconds instead of after outage_deadline_s."""
+        self.deadline_s = min(self.deadline_s, STOPPING_DEADLINE_S)
 
     def _failed(self, e: BaseException, what: str) -> None:
         now = time.monotonic()

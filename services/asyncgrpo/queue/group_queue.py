@@ -31,6 +31,7 @@ from asyncgrpo.queue.schema import DEFAULT_MAX_MESSAGE_BYTES, Group, GroupSchema
 log = logging.getLogger(__name__)
 
 DEFAULT_CONSUMER_GROUP = "trainer"
+REDIS_PY_SOCKET_TIMEOUT_S = 5.0  # redis-py 8's default, on a client not made by make_redis
 _PAGE = 256
 
 # KEYS: stream group_ids leases lease_owners counters events  ARGV: group_id payload lease_ref
@@ -207,6 +208,10 @@ class GroupQueue:
 
     def _read(self, consumer: str, start: str, count: int, block_ms: int | None) -> list[Any]:
         """XREADGROUP; a consumer group that vanished (Redis lost its data) is created again."""
+        timeout = self.r.connection_pool.connection_kwargs.get("socket_timeout", REDIS_PY_SOCKET_TIMEOUT_S)
+        if block_ms and timeout is not None and block_ms / 1000 >= timeout:
+            raise ValueError(f"a {block_ms} ms block on a client whose socket timeout is {timeout} s would time out on "
+                             "an empty queue; build the client with make_redis(url, max_block_s=...)")
         self.ensure_consumer_group()
         try:
             resp = self.r.xreadgroup(self.consumer_group, consumer, {self.keys.stream: start}, count=count, block=block_ms)

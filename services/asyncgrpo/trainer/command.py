@@ -45,7 +45,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
 
     import torch.distributed as dist
 
-    from asyncgrpo.queue import GroupQueue, RedisGuard, RedisUnavailable, RunState, make_redis
+    from asyncgrpo.queue import Claim, GroupQueue, RedisGuard, RedisUnavailable, RoleTaken, RunState, make_redis
     from asyncgrpo.trainer.model import destroy_parallel
     from asyncgrpo.trainer.service import TrainerService
     from asyncgrpo.trainer.train_step import GRPOTrainer
@@ -55,13 +55,18 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     except ValueError as e:  # bad sizes or paths in the config: one clear line
         raise ConfigError(str(e)) from None
     rank = dist.get_rank()
-    queue = state = publisher = None
+    queue = state = publisher = claim = service = None
     guard = RedisGuard(cfg.redis.url, cfg.redis.outage_deadline_s)
     try:
         if rank == 0:
             # One client: its socket timeout exceeds the XREADGROUP block of trainer.poll_timeout_s.
             client = make_redis(cfg.redis.url, max_block_s=cfg.trainer.poll_timeout_s)
             guard.wait_reachable(client)
+            claim = Claim(client, cfg.run_id, "trainer", guard)
+            try:  # one live trainer per run (waits for a killed predecessor's claim to lapse)
+                claim.acquire()
+            except RoleTaken as e:
+                raise ConfigError(str(e)) from None
             queue = GroupQueue(client, cfg.run_id, max_message_bytes=cfg.rollout.max_message_bytes)
             state = RunState(client, cfg.run_id)
             serve_metrics(cfg.trainer.metrics_port, cfg.bind_host)
@@ -74,8 +79,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
                 except SnapshotInUse as e:
                     raise ConfigError(str(e)) from None
         service = TrainerService(cfg, trainer, queue, state, weight_sink=publisher.publish if publisher else None,
-                                 guard=guard)
+                                 guard=guard, claim=claim)
         service.install_signal_handlers()
+        service.start_heartbeat()
         version = service.resume()
         log.info("trainer %s: world %d, TP %d, version %d, batch %d groups x G=%d", cfg.run_id, dist.get_world_size(),
                  cfg.trainer.tensor_parallel_size, version, cfg.train_dataset.batch_size, cfg.actor.group_size)
@@ -90,7 +96,13 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     finally:
         if publisher is not None:
             publisher.close()
+        if claim is not None:
+            if service is not None:
+                service.stop_heartbeat()
+            claim.release()
         destroy_parallel()
+    if service.fenced:
+        return 4
     log.info("trainer done: %d steps, %d groups trained, %d dropped as stale, %d dead-lettered, version %d", stats.steps,
              stats.groups_trained, stats.groups_dropped_stale, stats.groups_dead_lettered, trainer.version)
     return 0
