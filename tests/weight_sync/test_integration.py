@@ -164,6 +164,24 @@ def test_update_kill_rejoin_join_and_disk_fallback(env: Env, tiny_model_dir: Pat
     env.wait_versions({a: "5", b: "5", d: "5"})
     assert httpx.get(f"{env.ws_url}/status", timeout=10).json()["last_update"] is None
 
+    # 8. the trainer restarts from an older checkpoint and publishes version 5 again, with other weights: the
+    # servers' "5" is a dead branch's, so they are updated although the label is the same
+    pub.close()
+    pub = WeightPublisher(env.root / "shm", service_url=env.ws_url, bucket_bytes=int(0.02 * (1 << 20)))
+    v5b = export(tiny_model_dir, 6)
+    pub.publish(v5b, 5)
+
+    def updated() -> bool:
+        try:
+            for url in (a, b, d):
+                server_weights_equal(url, v5b)
+        except AssertionError:
+            return False
+        return True
+
+    wait_until("the republished version 5 on every server", updated, 90, env.procs)
+    env.wait_versions({a: "5", b: "5", d: "5"})
+
 
 def test_real_megatron_trainer_export_reaches_genserver(env: Env, tiny_model_dir: Path) -> None:
     """The megatron-core trainer's HF export, published through WeightPublisher.from_config as the trainer

@@ -176,9 +176,18 @@ def test_disk_checkpoint_loads_as_hf(tmp_path: Path, tiny_model_dir: Path) -> No
     pub.publish(named, version=7)
     with SnapshotDir(tmp_path / "snap").read_latest() as (manifest, data):
         out = write_checkpoint(manifest, data, tmp_path / "ckpt", str(tiny_model_dir), keep=1)
-    assert out.name == "v00000007"
+    assert out.name.startswith("v00000007-")  # version, then the publish time (a version may be published again)
     loaded = AutoModelForCausalLM.from_pretrained(out)
     sd = loaded.state_dict()
     for n, t in named:
         assert torch.equal(sd[n], t), n
     assert set(load_file(str(out / "model.safetensors"))) == {n for n, _ in named}
+
+
+def test_removing_a_snapshot_deletes_only_its_own_files(tmp_path: Path) -> None:
+    """weight_sync.snapshot_dir is the user's to choose (e.g. /dev/shm itself): what else lives there stays."""
+    (tmp_path / "someone_elses.bin").write_bytes(b"x")
+    pub = WeightPublisher(tmp_path)
+    pub.publish(_weights(), version=1)
+    pub.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["someone_elses.bin"]

@@ -24,10 +24,12 @@ _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
 def write_checkpoint(manifest: Manifest, data: torch.Tensor, out_root: str | Path, base_model_path: str | None,
                      keep: int = 2) -> Path:
-    """Write `out_root/v{version}` (atomically: tmp dir + rename) and delete all but the newest `keep`."""
+    """Write `out_root/v{version}-{published_at}` (atomically: tmp dir + rename) and delete all but the newest
+    `keep`. The publish time is in the name because a trainer resumed from an older checkpoint publishes a
+    version number again, with other weights."""
     root = Path(out_root)
     root.mkdir(parents=True, exist_ok=True)
-    out = root / f"v{manifest.version:08d}"
+    out = root / f"v{manifest.version:08d}-{int(manifest.published_at * 1e6):017d}"
     if out.exists():
         return out
     tmp = root / f".tmp-v{manifest.version:08d}-{os.getpid()}"
@@ -49,6 +51,6 @@ def write_checkpoint(manifest: Manifest, data: torch.Tensor, out_root: str | Pat
                 cfg[key] = next(iter(dtypes))
                 cfg_path.write_text(json.dumps(cfg, indent=2))
     os.replace(tmp, out)
-    for old in sorted(p for p in root.glob("v*") if p.is_dir())[:-keep]:
+    for old in sorted((p for p in root.glob("v*") if p.is_dir()), key=lambda p: p.stat().st_mtime)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return out

@@ -30,6 +30,7 @@ class BroadcastGroup:
     master_port: int
     world_size: int
     timeout_s: float
+    bind_address: str | None = None  # where rank 0's store listens; None: master_address
     pg: Any = None
     broken: bool = False
     # One collective at a time on a group: an abandoned (timed-out) broadcast must not interleave.
@@ -39,6 +40,7 @@ class BroadcastGroup:
         """Host the rendezvous as rank 0 (the servers join concurrently through their HTTP init call)."""
         def _init() -> Any:
             return init_custom_process_group(self.backend, master_address=self.master_address, master_port=self.master_port,
+                                             bind_address=self.bind_address,
                                              world_size=self.world_size, rank=0, group_name=self.name, timeout=self.timeout_s)
         try:
             self.pg = await asyncio.wait_for(asyncio.to_thread(_init), deadline_s)

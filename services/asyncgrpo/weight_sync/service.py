@@ -127,7 +127,7 @@ class WeightSyncService:
         self._wake = asyncio.Event()
         self._resync_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._ckpt: tuple[int, str] | None = None
+        self._ckpt: tuple[tuple[int, float], str] | None = None  # (version, published_at) -> disk checkpoint
 
     # ---------------- lifecycle ----------------
     async def start(self) -> None:
@@ -204,9 +204,13 @@ class WeightSyncService:
     def notify_published(self, version: int, blocked_s: float | None = None) -> None:
         """The trainer wrote `version` into the snapshot (the snapshot itself says which version is newest)."""
         if self.published_version is not None and version <= self.published_version:
-            # a trainer restarted from an older checkpoint: its version is the truth now
-            log.warning("version %d published after version %d (trainer restarted from a checkpoint?)", version,
-                        self.published_version)
+            # a trainer restarted from an older checkpoint: its version is the truth now, and the numbers it
+            # publishes again name other weights than the servers' (same label, dead branch): re-send them
+            log.warning("version %d published after version %d (trainer restarted from a checkpoint?); every server "
+                        "is updated again", version, self.published_version)
+            for m in self.members.values():
+                m.version = None
+            self.synced_version = None
         self.published_version = version
         _PUBLISHED.set(version)
         if blocked_s is not None:
@@ -421,10 +425,10 @@ class WeightSyncService:
 
     async def _sync_disk(self, members: list[Member], manifest: Manifest, data: torch.Tensor, report: UpdateReport) -> None:
         s, v = self.s, str(manifest.version)
-        if self._ckpt is None or self._ckpt[0] != manifest.version:
+        if self._ckpt is None or self._ckpt[0] != (manifest.version, manifest.published_at):
             path = await asyncio.to_thread(write_checkpoint, manifest, data, s.checkpoint_dir, s.base_model_path,
                                            s.keep_checkpoints)
-            self._ckpt = (manifest.version, str(path))
+            self._ckpt = ((manifest.version, manifest.published_at), str(path))
         path = self._ckpt[1]
 
         async def one(m: Member) -> None:
@@ -483,9 +487,10 @@ class WeightSyncService:
             await asyncio.gather(*(self._leave_old(m) for m in todo))
             self._gen += 1
             name = f"asyncgrpo-ws-{os.getpid()}-{self._gen}"
-            port = s.master_port or free_port(s.master_address)
+            # the store listens on the service's own interface (weight_sync.host); servers are told master_address
+            port = s.master_port or free_port("" if s.host in ("0.0.0.0", "::") else s.host)
             group = BroadcastGroup(name=name, backend=s.backend, master_address=s.master_address, master_port=port,
-                                   world_size=len(todo) + 1, timeout_s=s.collective_timeout_s)
+                                   world_size=len(todo) + 1, timeout_s=s.collective_timeout_s, bind_address=s.host)
             errors: dict[str, str] = {}
 
             async def join(m: Member, rank: int) -> None:

@@ -29,7 +29,7 @@ import errno
 import fcntl
 import json
 import os
-import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +42,7 @@ from asyncgrpo.weight_sync.layout import Layout
 
 N_SLOTS = 2
 OWNER, READER = "owner", "reader"
+CLAIM_RETRY_S = 1.0  # a claim that meets a held lock retries this long: a peer's alive() probe holds it briefly
 
 
 class SnapshotInUse(RuntimeError):
@@ -64,6 +65,16 @@ class Manifest:
     def from_json(cls, obj: dict[str, Any]) -> "Manifest":
         return cls(version=int(obj["version"]), slot=int(obj["slot"]), layout=Layout.from_json(obj["layout"]),
                    published_at=float(obj["published_at"]), blocked_s=float(obj.get("blocked_s", 0.0)))
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether `path` still names the file open as `fd`."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
 def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
@@ -91,20 +102,28 @@ class SnapshotDir:
         raise SnapshotInUse if another live process holds it."""
         if role in self._roles:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path(role), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
-                raise
-            who = "trainer" if role == OWNER else "weight-sync service"
-            raise SnapshotInUse(
-                f"weight snapshot {self.path} is in use by a live {who} (pid {holder}): another run with the same "
-                "experiment_name/trial_name on this host? Use another trial_name or set weight_sync.snapshot_dir"
-            ) from None
+        deadline = time.monotonic() + CLAIM_RETRY_S
+        while True:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path(role), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    raise
+                if time.monotonic() < deadline:  # maybe a peer's alive() probe holding it for an instant
+                    time.sleep(0.05)
+                    continue
+                who = "trainer" if role == OWNER else "weight-sync service"
+                raise SnapshotInUse(
+                    f"weight snapshot {self.path} is in use by a live {who} (pid {holder}): another run with the same "
+                    "experiment_name/trial_name on this host? Use another trial_name or set weight_sync.snapshot_dir"
+                ) from None
+            if _same_file(fd, self.lock_path(role)):
+                break
+            os.close(fd)  # the file was removed (a peer's remove()) between open and flock: a lock on nothing
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._roles[role] = fd
@@ -136,20 +155,23 @@ class SnapshotDir:
             p.unlink(missing_ok=True)
 
     def release(self, role: str) -> None:
-        """Give `role` up; the last of trainer and service to leave removes the directory."""
+        """Give `role` up; the last of trainer and service to leave removes the snapshot. The lock file stays
+        until then (unlinking a locked file would let a newcomer lock a different inode of the same name)."""
         fd = self._roles.pop(role, None)
         if fd is None:
             return
-        self.lock_path(role).unlink(missing_ok=True)
         os.close(fd)
         self._maps.clear()
         if not self.alive(READER if role == OWNER else OWNER):
             self.remove()
 
     def remove(self) -> None:
-        """Delete the snapshot directory, and its parents up to the first that is not empty."""
-        shutil.rmtree(self.path, ignore_errors=True)
-        parent = self.path.parent
+        """Delete the snapshot's own files (never anything else in a directory the user chose), then the
+        directory and its parents up to the first that is not empty."""
+        for pattern in ("slot*.bin", "slot*.json", "latest.json", "*.tmp*", "*.lock"):
+            for p in self.path.glob(pattern):
+                p.unlink(missing_ok=True)
+        parent = self.path
         while parent != parent.parent:
             try:
                 parent.rmdir()
