@@ -23,9 +23,10 @@ from asyncgrpo.utils.net import is_loopback, pin_gloo_interface, tcp_store
 
 def init_custom_process_group(backend: str, init_method: str | None = None, *, master_address: str | None = None,
                               master_port: int | None = None, world_size: int, rank: int, group_name: str,
-                              timeout: timedelta | float = 60.0) -> Any:
+                              timeout: timedelta | float = 60.0, bind_address: str | None = None) -> Any:
     """Join (rank > 0) or host (rank 0) a group; returns the ProcessGroup. Blocks until all ranks joined
-    or `timeout` passes. Give either init_method ("tcp://host:port") or master_address + master_port."""
+    or `timeout` passes. Give either init_method ("tcp://host:port") or master_address + master_port. Rank 0
+    listens on `bind_address` (default master_address, the address the others connect to)."""
     if init_method is not None:
         if not init_method.startswith("tcp://"):
             raise ValueError(f"init_method {init_method!r}: only tcp://host:port is supported")
@@ -37,9 +38,11 @@ def init_custom_process_group(backend: str, init_method: str | None = None, *, m
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if not isinstance(timeout, timedelta):
         timeout = timedelta(seconds=float(timeout))
-    if str(backend) == "gloo" and (rank == 0 or is_loopback(master_address)):
-        pin_gloo_interface(master_address)  # rank 0 listens where it said it is; on one host, loopback only
-    store = tcp_store(master_address, int(master_port), world_size, rank == 0, timeout)
+    if str(backend) == "gloo" and rank == 0:
+        pin_gloo_interface(bind_address or master_address)  # rank 0's transport listens where its store does
+    elif str(backend) == "gloo" and is_loopback(master_address):
+        pin_gloo_interface(master_address)  # everyone on this host: loopback only
+    store = tcp_store(master_address, int(master_port), world_size, rank == 0, timeout, bind=bind_address)
     store.set_timeout(timeout)
     store = PrefixStore(group_name, store)
     pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name,

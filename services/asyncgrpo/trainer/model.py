@@ -58,7 +58,8 @@ def init_parallel(tp_size: int = 1, seed: int = 0, backend: str | None = None, t
             pin_gloo_interface(addr if is_loopback(addr) or rank == 0 else "")
             store = tcp_store(addr, port, world, rank == 0, timeout)
             dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
-        else:  # a lone process: world size 1 on a private port, without touching os.environ (children inherit it)
+        else:  # a lone process: world size 1 on a private port (no MASTER_* in os.environ: children inherit it)
+            pin_gloo_interface(bind_host)  # even a world of one opens gloo listeners
             store = tcp_store(bind_host, 0, 1, True, timeout)
             dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
     world = dist.get_world_size()

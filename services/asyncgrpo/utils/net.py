@@ -65,23 +65,27 @@ def pin_gloo_interface(address: str) -> None:
         os.environ["GLOO_SOCKET_IFNAME"] = name
 
 
-def tcp_store(host: str, port: int, world_size: int, is_master: bool, timeout: timedelta | float):
-    """A torch TCPStore; the master's server listens on `host` only (port 0: a free one, see .port)."""
+def tcp_store(host: str, port: int, world_size: int, is_master: bool, timeout: timedelta | float,
+              bind: str | None = None):
+    """A torch TCPStore at host:port. The master's server listens on `bind` (default `host`) only; `host` is
+    the address the others connect to, which behind NAT or a Kubernetes Service is not a local interface."""
     from torch.distributed import TCPStore
 
     if not isinstance(timeout, timedelta):
         timeout = timedelta(seconds=float(timeout))
     if not is_master:
         return TCPStore(host, port, world_size, False, timeout)
-    bind = "" if host in ("0.0.0.0", "::") else host
+    bind = host if bind is None else bind
+    anywhere = bind in ("", "0.0.0.0", "::")
     sock = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((bind, port))
+        sock.bind(("" if anywhere else bind, port))
         sock.listen(1024)
         port = sock.getsockname()[1]
     except OSError as e:
         sock.close()
-        raise OSError(f"cannot listen on {host}:{port} for the torch.distributed store: {e}") from None
-    # the store owns the descriptor from here (detach: Python must not close it under the store)
-    return TCPStore(host if bind else "127.0.0.1", port, world_size, True, timeout, master_listen_fd=sock.detach())
+        raise OSError(f"cannot listen on {bind}:{port} for the torch.distributed store: {e}") from None
+    # the store owns the descriptor from here (detach: Python must not close it under the store); the master
+    # reaches its own server through the address it listens on
+    return TCPStore("127.0.0.1" if anywhere else bind, port, world_size, True, timeout, master_listen_fd=sock.detach())
