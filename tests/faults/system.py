@@ -4,7 +4,6 @@ with SIGKILL, start it again, and account for every group at the end."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -19,12 +18,9 @@ from asyncgrpo.config import load_config
 from asyncgrpo.launch.procs import Service, Supervisor, tail
 from asyncgrpo.launch.up import plan_run
 from asyncgrpo.queue import GroupQueue, RunState, make_redis
+from rollout.procs import write_dataset
 
-
-def write_dataset(path: Path, n: int) -> Path:
-    rows = [{"id": f"q{i}", "prompt": f"Q: {i % 50}+{i // 50}=?\nA:", "answer": str(i % 50 + i // 50)} for i in range(n)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+__all__ = ["System", "fault_config", "write_dataset"]
 
 
 def fault_config(model_dir: Path, dataset: Path, trial: str, steps: int, checkpoint_interval: int) -> Any:

@@ -38,7 +38,7 @@ def _up(*args: str, **kw) -> subprocess.Popen[str]:  # type: ignore[no-untyped-d
 
 def _children_alive(run_dir: Path) -> list[str]:
     """Processes whose command line names this run directory (its services)."""
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-eww", "-o", "pid,args"], capture_output=True, text=True).stdout  # -ww: whole lines
     return [line for line in out.splitlines() if str(run_dir) in line and "ps -eo" not in line]
 
 
@@ -110,4 +110,32 @@ def test_sigterm_stops_everything_and_a_clean_run_reports(tmp_path: Path, tiny_m
         bad = [line for line in log.read_text(errors="replace").splitlines() if " ERROR " in line or "Traceback" in line]
         assert not bad, f"{log.name}: {bad}"
     assert not _children_alive(clean) and not _snapshots(clean)
-    assert "api_key: null" in (clean / "config.yaml").read_text(), "the run's keys never land in a file"
+    # secrets: the api/admin keys reach the services through the environment only; the Redis password is
+    # only in files no other user can read
+    conf = (clean / "config.yaml").read_text()
+    assert "api_key: null" in conf and "admin_api_key: null" in conf
+    password = yaml.safe_load(conf)["redis"]["url"].split("//:", 1)[1].split("@", 1)[0]
+    holders = [p for p in clean.rglob("*") if p.is_file() and password.encode() in p.read_bytes()]
+    assert sorted(p.relative_to(clean).as_posix() for p in holders) == ["config.yaml", "redis/redis.conf"], holders
+    assert all(p.stat().st_mode & 0o077 == 0 for p in holders), [oct(p.stat().st_mode) for p in holders]
+
+
+def test_killing_up_itself_stops_its_services(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """kill -9 of `up` (no chance to clean up): the kernel tells every service to stop (PR_SET_PDEATHSIG), they
+    stop within seconds, and the last of trainer and weight-sync removes the snapshot."""
+    cfg = _config(tmp_path, tiny_model_dir)
+    run_dir = tmp_path / "killed"
+    p = _up("--config", str(cfg), "--steps", "500", "--run-dir", str(run_dir))
+    trainer_log = run_dir / "logs" / "trainer.log"
+    deadline = time.monotonic() + 240
+    while not (trainer_log.exists() and "step 1:" in trainer_log.read_text(errors="replace")):
+        assert p.poll() is None, p.communicate()[0]
+        assert time.monotonic() < deadline, "no step 1 within 240 s"
+        time.sleep(0.5)
+    assert _children_alive(run_dir)
+    p.kill()  # up alone, not its services
+    p.wait(10)
+    deadline = time.monotonic() + 90
+    while _children_alive(run_dir) or _snapshots(run_dir):
+        assert time.monotonic() < deadline, f"left behind: {_children_alive(run_dir)} {_snapshots(run_dir)}"
+        time.sleep(0.5)

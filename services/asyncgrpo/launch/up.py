@@ -1,21 +1,24 @@
 """`asyncgrpo up --config run.yaml [--steps N] [overrides]`: the whole system on one machine as processes.
 
-Validates the config before anything starts, then starts in order: a private redis-server (AOF, a generated
-password, loopback only) unless --redis-url is given, the genserver(s), weight-sync, rollout and the trainer,
-each waited for until healthy. Shared secrets are generated per run and reach the services through the
-environment (never a file or a command line). The weight snapshot lives in a shared-memory directory of
-this run's own. When any service exits early, everything else stops at once and that service's last log
-lines are printed. When the trainer has taken its steps everything stops in reverse order, the policy is
-evaluated before and after on held-out prompts (eval.json in the run directory) and one line says
-before -> after. SIGINT / SIGTERM stop everything the same way (a second one kills at once).
+Validates the config and reads the training data before anything starts, then starts in order: a private
+redis-server (AOF, a generated password, loopback only) unless --redis-url is given, the genserver(s),
+weight-sync, rollout and the trainer, each waited for until healthy. The run's api key and admin key are
+generated per run and reach the services through the environment only (never a file or a command line);
+the Redis password is in config.yaml and redis/redis.conf, both readable by you only. The weight snapshot
+lives in a shared-memory directory of this run's own. When any service exits early, everything else stops
+at once and that service's last log lines are printed. When the trainer has taken its steps everything
+stops in reverse order, the policy is evaluated before and after on held-out prompts (eval.json in the run
+directory) and one line says before -> after. SIGINT / SIGTERM / SIGHUP stop everything the same way (a
+second one kills at once); if `up` itself is killed, the kernel stops its services (PR_SET_PDEATHSIG).
 
-Run directory: config.yaml (keys removed), logs/*.log, redis/ (AOF), checkpoints/, hf/version_N (the final
-model), weight_sync/ (disk-transport checkpoints), eval.json.
+Run directory: config.yaml (mode 600, keys removed), logs/*.log, redis/ (AOF), checkpoints/, hf/version_N
+(the final model), weight_sync/ (disk-transport checkpoints), eval.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -47,10 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print what would be started, start nothing")
 
 
-class _Stop(Exception):
-    """SIGINT / SIGTERM received."""
-
-
 def _fail(msg: str) -> int:
     print(f"asyncgrpo up: {msg}", file=sys.stderr)
     return 1
@@ -58,7 +57,7 @@ def _fail(msg: str) -> int:
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from asyncgrpo.config import ConfigError, load_config
-    from asyncgrpo.launch.procs import ServiceFailed, Supervisor
+    from asyncgrpo.launch.procs import ServiceFailed, Stopped, Supervisor
 
     cfg = load_config(args.config, overrides)  # a typo fails here, before anything starts (ConfigError: one line)
     if args.steps is not None:
@@ -82,38 +81,32 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
 
     plan.write()
     sup = Supervisor({**os.environ, **plan.env})
-    stop = {"n": 0}
 
     def on_signal(signum: int, _frame: Any) -> None:
-        stop["n"] += 1
-        if stop["n"] == 1:
-            raise _Stop(signal.Signals(signum).name)
-        for s in sup.services:  # second signal: now
-            if s.running:
-                s.proc.kill()  # type: ignore[union-attr]
+        if sup.stop_requested is None:  # first: stop every service in order
+            sup.stop_requested = signal.Signals(signum).name
+        else:  # second: now
+            sup.kill_all()
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    steps = plan.cfg.trainer.max_steps
-    print(f"asyncgrpo up: {steps} steps, logs in {run_dir / 'logs'}", flush=True)
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    print(f"asyncgrpo up: {plan.cfg.trainer.max_steps} steps, logs in {run_dir / 'logs'}", flush=True)
     code = 0
     try:
-        try:
-            for svc in plan.services:
-                sup.start(svc)
-            _watch(sup, run_dir / "logs" / "trainer.log")
-        except ServiceFailed as e:
-            code = _fail(str(e))
-        except _Stop as e:
-            print(f"asyncgrpo up: {e}: stopping every service", file=sys.stderr)
-            code = 130
-        try:
-            sup.stop_all()
-        except _Stop:
-            sup.stop_all()
+        for svc in plan.services:
+            sup.start(svc)
+        _watch(sup, run_dir / "logs" / "trainer.log")
+    except ServiceFailed as e:
+        code = _fail(str(e))
+    except Stopped as e:
+        print(f"asyncgrpo up: {e}: stopping every service", file=sys.stderr)
+        code = 130
     finally:
+        sup.stop_all()  # whatever ended the run, nothing it started outlives it
         for s, h in old.items():
             signal.signal(s, h)
         shutil.rmtree(plan.snapshot_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            plan.snapshot_dir.parent.rmdir()  # /dev/shm/asyncgrpo, if no other run uses it
     _report_log_problems(run_dir / "logs")
     if code:
         return code
@@ -182,11 +175,13 @@ class RunPlan:
         from asyncgrpo.config import dump_config
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
-        for path, text in self.files.items():
+        # config.yaml holds the private Redis password (in redis.url): readable by this user only
+        for path, text in {self.run_dir / "config.yaml": dump_config(self.cfg), **self.files}.items():
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch(mode=0o600)
-            path.write_text(text)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # also when the file existed with wider permissions
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
 
 
 def plan_run(cfg: Any, run_dir: Path, *, genservers: int = 1, redis_url: str | None = None) -> RunPlan:
@@ -214,8 +209,8 @@ def plan_run(cfg: Any, run_dir: Path, *, genservers: int = 1, redis_url: str | N
     else:
         port, password = free_port(host), secrets.token_urlsafe(24)
         cfg.redis.url = f"redis://:{password}@{host}:{port}/0"
-        # the password stays off redis-server's command line (visible to every local user): a config file
-        # only this user can read, written by run() next to the AOF
+        # the password stays off redis-server's command line (visible to every local user): in files only
+        # this user can read (redis.conf, and config.yaml's redis.url), written by RunPlan.write()
         conf = run_dir / "redis" / "redis.conf"
         files[conf] = f"requirepass {password}\n"
         services.append(Service(
@@ -265,6 +260,7 @@ def _watch(sup: Any, trainer_log: Path) -> None:
     trainer = next(s for s in sup.services if s.name == "trainer")
     pos = 0
     while True:
+        sup.check_stop()
         pos = _echo_steps(trainer_log, pos)
         for svc in sup.exited():
             code = svc.proc.returncode
