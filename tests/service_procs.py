@@ -31,13 +31,14 @@ def child_env() -> dict[str, str]:
 class Proc:
     """A subprocess whose stdout+stderr go to `log` (appended when `append`, e.g. a server restarted on one log)."""
 
-    def __init__(self, args: Sequence[str], log: Path, append: bool = False) -> None:
+    def __init__(self, args: Sequence[str], log: Path, append: bool = False, env: dict[str, str] | None = None) -> None:
         self.log = log
         self._f = log.open("ab" if append else "wb")
-        self.p = subprocess.Popen(list(args), stdout=self._f, stderr=subprocess.STDOUT, env=child_env())
+        self.p = subprocess.Popen(list(args), stdout=self._f, stderr=subprocess.STDOUT, env={**child_env(), **(env or {})})
 
     def tail(self, n: int = 4000) -> str:
-        self._f.flush()
+        if not self._f.closed:  # stopped processes have closed theirs
+            self._f.flush()
         return self.log.read_bytes()[-n:].decode(errors="replace")
 
     def wait(self, timeout: float) -> int:
@@ -80,9 +81,11 @@ def wait_until(what: str, cond: Callable[[], Any], timeout: float, procs: Sequen
         time.sleep(interval)
 
 
-def start_http_service(args: Sequence[str], health_url: str, log: Path, timeout: float = 120, append: bool = False) -> Proc:
-    """Start `args` and return once `health_url` answers 200; the process is stopped if it never does."""
-    proc = Proc(args, log, append)
+def start_http_service(args: Sequence[str], health_url: str, log: Path, timeout: float = 120, append: bool = False,
+                       env: dict[str, str] | None = None) -> Proc:
+    """Start `args` (with `env` over the children's environment) and return once `health_url` answers 200;
+    the process is stopped if it never does."""
+    proc = Proc(args, log, append, env)
     try:
         wait_until(f"{health_url} healthy", lambda: httpx.get(health_url, timeout=2).status_code == 200,
                    timeout, watch=proc)
@@ -93,7 +96,7 @@ def start_http_service(args: Sequence[str], health_url: str, log: Path, timeout:
 
 
 def start_genserver(model_dir: Path, port: int, log: Path, *extra: str, timeout: float = 120,
-                    append: bool = False) -> Proc:
+                    append: bool = False, env: dict[str, str] | None = None) -> Proc:
     """`asyncgrpo genserver` on 127.0.0.1:port, healthy."""
     args = [sys.executable, "-m", "asyncgrpo.cli", "genserver", "--model", str(model_dir), "--port", str(port), *extra]
-    return start_http_service(args, f"http://127.0.0.1:{port}/health", log, timeout, append)
+    return start_http_service(args, f"http://127.0.0.1:{port}/health", log, timeout, append, env)

@@ -3,12 +3,7 @@ own sglang/srt/utils/auth.py from the wheel), resolve_keys, and the ASGI middlew
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import os
-import sys
-import zipfile
-from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
@@ -18,7 +13,8 @@ from asyncgrpo.utils.auth import (
     ENV_ADMIN_API_KEY, ENV_API_KEY, AuthLevel, add_api_key_middleware, auth_level, bearer_matches, decide,
     document_auth, resolve_keys)
 
-ROOT = Path(__file__).resolve().parents[2]
+from . import sglang_wheel
+
 N, A = AuthLevel.NORMAL, AuthLevel.ADMIN_OPTIONAL
 K, ADM = "k-123", "adm-456"
 GOOD, ADMIN, WRONG = f"Bearer {K}", f"Bearer {ADM}", "Bearer nope"
@@ -64,21 +60,7 @@ def test_bearer_parsing() -> None:
 
 @pytest.fixture(scope="module")
 def sglang_auth(tmp_path_factory):  # noqa: ANN201
-    wheel_dir = Path(os.environ.get("ASYNCGRPO_SGLANG_WHEEL_DIR", ROOT / ".cache" / "wheels"))
-    wheels = sorted(wheel_dir.glob("sglang-0.5.23-*.whl"))
-    if not wheels:
-        msg = f"sglang 0.5.23 wheel not found in {wheel_dir} (see tests/genserver/test_contract.py)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    out = tmp_path_factory.mktemp("sglang_auth") / "auth.py"
-    with zipfile.ZipFile(wheels[0]) as z:
-        out.write_bytes(z.read("sglang/srt/utils/auth.py"))
-    spec = importlib.util.spec_from_file_location("sglang_auth_0_5_23", out)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return sglang_wheel.load_module("sglang/srt/utils/auth.py", "sglang_auth_0_5_23", tmp_path_factory.mktemp("sglang_auth"))
 
 
 def test_same_decisions_as_sglang(sglang_auth) -> None:

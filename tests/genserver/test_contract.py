@@ -8,12 +8,7 @@ where it fails."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-import os
-import sys
-import zipfile
-from pathlib import Path
 
 import httpx
 import pytest
@@ -21,28 +16,14 @@ import pytest
 from asyncgrpo.genserver.sampling import KNOWN_KEYS
 from asyncgrpo.sglang.client import SGLangClient
 
-ROOT = Path(__file__).resolve().parents[2]
+from . import sglang_wheel
+
 PROMPT = [81, 58, 32, 49, 43, 49, 61, 63, 10, 65, 58]
 
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):  # noqa: ANN201
-    wheel_dir = Path(os.environ.get("ASYNCGRPO_SGLANG_WHEEL_DIR", ROOT / ".cache" / "wheels"))
-    wheels = sorted(wheel_dir.glob("sglang-0.5.23-*.whl"))
-    if not wheels:
-        msg = (f"sglang 0.5.23 wheel not found in {wheel_dir}; run "
-               f"`python3 -m pip download -q --no-deps sglang==0.5.23 -d {wheel_dir}`")
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    out = tmp_path_factory.mktemp("sglang_api") / "api_types.py"
-    with zipfile.ZipFile(wheels[0]) as z:
-        out.write_bytes(z.read("sglang/api/v1/api_types.py"))
-    spec = importlib.util.spec_from_file_location("sglang_api_types_0_5_23", out)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return sglang_wheel.load_module("sglang/api/v1/api_types.py", "sglang_api_types_0_5_23", tmp_path_factory.mktemp("sglang_api"))
 
 
 def test_sampling_keys_are_exactly_sglangs(api) -> None:
@@ -122,14 +103,12 @@ def test_aborted_response_validates(api, genserver) -> None:
     assert len(r.meta_info.output_token_logprobs) == len(r.output_ids) > 0
 
 
-def sglang_dataclass_fields(wheel_dir: Path, cls: str) -> dict[str, object]:
+def sglang_dataclass_fields(cls: str) -> dict[str, object]:
     """Field -> default (a literal, or ... when not a literal) of a class in the wheel's io_struct.py, read
     with ast (the module itself needs torch and SGLang's compiled parts); BaseReq's fields come along."""
     import ast
 
-    wheels = sorted(wheel_dir.glob("sglang-0.5.23-*.whl"))
-    with zipfile.ZipFile(wheels[0]) as z:
-        tree = ast.parse(z.read("sglang/srt/managers/io_struct.py"))
+    tree = ast.parse(sglang_wheel.read("sglang/srt/managers/io_struct.py"))
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
 
     def fields(name: str) -> dict[str, object]:
@@ -149,17 +128,12 @@ def sglang_dataclass_fields(wheel_dir: Path, cls: str) -> dict[str, object]:
     return fields(cls)
 
 
-@pytest.fixture(scope="module")
-def wheel_dir(api) -> Path:  # the api fixture skips (or fails under CI) without the wheel
-    return Path(os.environ.get("ASYNCGRPO_SGLANG_WHEEL_DIR", ROOT / ".cache" / "wheels"))
-
-
-def test_generate_body_knows_every_sglang_field(wheel_dir) -> None:
+def test_generate_body_knows_every_sglang_field() -> None:
     """Every field of SGLang's GenerateReqInput is understood (served, ignored, or accepted at its default), so
     a body from an SGLang client or sglang-router is never refused for a field SGLang knows; anything else is."""
     from asyncgrpo.genserver.requests import GENERATE_IGNORED, GENERATE_NEUTRAL, GenerateReqInput
 
-    sglang = set(sglang_dataclass_fields(wheel_dir, "GenerateReqInput"))
+    sglang = set(sglang_dataclass_fields("GenerateReqInput"))
     ours = set(GenerateReqInput.model_fields)
     assert ours == sglang | {"model"}  # "model": sglang-router adds it
     assert set(GENERATE_IGNORED) | set(GENERATE_NEUTRAL) == ours - {
@@ -179,11 +153,11 @@ def test_generate_body_knows_every_sglang_field(wheel_dir) -> None:
     ("UpdateWeightVersionReqInput", "UpdateWeightVersionReqInput", {}),
     ("GetWeightsByNameReqInput", "GetWeightsByNameReqInput", {}),
 ])
-def test_control_bodies_use_sglangs_names_and_defaults(wheel_dir, ours, theirs, differs) -> None:
+def test_control_bodies_use_sglangs_names_and_defaults(ours, theirs, differs) -> None:
     import asyncgrpo.genserver.requests as req
 
     model = getattr(req, ours)
-    sglang = sglang_dataclass_fields(wheel_dir, theirs)
+    sglang = sglang_dataclass_fields(theirs)
     assert set(model.model_fields) <= set(sglang), set(model.model_fields) - set(sglang)
     for name, f in model.model_fields.items():
         want = differs.get(name, sglang[name])

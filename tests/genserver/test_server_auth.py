@@ -18,6 +18,8 @@ import pytest
 from asyncgrpo.sglang.client import SGLangClient, SGLangError
 from asyncgrpo.utils.auth import ENV_ADMIN_API_KEY, ENV_API_KEY
 
+from service_procs import start_genserver
+
 from .procs import GenServer, free_port
 
 pytestmark = pytest.mark.slow
@@ -160,29 +162,17 @@ def test_only_an_api_key_guards_admin_endpoints_too(tiny_model_dir, tmp_path) ->
 
 def test_keys_from_the_environment(tiny_model_dir, tmp_path) -> None:
     port = free_port()
-    env = {**os.environ, ENV_API_KEY: "", ENV_ADMIN_API_KEY: ADMIN, "OMP_NUM_THREADS": "1"}
-    log = open(tmp_path / "server.log", "wb")
-    p = subprocess.Popen([sys.executable, "-m", "asyncgrpo.cli", "genserver", "--model", str(tiny_model_dir),
-                          "--port", str(port), "--threads", "1"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    srv = start_genserver(tiny_model_dir, port, tmp_path / "server.log", "--threads", "1",
+                          env={ENV_API_KEY: "", ENV_ADMIN_API_KEY: ADMIN})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert p.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
-            time.sleep(0.2)
         # admin key only: normal endpoints open, admin endpoints need the key
         assert call(url, "GET", "/model_info", None, None).status_code == 200
         assert call(url, "POST", "/pause_generation", {}, None).status_code == 401
+        assert call(url, "POST", "/pause_generation", {}, "not-the-key").status_code == 401
         assert call(url, "POST", "/continue_generation", {}, ADMIN).status_code == 200
     finally:
-        p.terminate()
-        p.wait(20)
-        log.close()
+        srv.stop()
 
 
 def test_non_loopback_without_a_key_refuses_to_start_in_one_line(tiny_model_dir) -> None:
