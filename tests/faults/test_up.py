@@ -42,6 +42,16 @@ def _children_alive(run_dir: Path) -> list[str]:
     return [line for line in out.splitlines() if str(run_dir) in line and "ps -eo" not in line]
 
 
+def _wait_for_step(p: subprocess.Popen[str], run_dir: Path, step: int, timeout: float = 240) -> None:
+    """Until the run's trainer logged `step` (the run is up and training)."""
+    log = run_dir / "logs" / "trainer.log"
+    deadline = time.monotonic() + timeout
+    while not (log.exists() and f"step {step}:" in log.read_text(errors="replace")):
+        assert p.poll() is None, p.communicate()[0]
+        assert time.monotonic() < deadline, f"no step {step} within {timeout:.0f} s"
+        time.sleep(0.5)
+
+
 def _snapshots(run_dir: Path) -> list[Path]:
     return [p for p in Path("/dev/shm/asyncgrpo").glob(f"{run_dir.name}-*")] if Path("/dev/shm/asyncgrpo").exists() else []
 
@@ -84,12 +94,7 @@ def test_sigterm_stops_everything_and_a_clean_run_reports(tmp_path: Path, tiny_m
     # SIGTERM in the middle of a run
     stopped = tmp_path / "stopped"
     p = _up("--config", str(cfg), "--steps", "500", "--run-dir", str(stopped))
-    trainer_log = stopped / "logs" / "trainer.log"
-    deadline = time.monotonic() + 240
-    while not (trainer_log.exists() and "step 2:" in trainer_log.read_text(errors="replace")):
-        assert p.poll() is None, p.communicate()[0]
-        assert time.monotonic() < deadline, "no step 2 within 240 s"
-        time.sleep(0.5)
+    _wait_for_step(p, stopped, 2)
     assert _snapshots(stopped), "the run's snapshot is in /dev/shm while it runs"
     os.killpg(p.pid, signal.SIGTERM)
     out, _ = p.communicate(timeout=240)
@@ -126,12 +131,7 @@ def test_killing_up_itself_stops_its_services(tmp_path: Path, tiny_model_dir: Pa
     cfg = _config(tmp_path, tiny_model_dir)
     run_dir = tmp_path / "killed"
     p = _up("--config", str(cfg), "--steps", "500", "--run-dir", str(run_dir))
-    trainer_log = run_dir / "logs" / "trainer.log"
-    deadline = time.monotonic() + 240
-    while not (trainer_log.exists() and "step 1:" in trainer_log.read_text(errors="replace")):
-        assert p.poll() is None, p.communicate()[0]
-        assert time.monotonic() < deadline, "no step 1 within 240 s"
-        time.sleep(0.5)
+    _wait_for_step(p, run_dir, 1)
     assert _children_alive(run_dir)
     p.kill()  # up alone, not its services
     p.wait(10)
