@@ -28,11 +28,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "genserver": ("asyncgrpo.genserver.command", "Serve an HF model over SGLang's HTTP API (CPU/test stand-in for SGLang)."),
     "trainer": ("asyncgrpo.trainer.command", "Train the policy (megatron-core GRPO) on the scored groups in Redis; checkpoints and resumes."),
     "up": ("asyncgrpo.launch.up", "Run the whole system on this machine as processes, then evaluate before -> after."),
+    "control": ("asyncgrpo.control.command", "Serve the control plane: REST API, dashboard and metrics for live runs."),
+}
+
+# Clients of the control plane's REST API (asyncgrpo.control.cli): name -> one-line help.
+CLIENT_COMMANDS: dict[str, str] = {
+    "runs": "List the runs the control plane knows.",
+    "status": "Show a run: status, version, queue, staleness, knobs, servers.",
+    "pause": "Pause a run: no new groups; the trainer stops at a step boundary.",
+    "resume": "Resume a paused run.",
+    "drain": "Finish what is admitted, then stop the run.",
+    "stop": "Stop a run after the current step.",
+    "set": "Change live knobs of a run: asyncgrpo set RUN actor.temperature=0.8",
 }
 
 
 def _top_parser() -> argparse.ArgumentParser:
-    lines = "\n".join(f"  {name:<18} {help_}" for name, (_, help_) in COMMANDS.items())
+    lines = "\n".join(f"  {name:<18} {help_}" for name, help_ in
+                      [*((n, h) for n, (_, h) in COMMANDS.items()), *CLIENT_COMMANDS.items()])
     p = argparse.ArgumentParser(
         prog="asyncgrpo",
         description="Asynchronous, decoupled GRPO for LLMs.",
@@ -52,8 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         top.print_help()
         return 2
     name, rest = argv[0], argv[1:]
+    if name in CLIENT_COMMANDS:
+        from asyncgrpo.control.cli import main as client_main
+
+        return client_main(name, rest)
     if name not in COMMANDS:
-        top.error(f"unknown command {name!r}; choose from: {', '.join(COMMANDS)}")
+        top.error(f"unknown command {name!r}; choose from: {', '.join([*COMMANDS, *CLIENT_COMMANDS])}")
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"asyncgrpo {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)

@@ -75,6 +75,7 @@ class System:
     cfg: Any
     history: list[tuple[float, int]] = field(default_factory=list)  # (time, policy version) as polled
     killed: set[str] = field(default_factory=set)
+    may_exit: set[str] = field(default_factory=set)  # services a test expects to exit 0 on their own (a drain)
 
     def __post_init__(self) -> None:
         self.plan = plan_run(self.cfg, self.root / "run")
@@ -96,7 +97,7 @@ class System:
 
     def _check_alive(self) -> None:
         for s in self.sup.exited():
-            if s.name in self.killed or (s.name == "trainer" and s.proc.returncode == 0):
+            if s.name in self.killed or (s.name in {"trainer", *self.may_exit} and s.proc.returncode == 0):
                 continue
             raise AssertionError(f"{s.name} exited with {s.proc.returncode} on its own\n{self.logs()}")
 
@@ -147,12 +148,13 @@ class System:
         times = [t for t, _ in self.history]
         return max((b - a for a, b in zip(times, times[1:])), default=0.0)
 
-    def accounting(self) -> Accounting:
+    def accounting(self, steps: int | None = None) -> Accounting:
+        """Every pushed group by id; `steps`: the version the final checkpoint holds (default: max_steps)."""
         c = self.plan.cfg
         ckpt = Path(c.trainer.checkpoint_dir)
         step = (ckpt / "latest").read_text().strip()
         lineage = torch.load(ckpt / step / "rank_00000.pt", map_location="cpu", weights_only=False)["data_position"]["lineage"]
-        assert len(lineage) == c.trainer.max_steps
+        assert len(lineage) == (c.trainer.max_steps if steps is None else steps)
         k = self.state.keys
         outcomes = self.queue.outcomes()
         return Accounting(

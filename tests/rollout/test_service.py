@@ -104,7 +104,8 @@ def test_dynamic_filtering_drops_all_equal_groups(redis_server, dataset) -> None
 
 def test_admission_budget_with_a_fake_trainer(redis_server, dataset) -> None:
     """ofp = 0, 2 groups per batch: at version v at most 2 (v + 1) groups may have started. The fake
-    trainer bumps the version only once the service is stuck waiting over budget."""
+    trainer bumps the version only once the service is stuck waiting over budget at the current version (an
+    answer given at the previous one may land after the bump) with nothing running."""
     url = redis_server.url
     svc = make_service(url, dataset, FakeGenClient(), max_head_offpolicyness=0, batch_groups=2)
     state, q = RunState(redis.Redis.from_url(url), RUN), GroupQueue(redis.Redis.from_url(url), RUN)
@@ -113,10 +114,13 @@ def test_admission_budget_with_a_fake_trainer(redis_server, dataset) -> None:
     async def trainer() -> None:
         for version in range(3):
             # stuck over budget and nothing running: everything admitted at this version is in the queue
-            while not (svc.stats.admission_waits["over_budget"] > 0 and await asyncio.to_thread(state.running) == 0):
+            def stuck() -> bool:
+                w = svc.stats.last_wait
+                return w is not None and w.status == "over_budget" and w.version == version
+
+            while not (stuck() and await asyncio.to_thread(state.running) == 0):
                 await asyncio.sleep(0.01)
             observed.append((version, await asyncio.to_thread(q.depth)))
-            svc.stats.admission_waits["over_budget"] = 0
             await asyncio.to_thread(state.set_version, version + 1)
 
     async def main() -> None:

@@ -117,6 +117,7 @@ def service_worker(rank: int, world: int, port: int, model_dir: str, redis_url: 
     cfg.redis.url = redis_url
     cfg.train_dataset.batch_size = 2
     cfg.trainer.checkpoint_interval = 0
+    cfg.fileroot = out_dir  # the run directory (metrics.jsonl)
     queue = GroupQueue.from_url(redis_url, cfg.run_id) if rank == 0 else None
     state = RunState.from_url(redis_url, cfg.run_id) if rank == 0 else None
     trainer = GRPOTrainer(cfg)

@@ -180,6 +180,16 @@ class WeightSyncConfig(Section):
     metrics_port: int = Field(0, ge=0, description="Port of the service's Prometheus /metrics (0 disables; /metrics is also on the HTTP API).")
 
 
+class ControlConfig(Section):
+    """The control plane (asyncgrpo control): REST under /v1, dashboard, and the CLI's default address."""
+
+    host: str = Field("127.0.0.1", description="Interface the control plane listens on.")
+    port: int = Field(30200, ge=1, le=65535, description="Port of the control plane's HTTP API and dashboard.")
+    token: str | None = Field(None, description="Bearer token every mutation needs; null: env ASYNCGRPO_CONTROL_TOKEN; unset means mutations are refused.")
+    protect_reads: bool = Field(False, description="Also require the token for reads (run list, status, inspection).")
+    server_timeout_s: float = Field(2.0, gt=0, description="Limit on asking one generation server its health, load and weight version.")
+
+
 class RunConfig(Section):
     """The whole run. Load with asyncgrpo.config.load_config()."""
 
@@ -199,6 +209,7 @@ class RunConfig(Section):
     auth: AuthConfig = Field(default_factory=AuthConfig, description="Bearer tokens of the HTTP services (SGLang's api-key contract).")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="The megatron-core trainer service.")
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig, description="The weight-sync service between trainer and generation servers.")
+    control: ControlConfig = Field(default_factory=ControlConfig, description="The control plane: pause, resume and inspect the run.")
 
     @property
     def run_id(self) -> str:

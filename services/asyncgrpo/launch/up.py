@@ -90,6 +90,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     print(f"asyncgrpo up: {plan.cfg.trainer.max_steps} steps, logs in {run_dir / 'logs'}", flush=True)
+    print(f"asyncgrpo up: control plane http://{plan.cfg.control.host}:{plan.cfg.control.port}/ (run "
+          f"{plan.cfg.run_id}; token in {run_dir / 'control_token'})", flush=True)
     code = 0
     try:
         for svc in plan.services:
@@ -246,6 +248,14 @@ def plan_run(cfg: Any, run_dir: Path, *, genservers: int = 1, redis_url: str | N
     # rollout: the first SIGTERM lets running groups finish and be queued, a second cuts them short
     services.append(Service("rollout", [*exe, "rollout", *conf_args], logs / "rollout.log",
                             stop_sequence=((signal.SIGTERM, 15.0), (signal.SIGTERM, 10.0))))
+    # control plane: stateless; its token travels in the environment and in a file only this user can read
+    control_token = os.environ.get("ASYNCGRPO_CONTROL_TOKEN") or secrets.token_urlsafe(24)
+    env["ASYNCGRPO_CONTROL_TOKEN"] = control_token
+    files[run_dir / "control_token"] = control_token + "\n"
+    cfg.control.host, cfg.control.port, cfg.control.token = host, free_port(host), None
+    ctl_url = f"http://{host}:{cfg.control.port}"
+    services.append(Service("control", [*exe, "control", *conf_args], logs / "control.log",
+                            health=lambda: httpx.get(f"{ctl_url}/health", timeout=2).status_code == 200, start_timeout_s=60))
     # trainer: SIGTERM stops after the current step and checkpoints
     services.append(Service("trainer", [*exe, "trainer", *conf_args], logs / "trainer.log",
                             stop_sequence=((signal.SIGTERM, 120.0),)))
@@ -267,6 +277,8 @@ def _watch(sup: Any, trainer_log: Path) -> None:
             if svc is trainer and code == 0:
                 _echo_steps(trainer_log, pos)
                 return
+            if svc.name == "rollout" and code == 0:  # drained or stopped from the control plane: the trainer follows
+                continue
             raise ServiceFailed(f"{svc.name} exited with code {code}; stopping the others. Last lines of {svc.log}:\n"
                                 f"{tail(svc.log)}")
         time.sleep(0.5)

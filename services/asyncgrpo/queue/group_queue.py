@@ -386,6 +386,22 @@ class GroupQueue:
         checkpoint included)."""
         return int(self.r.xlen(self.keys.stream))
 
+    def undelivered(self, limit: int = 2000) -> list[Group]:
+        """Groups not yet delivered to the trainer (the oldest `limit`), decoded; undecodable ones are skipped
+        (the trainer dead-letters them when it reads them)."""
+        self.ensure_consumer_group()
+        last = "0-0"
+        for g in self.r.xinfo_groups(self.keys.stream):
+            if _s(g["name"]) == self.consumer_group:
+                last = _s(g["last-delivered-id"])
+        out: list[Group] = []
+        for _, fields in self.r.xrange(self.keys.stream, min=f"({last}", count=limit):
+            try:
+                out.append(decode_group(fields[b"g"]))
+            except (GroupSchemaError, KeyError):
+                continue
+        return out
+
     def pushed_ids(self) -> int:
         """How many distinct group ids were ever pushed."""
         return int(self.r.hlen(self.keys.group_ids))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+RUNS_KEY = "asyncgrpo:runs"  # set of the run ids a trainer has registered (the control plane lists them)
+
 
 @dataclass(frozen=True)
 class RunKeys:
@@ -90,10 +92,48 @@ class RunKeys:
         """Hash of run counters (groups_pushed, groups_filtered, stale_requeued, reward_errors, ...)."""
         return self._k("counters")
 
+    @property
+    def info(self) -> str:
+        """Hash describing the run for the control plane: config (JSON, secrets redacted), status, started_at,
+        updated_at (unix seconds), written by the trainer."""
+        return self._k("info")
+
+    @property
+    def mode(self) -> str:
+        """'run' (or absent), 'drain' (admit nothing new, train what is admitted, then stop) or 'stop'."""
+        return self._k("mode")
+
+    @property
+    def knobs(self) -> str:
+        """Hash dotted config key -> JSON value: live knob values set through the control plane, read by the
+        admission script (max_head_offpolicyness), rollout (sampling) and the trainer (at each step)."""
+        return self._k("knobs")
+
+    @property
+    def audit(self) -> str:
+        """List of JSON audit records of control-plane mutations (who, when, what, old -> new), newest first."""
+        return self._k("audit")
+
+    @property
+    def step_metrics(self) -> str:
+        """Capped stream of the trainer's per-step metrics (field 'm': JSON): the control plane's time series."""
+        return self._k("step_metrics")
+
+    @property
+    def completions(self) -> str:
+        """Capped list of recent completions (JSON: group id, version, reward, text), newest first."""
+        return self._k("completions")
+
+    @property
+    def rollout_stats(self) -> str:
+        """Hash worker_id -> JSON of that rollout process's last report (groups/s, tokens/s, at)."""
+        return self._k("rollout_stats")
+
     def claim(self, role: str) -> str:
         """String holding the token of the live process that holds `role` (with a TTL: queue/claims.py)."""
         return self._k(f"claim:{role}")
 
     def all(self) -> list[str]:
         return [self.stream, self.group_ids, self.dead_letter, self.outcomes, self.version, self.paused, self.trained,
-                self.trained_in_stream, self.leases, self.lease_owners, self.requeue, self.cursor, self.counters]
+                self.trained_in_stream, self.leases, self.lease_owners, self.requeue, self.cursor, self.counters, self.info,
+                self.mode, self.knobs, self.audit, self.step_metrics, self.completions, self.rollout_stats]

@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import redis
 
 from asyncgrpo.queue.keys import RunKeys
 from asyncgrpo.queue.schema import PromptRef
 
-AdmitStatus = Literal["ok", "paused", "over_budget", "exhausted"]
+AdmitStatus = Literal["ok", "paused", "over_budget", "exhausted", "draining", "stopping"]
+KNOB_OFFPOLICYNESS = "rollout.max_head_offpolicyness"
 
 # accepted = trained + XLEN(stream) - trained_in_stream   (KEYS[a] stream, KEYS[b] trained, KEYS[c] trained_in_stream)
 _ACCEPTED_LUA = """
@@ -38,31 +39,37 @@ local function accepted(stream, trained, in_stream)
 end
 """
 
-# KEYS: version paused leases requeue cursor counters stream trained trained_in_stream lease_owners
+# KEYS: version paused leases requeue cursor counters stream trained trained_in_stream lease_owners mode knobs
 # ARGV: max_head_offpolicyness batch_groups dataset_size total_epochs lease_ttl_ms owner
+# -> {status, ref, version, started, capacity, knobs (flat HGETALL: the live knob values this admission used)}
 _ADMIT_LUA = _ACCEPTED_LUA + """
-local ofp = tonumber(ARGV[1]); local bg = tonumber(ARGV[2]); local n = tonumber(ARGV[3])
+local knobs = redis.call('HGETALL', KEYS[12])
+local ofp = tonumber(redis.call('HGET', KEYS[12], '""" + KNOB_OFFPOLICYNESS + """') or ARGV[1])
+local bg = tonumber(ARGV[2]); local n = tonumber(ARGV[3])
 local epochs = tonumber(ARGV[4]); local ttl = tonumber(ARGV[5]); local owner = ARGV[6]
 local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local v = tonumber(redis.call('GET', KEYS[1]) or '0')
 local used = accepted(KEYS[7], KEYS[8], KEYS[9]) + redis.call('ZCARD', KEYS[3])
 local cap = (v + ofp + 1) * bg
-if redis.call('GET', KEYS[2]) == '1' then return {'paused', '', v, used, cap} end
+local mode = redis.call('GET', KEYS[11])
+if mode == 'stop' then return {'stopping', '', v, used, cap, knobs} end
+if mode == 'drain' then return {'draining', '', v, used, cap, knobs} end
+if redis.call('GET', KEYS[2]) == '1' then return {'paused', '', v, used, cap, knobs} end
 -- a dead worker's lease: already counted in running, so re-issuing it needs no budget
 local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 1)
 if #expired > 0 then
   redis.call('ZADD', KEYS[3], now + ttl, expired[1])
   redis.call('HSET', KEYS[10], expired[1], owner)
   redis.call('HINCRBY', KEYS[6], 'leases_reissued', 1)
-  return {'ok', expired[1], v, used, cap}
+  return {'ok', expired[1], v, used, cap, knobs}
 end
-if used + 1 > cap then return {'over_budget', '', v, used, cap} end
+if used + 1 > cap then return {'over_budget', '', v, used, cap, knobs} end
 local ref = redis.call('LPOP', KEYS[4])
 if not ref then
   local epoch = tonumber(redis.call('HGET', KEYS[5], 'epoch') or '0')
   local pos = tonumber(redis.call('HGET', KEYS[5], 'position') or '0')
   if pos >= n then epoch = epoch + 1; pos = 0 end
-  if epoch >= epochs then return {'exhausted', '', v, used, cap} end
+  if epoch >= epochs then return {'exhausted', '', v, used, cap, knobs} end
   redis.call('HSET', KEYS[5], 'epoch', epoch, 'position', pos + 1)
   ref = epoch .. ':' .. pos .. ':0'
 else
@@ -71,7 +78,7 @@ end
 redis.call('ZADD', KEYS[3], now + ttl, ref)
 redis.call('HSET', KEYS[10], ref, owner)
 redis.call('HINCRBY', KEYS[6], 'groups_started', 1)
-return {'ok', ref, v, used + 1, cap}
+return {'ok', ref, v, used + 1, cap, knobs}
 """
 
 # KEYS: leases lease_owners   ARGV: ref ttl_ms owner   -> 1 if `owner` still holds the lease (now extended)
@@ -140,6 +147,7 @@ class Admission:
     version: int  # trainer version the decision used
     started: int  # accepted + running, counting this group when admitted
     capacity: int  # (version + max_head_offpolicyness + 1) * batch_groups
+    knobs: dict[str, Any] = field(default_factory=dict)  # live knob values (control plane) when admitted
 
 
 class CursorMismatchError(RuntimeError):
@@ -236,13 +244,15 @@ class RunState:
         """Try to start one group for `owner` ('worker_id#n'): checks pause and the staleness budget, then
         leases the next prompt (an expired lease first, then a re-queued prompt, then the cursor)."""
         k = self.keys
-        status, ref, v, started, cap = self._admit(
+        status, ref, v, started, cap, flat = self._admit(
             keys=[k.version, k.paused, k.leases, k.requeue, k.cursor, k.counters, k.stream, k.trained,
-                  k.trained_in_stream, k.lease_owners],
+                  k.trained_in_stream, k.lease_owners, k.mode, k.knobs],
             args=[max_head_offpolicyness, batch_groups, dataset_size, total_epochs, int(lease_ttl_s * 1000), owner],
         )
         status = _s(status)
-        return Admission(status, PromptRef.parse(ref) if status == "ok" else None, int(v), int(started), int(cap))  # type: ignore[arg-type]
+        knobs = {_s(flat[i]) or "": json.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return Admission(status, PromptRef.parse(ref) if status == "ok" else None, int(v), int(started), int(cap),  # type: ignore[arg-type]
+                         knobs)
 
     def renew_lease(self, ref: PromptRef, lease_ttl_s: float, owner: str = "") -> bool:
         """Extend a lease `owner` holds; False when it is gone (pushed, released, re-issued to another owner)."""

@@ -115,6 +115,7 @@ class Group:
     admitted_version: int = 0  # trainer version read when the group was admitted
     admission_index: int = 0  # groups started (net) counting this one, when admitted
     created_at: float = 0.0  # unix time the group was pushed
+    temperature: float | None = None  # sampling temperature (a live knob): the trainer's log-probs must use the same
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -215,6 +216,8 @@ def encode_group(group: Group, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> by
         "created_at": group.created_at,
         "completions": [_pack_completion(c) for c in group.completions],
     }
+    if group.temperature is not None:
+        body["temperature"] = float(group.temperature)
     data = msgpack.packb(body, use_bin_type=True)
     if len(data) > max_bytes:
         raise GroupTooLargeError(
@@ -253,6 +256,7 @@ def decode_group(data: bytes) -> Group:
             admitted_version=int(body["admitted_version"]),
             admission_index=int(body["admission_index"]),
             created_at=float(body["created_at"]),
+            temperature=None if body.get("temperature") is None else float(body["temperature"]),
         )
     except KeyError as e:
         raise GroupSchemaError(f"group message (schema_version {ver}) lacks field {e.args[0]!r}") from None

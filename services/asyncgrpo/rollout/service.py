@@ -4,6 +4,11 @@
     -> sample G completions (partial rollouts across weight updates)  ->  score them off the loop
     -> push the group (idempotent; drops the lease)   or   drop it if all rewards are equal (counted)
 
+Live knobs (sampling temperature, top_p, the staleness bound) come with each admission, read in the same
+script, so a change applies from the next admitted group; each group records the temperature it was sampled
+at. When the control plane drains or stops the run, admission answers so and each worker returns after its
+current group: the process exits once every admitted group is pushed.
+
 A worker over budget or paused waits on the run's pub/sub channel (version bumps, resume, re-queues, lease
 releases) with a 1 s fallback for leases that expire silently: it never spins. While a group runs, its
 lease is renewed every lease_ttl_s / 3; a killed process stops renewing, and another worker re-runs the
@@ -29,6 +34,7 @@ from typing import Any
 
 from asyncgrpo.queue import Admission, Completion, Group, GroupQueue, GroupTooLargeError, PromptRef, RedisGuard, RunState
 from asyncgrpo.queue.connection import make_async_redis
+from asyncgrpo.queue.run_control import RunControl
 from asyncgrpo.queue.schema import spans_from_versions
 from asyncgrpo.rollout.dataset import PromptDataset
 from asyncgrpo.rollout.rewards import RewardRunner
@@ -71,8 +77,11 @@ class RolloutParams:
                    num_workers=r.max_concurrent_rollouts, exit_when_exhausted=r.exit_when_exhausted,
                    log_interval_s=r.log_interval_s, worker_id=r.worker_id or socket.gethostname())
 
-    def sampling_params(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, **self.sampling_extra}
+    def sampling_params(self, knobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """SGLang sampling params; `knobs` are the live values an admission carried (they win)."""
+        k = knobs or {}
+        return {"temperature": k.get("actor.temperature", self.temperature), "top_p": k.get("rollout.top_p", self.top_p),
+                "top_k": self.top_k, **self.sampling_extra}
 
 
 @dataclass
@@ -88,6 +97,8 @@ class RolloutStats:
     reward_errors: int = 0
     resumes: int = 0
     admission_waits: dict[str, int] = field(default_factory=lambda: {"over_budget": 0, "paused": 0, "exhausted": 0})
+    ended_by: str = ""  # 'draining' or 'stopping' when the control plane ended the run
+    last_wait: Admission | None = None  # the latest admission answer that made a worker wait
     admissions: deque[Admission] = field(default_factory=lambda: deque(maxlen=10_000))  # recent, for tests and inspection
 
 
@@ -136,6 +147,7 @@ class RolloutService:
             raise ValueError("rollout needs at least one generation server (rollout.server_urls)")
         self.p = params
         self.state = state
+        self.control = RunControl(state.r, params.run_id)
         self.queue = queue
         self.dataset = dataset
         self.decode = decode
@@ -247,7 +259,14 @@ class RolloutService:
                 finally:
                     self._in_flight.pop(wid, None)
                 continue
+            if adm.status in ("draining", "stopping"):
+                if not self.stats.ended_by:
+                    self.stats.ended_by = adm.status
+                    log.info("the run is %s (control plane): admitting nothing new; running groups finish and are "
+                             "pushed, then this process exits", adm.status)
+                return
             self.stats.admission_waits[adm.status] += 1
+            self.stats.last_wait = adm
             self.m.waits.labels(adm.status).inc()
             if adm.status == "exhausted" and self.p.exit_when_exhausted and await self.guard.acall(self._drained):
                 log.info("worker %d: every prompt of %d epoch(s) is done", wid, self.p.total_epochs)
@@ -321,10 +340,11 @@ class RolloutService:
         t0 = time.monotonic()
         prompt = self.dataset.get(ref.epoch, ref.position)
         gid = ref.group_id()
+        params = self.p.sampling_params(adm.knobs)
         try:
             async with asyncio.TaskGroup() as tg:  # one failure cancels the siblings
                 tasks = [tg.create_task(sample_completion(
-                    client, prompt.input_ids, self.p.sampling_params(), max_new_tokens=self.p.max_new_tokens,
+                    client, prompt.input_ids, params, max_new_tokens=self.p.max_new_tokens,
                     rid=f"{self.p.run_id}:{gid}:{j}", max_resubmits=self.p.max_resubmits)) for j in range(self.p.group_size)]
         except ExceptionGroup as eg:  # report the first real error, not "unhandled errors in a TaskGroup"
             raise eg.exceptions[0] from eg
@@ -340,7 +360,8 @@ class RolloutService:
         self.m.group_seconds.observe(time.monotonic() - t0)
         return Group(run_id=self.p.run_id, group_id=gid, prompt_id=prompt.prompt_id, epoch=ref.epoch,
                      position=ref.position, attempt=ref.attempt, prompt_ids=prompt.input_ids, completions=completions,
-                     answer=prompt.answer, admitted_version=adm.version, admission_index=adm.started)
+                     answer=prompt.answer, admitted_version=adm.version, admission_index=adm.started,
+                     temperature=float(params["temperature"]))
 
     async def _finish(self, group: Group, ref: PromptRef, wid: int) -> None:
         rewards = group.rewards
@@ -370,6 +391,11 @@ class RolloutService:
             self.stats.groups_failed += 1
             self.m.groups.labels("failed").inc()
             return
+        await self.guard.acall(self.control.record_completion, {
+            "group_id": group.group_id, "version": group.newest_version, "rewards": rewards,
+            "reward_mean": sum(rewards) / len(rewards) if rewards else 0.0, "temperature": group.temperature,
+            "text": self.decode(group.completions[0].output_ids)[:1000] if group.completions else "",
+            "at": time.time()})
         self.stats.groups_pushed += 1
         self.stats.reward_sum += sum(rewards)
         self.stats.rewards += len(rewards)
@@ -401,6 +427,11 @@ class RolloutService:
             self.m.groups_per_s.set(gps)
             self.m.tokens_per_s.set(tps)
             g = await asyncio.to_thread(self._publish_gauges)
+            with contextlib.suppress(Exception):  # reporting only; an outage is reported by the guard
+                await asyncio.to_thread(self.control.record_rollout_stats, self.p.worker_id, {
+                    "groups_per_s": gps, "tokens_per_s": tps, "reward_mean": rmean if n else None,
+                    "groups_pushed": st.groups_pushed, "groups_filtered": st.groups_filtered,
+                    "groups_failed": st.groups_failed, "admission_waits": st.admission_waits})
             log.info("groups/s %.2f tokens/s %.0f reward_mean %.3f queue_depth %s version %s stale_drops %s "
                      "admission_waits %s reward_errors %d filtered %d failed %d", gps, tps, rmean, g.get("depth"),
                      g.get("version"), g.get("stale"), st.admission_waits, st.reward_errors, st.groups_filtered,

@@ -235,6 +235,13 @@ class SGLangClient:
     async def model_info(self) -> dict[str, Any]:
         return await self._call("GET", "/model_info", idempotent=True)
 
+    async def weight_version(self) -> int:
+        """The policy version the server holds, as the trainer's integer (parsed here, once, at the boundary:
+        SGLang reports it as a string, "default" for the weights it started with)."""
+        from asyncgrpo.queue.schema import version_number
+
+        return version_number((await self.model_info()).get("weight_version", "default"))
+
     async def server_info(self) -> dict[str, Any]:
         return await self._call("GET", "/server_info", idempotent=True)
 

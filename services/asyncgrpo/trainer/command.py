@@ -46,6 +46,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     import torch.distributed as dist
 
     from asyncgrpo.queue import Claim, GroupQueue, RedisGuard, RedisUnavailable, RoleTaken, RunState, make_redis
+    from asyncgrpo.queue.run_control import RunControl, redacted_config
     from asyncgrpo.trainer.model import destroy_parallel
     from asyncgrpo.trainer.service import TrainerService
     from asyncgrpo.trainer.train_step import GRPOTrainer
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     except ValueError as e:  # bad sizes or paths in the config: one clear line
         raise ConfigError(str(e)) from None
     rank = dist.get_rank()
-    queue = state = publisher = claim = service = None
+    queue = state = publisher = claim = service = control = None
     guard = RedisGuard(cfg.redis.url, cfg.redis.outage_deadline_s)
     try:
         if rank == 0:
@@ -69,6 +70,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
                 raise ConfigError(str(e)) from None
             queue = GroupQueue(client, cfg.run_id, max_message_bytes=cfg.rollout.max_message_bytes)
             state = RunState(client, cfg.run_id)
+            control = RunControl(client, cfg.run_id)
+            guard.call(control.register, redacted_config(cfg))
             serve_metrics(cfg.trainer.metrics_port, cfg.bind_host)
             if not args.no_weight_sync:
                 from asyncgrpo.weight_sync.publisher import WeightPublisher
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
                 except SnapshotInUse as e:
                     raise ConfigError(str(e)) from None
         service = TrainerService(cfg, trainer, queue, state, weight_sink=publisher.publish if publisher else None,
-                                 guard=guard, claim=claim)
+                                 guard=guard, claim=claim, control=control)
         service.install_signal_handlers()
         service.start_heartbeat()
         version = service.resume()
@@ -90,6 +93,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
             log.info("already at version %d (max steps %d): nothing to train", version, target)
         stats = service.run(max_steps=None if target is None else max(0, target - version),
                             idle_timeout_s=args.idle_timeout_s)
+        if rank == 0:
+            service.mark_stopped()
     except RedisUnavailable as e:
         log.error("%s; stopping (the groups trained since the last checkpoint are replayed on restart)", e)
         return 3

@@ -16,6 +16,12 @@ the checkpoint's, so the admission budget (derived from them) follows the model 
 deadlock the run. With trainer.checkpoint_interval = 0 there is nothing to resume from: groups are
 acknowledged right after their step.
 
+The control plane steers the loop through the run's keys (queue/run_control.py), read at each step boundary:
+live knobs are applied on every rank; while the run is paused no batch is collected or trained (rank 0 wakes
+the other ranks every poll_timeout_s so no collective times out); 'stop' ends the loop after the step, and
+'drain' trains full batches until no group is running and no full batch is left. Each step's metrics go to
+a capped Redis stream (the control plane's time series) and to metrics.jsonl in the run directory.
+
 Redis outages are ridden out through one RedisGuard (backoff, one warning per outage); after an outage
 the groups delivered to this consumer are read again, in case a reply carrying them was lost.
 """
@@ -61,6 +67,12 @@ def is_stale(group: Any, trained_version: int, max_offpolicyness: int) -> bool:
 
 def checkpoint_dir(cfg: RunConfig) -> Path:
     return Path(cfg.trainer.checkpoint_dir or Path(cfg.fileroot) / cfg.experiment_name / cfg.trial_name / "checkpoints")
+
+
+def sampled_at_other_temperature(group: Any, temperature: float) -> bool:
+    """Log-probs are recomputed at the trainer's temperature: a group sampled at another one (the live knob
+    changed) would carry behaviour log-probs of a different distribution."""
+    return group.temperature is not None and abs(group.temperature - temperature) > 1e-12 * max(1.0, temperature)
 
 
 @dataclass
@@ -111,7 +123,7 @@ class TrainerService:
 
     def __init__(self, cfg: RunConfig, trainer: GRPOTrainer, queue: Any = None, state: Any = None,
                  weight_sink: WeightSink | None = None, consumer: str = "trainer-0", guard: Any = None,
-                 claim: Any = None) -> None:
+                 claim: Any = None, control: Any = None) -> None:
         from asyncgrpo.queue.connection import RedisGuard
 
         self.cfg = cfg
@@ -126,6 +138,9 @@ class TrainerService:
         self.guard = guard or RedisGuard(cfg.redis.url, cfg.redis.outage_deadline_s)
         self.stop_requested = False
         self.claim = claim  # the run's trainer role (queue/claims.py), renewed by a heartbeat thread
+        self.control = control  # the run's control-plane records (queue/run_control.py), rank 0 only
+        self._trainer_state = ""
+        self._metrics_file: Any = None
         self.fenced = False  # another trainer took the role over: this one stops before its next step commits
         self._beat_stop = threading.Event()
         self.stats = LoopStats()
@@ -138,6 +153,7 @@ class TrainerService:
         self._reread = True  # read the groups delivered to this consumer (start, and after a Redis outage)
         self._episodes_seen = 0
         self._saved_version = -1
+        self._hf_version = -1
 
     def _redis(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         return self.guard.call(fn, *args, **kw)
@@ -233,7 +249,7 @@ class TrainerService:
                                     vocab_size=arch.vocab_size, max_seq_len=arch.max_position_embeddings)
             if problem is not None:
                 dead.append((msg_id, g.group_id, *problem))
-            elif is_stale(g, self.trainer.version, bound):
+            elif is_stale(g, self.trainer.version, bound) or sampled_at_other_temperature(g, self.cfg.actor.temperature):
                 stale.append((msg_id, g))
             else:
                 self._pending.append((msg_id, g))
@@ -252,7 +268,8 @@ class TrainerService:
             n = self._redis(self.queue.drop_stale, stale)
             self.stats.groups_dropped_stale += n
             self.metrics.dropped.inc(n)
-            log.info("dropped %d stale groups (trainer version %d, bound %d)", n, self.trainer.version, bound)
+            log.info("dropped %d stale groups (trainer version %d, bound %d, temperature %g)", n, self.trainer.version,
+                     bound, self.cfg.actor.temperature)
 
     def _reread_delivered(self) -> None:
         """The groups delivered to this consumer and not acknowledged that this process does not hold:
@@ -266,8 +283,9 @@ class TrainerService:
             log.info("replaying %d groups delivered before the restart and not in the checkpoint", len(entries))
         self._sort(entries)
 
-    def _collect(self, deadline: float | None) -> list[tuple[str, Any]] | None:
-        """Block until a full batch is pending (None if stopping or past the deadline)."""
+    def _collect(self, deadline: float | None, drain: bool = False) -> list[tuple[str, Any]] | None:
+        """Block until a full batch is pending (None if stopping or past the deadline, or when draining and no
+        full batch can come: nothing running and nothing more in the stream)."""
         bs = self.cfg.train_dataset.batch_size
         # Groups may have gone stale while waiting for the rest of the batch.
         if self._pending:
@@ -282,9 +300,78 @@ class TrainerService:
             if self.stop_requested or (deadline is not None and time.monotonic() > deadline):
                 return None
             block = int(self.cfg.trainer.poll_timeout_s * 1000)
-            self._sort(self._redis(self.queue.consume, self.consumer, count=bs - len(self._pending), block_ms=block))
+            running = self._redis(self.state.running) if drain else None
+            got = self._redis(self.queue.consume, self.consumer, count=bs - len(self._pending), block_ms=200 if drain else block)
+            self._sort(got)
+            if drain and not got and running == 0 and len(self._pending) < bs:
+                log.info("drained: nothing running and %d groups short of a batch; stopping", bs - len(self._pending))
+                return None
         batch, self._pending = self._pending[:bs], self._pending[bs:]
         return batch
+
+    # -- the control plane ---------------------------------------------------------------------------
+    def _set_trainer_state(self, state: str) -> None:
+        if self.control is not None and state != self._trainer_state:
+            self._trainer_state = state
+            self._redis(self.control.set_trainer_state, state)
+
+    def _gate(self) -> tuple[str, dict[str, Any]]:
+        """Rank 0 at a step boundary: the live knobs, and 'train', 'drain', 'stop' or 'wait' (paused: returns
+        after at most poll_timeout_s so the other ranks hear from rank 0)."""
+        from asyncgrpo.config.knobs import apply_knobs
+
+        if self.control is None:
+            return ("stop" if self.stop_requested else "train"), {}
+        deadline = time.monotonic() + self.cfg.trainer.poll_timeout_s
+        while True:
+            mode, paused, knobs = self._redis(self._read_control)
+            for k, (old, new) in apply_knobs(self.cfg, knobs).items():
+                log.info("live knob %s: %s -> %s (from step %d)", k, old, new, self.trainer.version + 1)
+            if mode == "stop" or self.stop_requested:
+                if mode == "stop":
+                    log.info("stop requested through the control plane; stopping at version %d", self.trainer.version)
+                return "stop", knobs
+            if mode == "drain":
+                self._set_trainer_state("draining")
+                return "drain", knobs
+            if not paused:
+                self._set_trainer_state("training")
+                return "train", knobs
+            if self._trainer_state != "paused":
+                log.info("run paused: stopped at the step boundary after version %d", self.trainer.version)
+                self._set_trainer_state("paused")
+            if time.monotonic() > deadline:
+                return "wait", knobs
+            time.sleep(0.2)
+
+    def _read_control(self) -> tuple[str, bool, dict[str, Any]]:
+        return self.control.mode(), self.state.is_paused(), self.control.knobs()
+
+    def _report_step(self, stats: dict[str, float], batch: Batch, version: int, waited_s: float) -> None:
+        """One step's metrics to the control plane's stream and to metrics.jsonl."""
+        import json
+        import math
+
+        staleness = [version - 1 - min(s.token_versions) for s in batch.samples if s.token_versions]
+        row: dict[str, Any] = {"version": version, "time": time.time(), "groups": batch.n_groups,
+                               "wait_s": round(waited_s, 4), "temperature": self.cfg.actor.temperature,
+                               "max_head_offpolicyness": self.cfg.rollout.max_head_offpolicyness,
+                               "staleness_mean": sum(staleness) / len(staleness) if staleness else 0.0,
+                               "staleness_max": max(staleness, default=0),
+                               "groups_trained_total": self.stats.groups_trained + batch.n_groups,
+                               "groups_dropped_stale_total": self.stats.groups_dropped_stale}
+        row.update({k: (v if math.isfinite(v) else None) for k, v in stats.items()})
+        if self.control is not None:
+            self._redis(self.control.record_step, row)
+        try:
+            if self._metrics_file is None:
+                path = checkpoint_dir(self.cfg).parent / "metrics.jsonl"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._metrics_file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+            self._metrics_file.write(json.dumps(row) + "\n")
+            self._metrics_file.flush()
+        except OSError as e:
+            log.warning("cannot write metrics.jsonl (%s); the control plane still has the step", e)
 
     # -- the loop ------------------------------------------------------------------------------------
     def _broadcast(self, obj: Any) -> Any:
@@ -300,6 +387,13 @@ class TrainerService:
             self.weight_sink(it, self.trainer.version)
         for _ in it:  # the export is collective over TP: every rank runs it to the end
             pass
+
+    def _save_hf(self) -> None:
+        from asyncgrpo.trainer.model import save_hf_checkpoint
+
+        save_hf_checkpoint(self.trainer.model, self.trainer.arch, self.cfg.actor.path,
+                           checkpoint_dir(self.cfg).parent / "hf" / f"version_{self.trainer.version}")
+        self._hf_version = self.trainer.version
 
     def _checkpoint(self) -> None:
         """Save (collective), then acknowledge the groups the checkpoint now holds."""
@@ -321,19 +415,32 @@ class TrainerService:
         t = self.cfg.trainer
         ack_now = not t.checkpoint_interval
         taken = 0
+        from asyncgrpo.config.knobs import apply_knobs
+
+        waited = 0.0
         while max_steps is None or taken < max_steps:
             entries = None
+            msg: tuple[str, Any, dict[str, Any]] | None = None
             if self.rank == 0:
-                t0 = time.monotonic()
-                deadline = t0 + idle_timeout_s if idle_timeout_s is not None else None
-                entries = self._collect(deadline)
-                waited = time.monotonic() - t0
-                self.stats.longest_wait_s = max(self.stats.longest_wait_s, waited)
-                self.metrics.wait_time.observe(waited)
-            payload = None if entries is None else [group_to_samples(g) for _, g in entries]
-            payload = self._broadcast(payload if self.rank == 0 else None)
-            if payload is None:
+                action, knobs = self._gate()
+                if action == "wait":
+                    msg = ("wait", None, knobs)
+                elif action != "stop":
+                    t0 = time.monotonic()
+                    deadline = t0 + idle_timeout_s if idle_timeout_s is not None else None
+                    entries = self._collect(deadline, drain=action == "drain")
+                    waited = time.monotonic() - t0
+                    self.stats.longest_wait_s = max(self.stats.longest_wait_s, waited)
+                    self.metrics.wait_time.observe(waited)
+                    if entries is not None:
+                        msg = ("batch", [group_to_samples(g) for _, g in entries], knobs)
+            msg = self._broadcast(msg if self.rank == 0 else None)
+            if msg is None:
                 break
+            kind, payload, knobs = msg
+            apply_knobs(self.cfg, knobs)  # every rank trains under the same values
+            if kind == "wait":
+                continue
             batch = Batch([s for group in payload for s in group])
             stats = self.trainer.train_step(batch)
             version = self.trainer.version
@@ -350,6 +457,7 @@ class TrainerService:
                 self._redis(self.queue.commit_step, msg_ids, version, len(self._trained), len(self._unacked), ack_now)
                 self.metrics.unacked.set(len(self._unacked))
                 self.metrics.record(stats, batch, version)
+                self._report_step(stats, batch, version, waited)
                 log.info("step %d: loss %.4f reward %.3f clip %.3f grad_norm %.3f %.0f tok/s", version, stats["loss"],
                          stats["reward_mean"], stats.get("clip_frac", 0.0), stats["grad_norm"], stats["tokens_per_s"])
             self._publish()
@@ -360,17 +468,26 @@ class TrainerService:
             if t.checkpoint_interval and version % t.checkpoint_interval == 0:
                 self._checkpoint()
             if t.hf_save_interval and version % t.hf_save_interval == 0:
-                from asyncgrpo.trainer.model import save_hf_checkpoint
-
-                save_hf_checkpoint(self.trainer.model, self.trainer.arch, self.cfg.actor.path,
-                                   checkpoint_dir(self.cfg).parent / "hf" / f"version_{version}")
+                self._save_hf()
             stop = self._broadcast(self.stop_requested if self.rank == 0 else None)
             if stop:
                 break
-        # A clean stop checkpoints too, so a restart continues exactly where this run ended.
+        # A clean stop checkpoints too, so a restart continues exactly where this run ended, and leaves the HF
+        # model of the version it reached (a run stopped or drained early still has its final model).
         fenced = self._broadcast(self.fenced if self.rank == 0 else None)
         if t.checkpoint_interval and self.stats.steps and self._saved_version != self.trainer.version and not fenced:
             self._checkpoint()
+        if t.hf_save_interval and self.stats.steps and self._hf_version != self.trainer.version and not fenced:
+            self._save_hf()
         if self.rank == 0 and self._pending:
             log.info("%d consumed groups left pending; a restart replays them", len(self._pending))
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+            self._metrics_file = None
         return self.stats
+
+    def mark_stopped(self) -> None:
+        """Rank 0, after a clean end of the loop: the control plane shows the run stopped."""
+        if self.control is not None and not self.fenced:
+            self._redis(self.control.set_status, "stopped")
+            self._set_trainer_state("stopped")

@@ -1,0 +1,48 @@
+"""`asyncgrpo control --config run.yaml`: serve the control plane (REST /v1, dashboard at /, /metrics).
+
+It reads every run registered in the config's Redis (redis.url); the config gives it its address
+(control.host / control.port), its token (control.token or ASYNCGRPO_CONTROL_TOKEN) and the generation servers'
+api key for asking them their state. Stateless: stop and start it at any time.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+ACCEPTS_OVERRIDES = True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from asyncgrpo.config.command import add_config_arguments
+
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    import logging
+
+    import uvicorn
+
+    from asyncgrpo.config import ConfigError, load_config
+    from asyncgrpo.control.api import ENV_CONTROL_TOKEN, create_app, resolve_token
+    from asyncgrpo.control.handlers import ControlPlane
+    from asyncgrpo.queue import make_redis
+    from asyncgrpo.utils.auth import resolve_keys
+    from asyncgrpo.utils.logging import setup_logging
+    from asyncgrpo.utils.net import is_loopback
+
+    setup_logging("control")
+    log = logging.getLogger("asyncgrpo.control")
+    cfg = load_config(args.config, overrides)
+    c = cfg.control
+    token = resolve_token(c.token)
+    if not is_loopback(c.host) and token is None:
+        raise ConfigError(f"asyncgrpo control: refusing to serve on {c.host} without a token: set control.token or "
+                          f"{ENV_CONTROL_TOKEN}, or bind 127.0.0.1")
+    api_key, _ = resolve_keys(cfg.auth.api_key, cfg.auth.admin_api_key)
+    plane = ControlPlane(make_redis(cfg.redis.url), server_timeout_s=c.server_timeout_s, api_key=api_key)
+    app = create_app(plane, token=token, protect_reads=c.protect_reads)
+    log.info("control plane on http://%s:%d (Redis %s); mutations %s", c.host, c.port,
+             cfg.redis.url.split("@")[-1], "need the token" if token else f"disabled (no {ENV_CONTROL_TOKEN})")
+    uvicorn.run(app, host=c.host, port=c.port, log_level="warning")
+    return 0

@@ -1,0 +1,168 @@
+"""What the control plane reads and writes about a run, in Redis: the run's registration (config, status,
+times), its mode (run / drain / stop; pause is RunState's flag), live knobs with their audit list, the
+trainer's step metrics (a capped stream), recent completions and the rollout processes' last reports.
+
+Every record lives under the run's keys (keys.py), so the control plane is stateless: restarted, it serves the
+same run; down, the services go on reading the same keys. Services write here; the control plane's handler
+layer (control/handlers.py) reads through this class and never touches a key itself.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import redis
+
+from asyncgrpo.queue.keys import RUNS_KEY, RunKeys
+
+Mode = Literal["run", "drain", "stop"]
+STEP_METRICS_KEPT = 10_000  # steps of history kept in the stream (approximate trimming)
+COMPLETIONS_KEPT = 50
+AUDIT_KEPT = 1_000
+
+
+def _s(x: bytes | str | None) -> str | None:
+    return x.decode() if isinstance(x, bytes) else x
+
+
+def redacted_config(cfg: Any) -> dict[str, Any]:
+    """A RunConfig as JSON for others to read: tokens and the Redis password replaced by '***'."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    d = cfg.model_dump(mode="json")
+    for section, key in (("auth", "api_key"), ("auth", "admin_api_key"), ("control", "token")):
+        if d.get(section, {}).get(key):
+            d[section][key] = "***"
+    url = d.get("redis", {}).get("url") or ""
+    parts = urlsplit(url)
+    if parts.password:
+        host = parts.hostname or ""
+        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        d["redis"]["url"] = urlunsplit(parts._replace(netloc=netloc))
+    return d
+
+
+class RunControl:
+    def __init__(self, client: redis.Redis, run_id: str) -> None:
+        self.r = client
+        self.run_id = run_id
+        self.keys = RunKeys(run_id)
+
+    # -- registration ---------------------------------------------------------------------------------
+    @staticmethod
+    def list_runs(client: redis.Redis) -> list[str]:
+        return sorted(_s(m) or "" for m in client.smembers(RUNS_KEY))
+
+    def exists(self) -> bool:
+        return bool(self.r.sismember(RUNS_KEY, self.run_id))
+
+    def register(self, config: Mapping[str, Any]) -> None:
+        """Called by the trainer on start: the run appears in the list with its (redacted) config. A resumed run
+        keeps its first start time and its mode: a run stopped by the control plane and started again runs."""
+        now = time.time()
+        pipe = self.r.pipeline()
+        pipe.sadd(RUNS_KEY, self.run_id)
+        pipe.hset(self.keys.info, mapping={"config": json.dumps(config, sort_keys=True), "status": "running",
+                                           "updated_at": now, "trainer_started_at": now})
+        pipe.hsetnx(self.keys.info, "started_at", now)
+        pipe.set(self.keys.mode, "run")
+        pipe.publish(self.keys.events, "status:running")
+        pipe.execute()
+
+    def set_status(self, status: str) -> None:
+        pipe = self.r.pipeline()
+        pipe.hset(self.keys.info, mapping={"status": status, "updated_at": time.time()})
+        pipe.publish(self.keys.events, f"status:{status}")
+        pipe.execute()
+
+    def set_trainer_state(self, state: str) -> None:
+        """training / waiting / paused (at a step boundary) / draining / stopped."""
+        pipe = self.r.pipeline()
+        pipe.hset(self.keys.info, mapping={"trainer_state": state, "updated_at": time.time()})
+        pipe.publish(self.keys.events, f"trainer:{state}")
+        pipe.execute()
+
+    def touch(self) -> None:
+        self.r.hset(self.keys.info, "updated_at", time.time())
+
+    def info(self) -> dict[str, Any]:
+        h = {_s(k) or "": _s(v) for k, v in self.r.hgetall(self.keys.info).items()}
+        out: dict[str, Any] = {"status": h.get("status") or "unknown"}
+        out["config"] = json.loads(h["config"]) if h.get("config") else {}
+        out["trainer_state"] = h.get("trainer_state") or "unknown"
+        for k in ("started_at", "updated_at", "trainer_started_at"):
+            out[k] = float(h[k]) if h.get(k) else None
+        return out
+
+    # -- mode ------------------------------------------------------------------------------------------
+    def mode(self) -> Mode:
+        m = _s(self.r.get(self.keys.mode))
+        return m if m in ("drain", "stop") else "run"  # type: ignore[return-value]
+
+    def set_mode(self, mode: Mode) -> None:
+        pipe = self.r.pipeline()
+        pipe.set(self.keys.mode, mode)
+        pipe.hset(self.keys.info, "updated_at", time.time())
+        pipe.publish(self.keys.events, f"mode:{mode}")
+        pipe.execute()
+
+    # -- live knobs and the audit list ------------------------------------------------------------------
+    def knobs(self) -> dict[str, Any]:
+        return {_s(k) or "": json.loads(v) for k, v in self.r.hgetall(self.keys.knobs).items()}
+
+    def set_knobs(self, changes: Mapping[str, tuple[Any, Any]], who: str) -> list[dict[str, Any]]:
+        """Apply `changes` (key -> (old, new)) and record each in the audit list, in one transaction."""
+        now = time.time()
+        records = [{"at": now, "who": who, "action": "set", "key": k, "old": old, "new": new}
+                   for k, (old, new) in changes.items()]
+        pipe = self.r.pipeline()
+        pipe.hset(self.keys.knobs, mapping={k: json.dumps(new) for k, (_, new) in changes.items()})
+        for rec in records:
+            pipe.lpush(self.keys.audit, json.dumps(rec))
+        pipe.ltrim(self.keys.audit, 0, AUDIT_KEPT - 1)
+        pipe.hset(self.keys.info, "updated_at", now)
+        pipe.publish(self.keys.events, "knobs")
+        pipe.execute()
+        return records
+
+    def audit_action(self, who: str, action: str, old: Any = None, new: Any = None) -> dict[str, Any]:
+        rec = {"at": time.time(), "who": who, "action": action, "key": None, "old": old, "new": new}
+        pipe = self.r.pipeline()
+        pipe.lpush(self.keys.audit, json.dumps(rec))
+        pipe.ltrim(self.keys.audit, 0, AUDIT_KEPT - 1)
+        pipe.execute()
+        return rec
+
+    def audit(self, limit: int = 100) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in self.r.lrange(self.keys.audit, 0, max(0, limit - 1))]
+
+    # -- what the services report ----------------------------------------------------------------------
+    def record_step(self, metrics: Mapping[str, Any]) -> None:
+        """The trainer's metrics of one step (JSON-ready: version, time, loss, reward_mean, ...)."""
+        pipe = self.r.pipeline()
+        pipe.xadd(self.keys.step_metrics, {"m": json.dumps(dict(metrics))}, maxlen=STEP_METRICS_KEPT, approximate=True)
+        pipe.hset(self.keys.info, "updated_at", time.time())
+        pipe.execute()
+
+    def step_metrics(self, limit: int = 500) -> list[dict[str, Any]]:
+        """The last `limit` steps, oldest first."""
+        rows = self.r.xrevrange(self.keys.step_metrics, count=max(1, limit))
+        return [json.loads(fields[b"m"]) for _, fields in reversed(rows)]
+
+    def record_completion(self, record: Mapping[str, Any]) -> None:
+        pipe = self.r.pipeline()
+        pipe.lpush(self.keys.completions, json.dumps(dict(record)))
+        pipe.ltrim(self.keys.completions, 0, COMPLETIONS_KEPT - 1)
+        pipe.execute()
+
+    def completions(self, limit: int = 20) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in self.r.lrange(self.keys.completions, 0, max(0, limit - 1))]
+
+    def record_rollout_stats(self, worker_id: str, stats: Mapping[str, Any]) -> None:
+        self.r.hset(self.keys.rollout_stats, worker_id, json.dumps({**stats, "at": time.time()}))
+
+    def rollout_stats(self) -> dict[str, dict[str, Any]]:
+        return {_s(k) or "": json.loads(v) for k, v in self.r.hgetall(self.keys.rollout_stats).items()}

@@ -1,0 +1,121 @@
+"""The control plane steering a real run: redis-server, genserver, weight-sync, rollout, trainer and the
+control plane as processes, planned exactly as `asyncgrpo up` plans them.
+
+Pause while groups are in flight: admission stops, the groups in flight land in the queue, the trainer stops
+at a step boundary and stays there. Knobs changed while paused are validated, audited, and in force after
+resume (every later step trains at the new temperature, every later group was sampled at it). Resume: the run
+trains to its last step. Every pushed group is accounted for (trained once, dropped stale, dead-lettered or
+still queued). A second run is drained: rollout exits after its admitted groups, the trainer trains full
+batches and stops, and nothing admitted is lost."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from faults.system import System, fault_config, write_dataset
+
+pytestmark = pytest.mark.slow
+
+
+def _api(run: System) -> tuple[str, dict[str, str]]:
+    c = run.plan.cfg
+    exp, trial = c.run_id.split("/")
+    return (f"http://{c.control.host}:{c.control.port}/v1/runs/{exp}/{trial}",
+            {"Authorization": f"Bearer {run.plan.env['ASYNCGRPO_CONTROL_TOKEN']}", "x-asyncgrpo-actor": "test"})
+
+
+def _until(what: str, cond, timeout: float, run: System):  # noqa: ANN001, ANN202
+    deadline = time.monotonic() + timeout
+    while True:
+        run._check_alive()
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not within {timeout:.0f}s\n{run.logs()}")
+        time.sleep(0.2)
+
+
+def test_pause_knobs_resume_with_nothing_lost(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = write_dataset(tmp_path / "train.jsonl", 400)
+    cfg = fault_config(tiny_model_dir, data, "control", steps=8, checkpoint_interval=4)
+    run = System(tmp_path, cfg)
+    try:
+        run.start()
+        url, auth = _api(run)
+        run.wait_version(2, 240)
+        assert httpx.get(url, timeout=10).json()["trainer_state"] == "training"
+        r = httpx.post(f"{url}/pause", headers=auth, timeout=10)
+        assert r.status_code == 200 and r.json()["status"] == "paused", r.text
+        # the groups in flight finish and are queued; the trainer stops at a step boundary
+        _until("no group running", lambda: run.state.running() == 0, 60, run)
+        _until("trainer paused", lambda: httpx.get(url, timeout=10).json()["trainer_state"] == "paused", 120, run)
+        paused_at, started = run.state.get_version(), run.state.counters().get("groups_started")
+        time.sleep(4.0)
+        assert run.state.get_version() == paused_at, "the trainer stepped while paused"
+        assert run.state.counters().get("groups_started") == started, "a group was admitted while paused"
+        # knobs while paused: a bad one is refused naming the key, good ones are audited
+        bad = httpx.patch(f"{url}/knobs", headers=auth, json={"knobs": {"actor.temperature": 0}}, timeout=10)
+        assert bad.status_code == 400 and "actor.temperature" in bad.json()["message"]
+        r = httpx.patch(f"{url}/knobs", headers=auth, timeout=10,
+                        json={"knobs": {"actor.temperature": 0.9, "rollout.max_head_offpolicyness": 0}})
+        assert r.status_code == 200, r.text
+        insp = httpx.get(f"{url}/inspect", timeout=20).json()
+        assert insp["running_groups"] == 0 and insp["version"] == paused_at
+        assert insp["servers"][0]["healthy"] and insp["servers"][0]["weight_version"] == paused_at
+        assert httpx.post(f"{url}/resume", headers=auth, timeout=10).json()["status"] == "running"
+        run.finish(300)
+        acc = run.accounting()
+        print(f"\n[control] paused at version {paused_at}; {acc.summary()}")
+        assert not acc.lost, f"lost groups {sorted(acc.lost)}: {acc.summary()}"
+        assert not acc.trained_twice and not any(acc.overlaps.values()), acc.overlaps
+        assert len(acc.trained) == 8 * run.cfg.train_dataset.batch_size
+        steps = httpx.get(f"{url}/steps", timeout=10).json()["steps"]
+        assert [s["version"] for s in steps] == list(range(1, 9))
+        after = [s for s in steps if s["version"] > paused_at]
+        assert after and all(s["temperature"] == 0.9 and s["max_head_offpolicyness"] == 0 for s in after), after
+        # trained groups sampled after the resume were sampled at 0.9 (the trainer drops other temperatures as stale)
+        assert all(s["staleness_max"] <= 0 for s in after[1:]), after
+        audit = httpx.get(f"{url}/audit", timeout=10).json()["entries"]
+        assert [(e["action"], e["key"]) for e in audit] == [
+            ("resume", None), ("set", "rollout.max_head_offpolicyness"), ("set", "actor.temperature"), ("pause", None)]
+        assert all(e["who"].startswith("test@") for e in audit)
+        assert httpx.get(url, timeout=10).json()["status"] == "stopped"
+        metrics = (run.plan.run_dir / "metrics.jsonl").read_text().splitlines()
+        assert len(metrics) == 8
+    finally:
+        run.stop()
+    assert not run.log_problems(), run.log_problems()
+
+
+def test_drain_finishes_what_is_admitted_then_stops(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = write_dataset(tmp_path / "train.jsonl", 400)
+    run = System(tmp_path, fault_config(tiny_model_dir, data, "drain", steps=50, checkpoint_interval=4))
+    run.may_exit = {"rollout"}
+    try:
+        run.start()
+        url, auth = _api(run)
+        run.wait_version(2, 240)
+        assert httpx.post(f"{url}/drain", headers=auth, timeout=10).json()["status"] == "draining"
+        rollout, trainer = run.svc("rollout"), run.svc("trainer")
+        _until("rollout exits", lambda: rollout.proc.poll() is not None, 120, run)
+        assert rollout.proc.returncode == 0
+        _until("trainer exits", lambda: trainer.proc.poll() is not None, 180, run)
+        assert trainer.proc.returncode == 0, run.logs()
+        final = run.state.get_version()
+        assert final < 50 and httpx.get(url, timeout=10).json()["status"] == "stopped"
+        assert run.state.running() == 0
+        c = run.plan.cfg
+        acc = run.accounting(steps=final)
+        print(f"\n[drain] stopped at version {final}; {acc.summary()}")
+        assert not acc.lost and not acc.trained_twice and not any(acc.overlaps.values()), acc.summary()
+        # fewer than one batch of untrained groups is left, kept in the queue for a resumed run
+        assert len(acc.pending) < c.train_dataset.batch_size
+        assert (run.plan.run_dir / "hf" / f"version_{final}" / "config.json").is_file()
+    finally:
+        run.stop()
+    assert not run.log_problems(), run.log_problems()
