@@ -10,6 +10,7 @@ otherwise steer the run. Reads are open unless control.protect_reads. Errors use
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,6 +24,7 @@ from asyncgrpo.control.handlers import ControlPlane, Refused, RedisUnavailable, 
 from asyncgrpo.control.models import ActionResult, AuditList, Inspection, KnobsRequest, KnobsResult, RunDetail, RunSummary, StepSeries
 from asyncgrpo.utils.api_errors import ErrorBody, customize_openapi, document_bad_request, error_response, install_error_handlers
 from asyncgrpo.utils.auth import bearer_matches
+from asyncgrpo.utils.metrics import counter, histogram
 
 ENV_CONTROL_TOKEN = "ASYNCGRPO_CONTROL_TOKEN"
 NAME = Annotated[str, PathParam(min_length=1, max_length=200, pattern=r"^[^{}\s/]+$")]
@@ -31,6 +33,15 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (401, "Missing or wrong bearer token"), (404, "Unknown run"), (409, "The run cannot do that now"),
         (503, "Redis (the run state) unreachable"))}
 STATIC = Path(__file__).parent / "static"
+
+
+def plotly_js() -> Path | None:
+    """plotly.js as the plotly package ships it (MIT, its licence in the package), served to the dashboard."""
+    try:
+        import plotly
+    except ImportError:
+        return None
+    return Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
 
 
 def resolve_token(token: str | None) -> str | None:
@@ -107,6 +118,19 @@ def create_app(plane: ControlPlane, *, token: str | None, protect_reads: bool = 
         return resp
 
     app.state.token, app.state.protect_reads = token, protect_reads
+    requests = counter("control_requests_total", "Control-plane requests by method, route and status code.",
+                       ["method", "route", "code"])
+    latency = histogram("control_request_seconds", "Control-plane request latency by route.", ["route"],
+                        buckets=(0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10))
+
+    @app.middleware("http")
+    async def count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        requests.labels(request.method, route, str(response.status_code)).inc()
+        latency.labels(route).observe(time.perf_counter() - t0)
+        return response
     Reader = Depends(_protected_read if protect_reads else _open_read)
 
     @app.get("/health", response_class=PlainTextResponse)
@@ -130,8 +154,8 @@ def create_app(plane: ControlPlane, *, token: str | None, protect_reads: bool = 
 
     @app.get("/static/{name}", include_in_schema=False)
     async def static(name: Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_.-]+\.(js|css)$")]) -> Response:
-        f = STATIC / name
-        if not f.is_file():
+        f = plotly_js() if name == "plotly.min.js" else STATIC / name
+        if f is None or not f.is_file():
             return error_response(f"no static file {name}", 404)
         kind = "application/javascript" if name.endswith(".js") else "text/css"
         return Response(f.read_bytes(), media_type=kind, headers={"Cache-Control": "max-age=3600"})
