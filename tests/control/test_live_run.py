@@ -12,6 +12,7 @@ batches and stops, and nothing admitted is lost."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -74,11 +75,39 @@ def _check_metrics(run: System) -> None:
             "control": f"http://{c.control.host}:{c.control.port}/metrics",
             "trainer": f"http://127.0.0.1:{c.trainer.metrics_port}/metrics",
             "rollout": f"http://127.0.0.1:{c.rollout.metrics_port}/metrics"}
+    served: set[str] = set()
     for name, u in urls.items():
         body = httpx.get(u, timeout=10).text
         assert "asyncgrpo_" in body, f"{name}: no asyncgrpo metric at {u}"
         out = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, f"{name} /metrics: promtool says\n{out.stdout}{out.stderr}"
+        for line in body.splitlines():
+            if line.startswith("# TYPE "):
+                metric, kind = line.split()[2:4]
+                served |= {metric, f"{metric}_total"} | ({f"{metric}_bucket"} if kind == "histogram" else set())
+    # the Grafana dashboard in deploy/ plots only metrics the services serve
+    grafana = (Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "asyncgrpo.json").read_text()
+    wanted = set(re.findall(r"asyncgrpo_[a-z_]+", grafana))
+    assert wanted and not wanted - served, f"deploy/grafana/asyncgrpo.json plots metrics nobody serves: {wanted - served}"
+
+
+def _check_fleet(run: System, version: int) -> None:
+    """The gRPC fleet API reads the run's weight-sync membership (and refuses an unknown server by name)."""
+    import grpc
+
+    from asyncgrpo.v1 import control_pb2 as pb
+    from asyncgrpo.v1 import control_pb2_grpc as pb_grpc
+
+    c = run.plan.cfg
+    auth = (("authorization", f"Bearer {run.plan.env['ASYNCGRPO_CONTROL_TOKEN']}"),)
+    with grpc.insecure_channel(f"{c.control.host}:{c.control.grpc_port}") as ch:
+        fleet = pb_grpc.FleetServiceStub(ch)
+        servers = fleet.ListServers(pb.ListServersRequest(run_id=c.run_id), timeout=30).servers
+        assert [(s["url"], int(s["version"])) for s in servers] == [(c.rollout.server_urls[0], version)], servers
+        with pytest.raises(grpc.RpcError) as e:
+            fleet.DeregisterServer(pb.DeregisterServerRequest(run_id=c.run_id, url="http://127.0.0.1:9"), metadata=auth,
+                                   timeout=30)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value.details()
 
 
 def test_pause_knobs_resume_with_nothing_lost(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -108,6 +137,7 @@ def test_pause_knobs_resume_with_nothing_lost(tiny_model_dir: Path, tmp_path: Pa
         assert insp["running_groups"] == 0 and insp["version"] == paused_at
         assert insp["servers"][0]["healthy"] and insp["servers"][0]["weight_version"] == paused_at
         _check_metrics(run)
+        _check_fleet(run, paused_at)
         assert httpx.post(f"{url}/resume", headers=auth, timeout=10).json()["status"] == "running"
         run.finish(300)
         acc = run.accounting()

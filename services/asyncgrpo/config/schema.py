@@ -185,6 +185,7 @@ class ControlConfig(Section):
 
     host: str = Field("127.0.0.1", description="Interface the control plane listens on.")
     port: int = Field(30200, ge=1, le=65535, description="Port of the control plane's HTTP API and dashboard.")
+    grpc_port: int = Field(30201, ge=0, le=65535, description="Port of the control plane's gRPC API (proto/asyncgrpo/v1); 0 disables it.")
     token: str | None = Field(None, description="Bearer token every mutation needs; null: env ASYNCGRPO_CONTROL_TOKEN; unset means mutations are refused.")
     protect_reads: bool = Field(False, description="Also require the token for reads (run list, status, inspection).")
     server_timeout_s: float = Field(2.0, gt=0, description="Limit on asking one generation server its health, load and weight version.")

@@ -44,5 +44,32 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     app = create_app(plane, token=token, protect_reads=c.protect_reads)
     log.info("control plane on http://%s:%d (Redis %s); mutations %s", c.host, c.port,
              cfg.redis.url.split("@")[-1], "need the token" if token else f"disabled (no {ENV_CONTROL_TOKEN})")
-    uvicorn.run(app, host=c.host, port=c.port, log_level="warning")
-    return 0
+    import asyncio
+    import signal
+
+    from asyncgrpo.control.grpc_api import RunServicer, start_grpc
+
+    _, admin_key = resolve_keys(cfg.auth.api_key, cfg.auth.admin_api_key)  # api_key: resolved above
+
+    async def serve() -> int:
+        server = uvicorn.Server(uvicorn.Config(app, host=c.host, port=c.port, log_level="warning", lifespan="off"))
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        grpc_server = None
+        if c.grpc_port:
+            servicer = RunServicer(plane, token=token, redis_url=cfg.redis.url, api_key=api_key,
+                                   admin_api_key=admin_key)
+            grpc_server = await start_grpc(servicer, c.host, c.grpc_port)
+            log.info("gRPC (asyncgrpo.v1.RunService, FleetService) on %s:%d", c.host, c.grpc_port)
+        api = asyncio.create_task(server.serve())
+        done, _ = await asyncio.wait([api, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        server.should_exit = True
+        if grpc_server is not None:
+            await grpc_server.stop(grace=2.0)
+        await api
+        return 0 if api not in done or api.exception() is None else 1
+
+    return asyncio.run(serve())

@@ -182,6 +182,19 @@ class ControlPlane:
 
         return await self._io(read)
 
+    async def get_config(self, run_id: str) -> dict[str, Any]:
+        """The run's config as registered by its trainer (secrets redacted)."""
+        return await self._io(lambda: self._run(run_id)[1].info()["config"])
+
+    async def brief(self, run_id: str) -> tuple[int, RunStatus, dict[str, Any]]:
+        """(version, status, live knobs set): what each watched event carries."""
+
+        def read() -> tuple[int, RunStatus, dict[str, Any]]:
+            state, ctl = self._run(run_id)
+            return state.get_version(), run_status(ctl.info()["status"], ctl.mode(), state.is_paused()), ctl.knobs()
+
+        return await self._io(read)
+
     # -- mutations ---------------------------------------------------------------------------------------
     async def act(self, run_id: str, action: str, who: str) -> ActionResult:
         """pause | resume | drain | stop."""

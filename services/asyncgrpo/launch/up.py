@@ -253,6 +253,7 @@ def plan_run(cfg: Any, run_dir: Path, *, genservers: int = 1, redis_url: str | N
     env["ASYNCGRPO_CONTROL_TOKEN"] = control_token
     files[run_dir / "control_token"] = control_token + "\n"
     cfg.control.host, cfg.control.port, cfg.control.token = host, free_port(host), None
+    cfg.control.grpc_port = free_port(host)
     ctl_url = f"http://{host}:{cfg.control.port}"
     services.append(Service("control", [*exe, "control", *conf_args], logs / "control.log",
                             health=lambda: httpx.get(f"{ctl_url}/health", timeout=2).status_code == 200, start_timeout_s=60))
