@@ -32,7 +32,7 @@ def _config(**over):
 
 
 def _group(gid: str, version: int) -> Group:
-    c = Completion(output_ids=[1, 2], logprobs=[-0.5, -0.5], version_spans=[(str(version), 0, 2)], finish_reason="stop",
+    c = Completion(output_ids=[1, 2], logprobs=[-0.5, -0.5], version_spans=[(version, 0, 2)], finish_reason="stop",
                    reward=1.0)
     return Group(run_id=RUN, group_id=gid, prompt_id="p", epoch=0, position=0, attempt=0, prompt_ids=[3, 4],
                  completions=[c])

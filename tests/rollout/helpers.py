@@ -5,7 +5,7 @@ from __future__ import annotations
 from asyncgrpo.queue import Completion, Group, PromptRef
 
 
-def make_completion(n: int = 4, version: str = "0", reward: float = 1.0, split: int | None = None, v2: str = "1") -> Completion:
+def make_completion(n: int = 4, version: int = 0, reward: float = 1.0, split: int | None = None, v2: int = 1) -> Completion:
     spans = [(version, 0, n)] if split is None else [(version, 0, split), (v2, split, n)]
     return Completion(output_ids=list(range(n)), logprobs=[-0.5] * n, version_spans=spans, finish_reason="stop",
                       reward=reward, reward_details={"gsm8k": reward}, started_at=1.0, finished_at=2.0)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import redis
 
-from asyncgrpo.queue import GroupQueue, RedisGuard, RunState
+from asyncgrpo.queue import GroupQueue, RedisGuard, RunState, version_number
 
 from .procs import Proc, free_port, start_genserver, start_router, start_rollout, wait_for, write_config, write_dataset
 
@@ -73,7 +73,7 @@ def test_groups_flow_under_the_admission_budget(servers, tiny_model_dir, redis_s
                 assert g.admission_index <= (g.admitted_version + 1) * 2 and g.admitted_version == version
                 # the fake trainer only bumps Redis; the servers keep their initial weights ("default" = 0)
                 assert g.oldest_version == 0
-                assert {v for c in g.completions for v in c.token_versions} == {"default"}
+                assert {v for c in g.completions for v in c.token_versions} == {0}
             # trained: version and trained count in one step, the batch acknowledged (no checkpoint to wait for)
             q.commit_step([m for m, _ in batch], version + 1, 2 * (version + 1), 0, ack=True)
             groups += [g for _, g in batch]
@@ -169,7 +169,7 @@ def test_partial_rollout_across_a_weight_update_carries_two_versions(servers, ti
         await client.pause("abort")
         await client.update_weights_from_disk(str(tiny_model_dir), weight_version=str(k + 7))
         await client.resume()
-        return before, str(k + 7), await task
+        return version_number(before), k + 7, await task
 
     async def main():
         async with SGLangClient(url) as client:
@@ -202,7 +202,7 @@ def test_group_across_a_weight_update_carries_two_versions(servers, tiny_model_d
     r = redis.Redis.from_url(redis_server.url)
     q = GroupQueue(r, "it/partial")
 
-    async def main() -> str:
+    async def main() -> int:
         async with SGLangClient(url) as client:
             before = (await client.model_info())["weight_version"]
             svc = RolloutService(params, state=RunState(r, "it/partial"), queue=q, dataset=ds, decode=decode,
@@ -218,14 +218,14 @@ def test_group_across_a_weight_update_carries_two_versions(servers, tiny_model_d
             await client.resume()
             stats = await task
             assert stats.groups_pushed == 1 and stats.resumes >= 1
-            return str(before)
+            return version_number(before)
 
     before = asyncio.run(asyncio.wait_for(main(), 120))
     [(_, g)] = q.consume("trainer-0", count=10)
     assert all(len(c.output_ids) == 1000 and c.finish_reason == "length" for c in g.completions)
     crossed = [c for c in g.completions if c.resumes == 1]
-    assert crossed and all([v for v, _, _ in c.version_spans] == [before, "50"] for c in crossed)
-    assert g.newest_version == 50 and g.oldest_version == (0 if before == "default" else int(before))
+    assert crossed and all([v for v, _, _ in c.version_spans] == [before, 50] for c in crossed)
+    assert g.newest_version == 50 and g.oldest_version == before
 
 
 def test_rollout_through_the_sglang_router(servers, tiny_model_dir, redis_server, tmp_path) -> None:

@@ -17,7 +17,7 @@ def test_round_trip_keeps_every_field() -> None:
     g.completions[1].resumes = 1
     back = decode_group(encode_group(g))
     assert back == g
-    assert back.completions[0].token_versions == ["0", "0", "1", "1"]
+    assert back.completions[0].token_versions == [0, 0, 1, 1]
     assert back.oldest_version == 0 and back.newest_version == 1
 
 
@@ -58,13 +58,13 @@ def test_size_limit_names_the_knob() -> None:
 
 
 def test_version_spans() -> None:
-    assert spans_from_versions(["3", "3", "4"]) == [("3", 0, 2), ("4", 2, 3)]
+    assert spans_from_versions([3, 3, 4]) == [(3, 0, 2), (4, 2, 3)]
     assert spans_from_versions([]) == []
-    assert versions_from_spans([("3", 0, 2), ("4", 2, 3)], 3) == ["3", "3", "4"]
+    assert versions_from_spans([(3, 0, 2), (4, 2, 3)], 3) == [3, 3, 4]
     with pytest.raises(GroupSchemaError):
-        versions_from_spans([("3", 0, 2)], 3)
+        versions_from_spans([(3, 0, 2)], 3)
     with pytest.raises(GroupSchemaError):
-        Completion([1, 2], [0.0], [("1", 0, 2)], "stop", 0.0)
+        Completion([1, 2], [0.0], [(1, 0, 2)], "stop", 0.0)
 
 
 def test_version_number() -> None:
@@ -79,3 +79,21 @@ def test_prompt_ref() -> None:
     assert ref.retry() == PromptRef(2, 17, 2) and ref.retry().group_id() != ref.group_id()
     with pytest.raises(ValueError, match="epoch:position:attempt"):
         PromptRef.parse("1:2")
+
+
+def test_schema_1_messages_with_version_strings_are_still_read() -> None:
+    """Groups queued by the previous build (schema 1: the servers' version strings) decode to integers; a
+    version string that is not a number is a schema error (dead-lettered), and so is a non-integer in schema 2."""
+    body = msgpack.unpackb(encode_group(make_group(split=2)), raw=False)
+    body["schema_version"] = 1
+    for c in body["completions"]:
+        c["vs"] = [[("default" if v == 0 else str(v)), s, e] for v, s, e in c["vs"]]
+    g = decode_group(msgpack.packb(body, use_bin_type=True))
+    assert g.completions[0].token_versions == [0, 0, 1, 1] and g.oldest_version == 0
+    body["completions"][0]["vs"][0][0] = "v7-abc"
+    with pytest.raises(GroupSchemaError, match="v7-abc"):
+        decode_group(msgpack.packb(body, use_bin_type=True))
+    body["schema_version"] = 2
+    body["completions"][0]["vs"][0][0] = "7"
+    with pytest.raises(GroupSchemaError, match="not an integer"):
+        decode_group(msgpack.packb(body, use_bin_type=True))

@@ -70,7 +70,7 @@ def test_every_prompt_once_with_rewards(redis_server, dataset) -> None:
         c = g.completions[0]
         assert byte_decode(c.output_ids) == f" #### {g.answer}" and c.output_ids[-1] == 256
         assert c.finish_reason == "stop" and c.logprobs == pytest.approx([-0.2] * len(c.output_ids))
-        assert c.token_versions == ["0"] * len(c.output_ids) and g.oldest_version == 0
+        assert c.token_versions == [0] * len(c.output_ids) and g.oldest_version == 0
         assert c.reward_details == {"gsm8k": 1.0} and c.started_at <= c.finished_at
     assert metric("rollout_groups_total", outcome="pushed") - pushed0 == 6
     assert metric("rollout_tokens_total") - tokens0 == stats.tokens == sum(g.num_tokens for g in groups)
@@ -84,11 +84,11 @@ def test_partial_rollout_carries_two_versions() -> None:
     prompt = byte_encode("Q: 7+0=?\nA:")
     s = asyncio.run(sample_completion(client, prompt, {"temperature": 1.0}, max_new_tokens=32, rid="r:g:0", max_resubmits=2))
     assert byte_decode(s.output_ids) == " #### 7" and s.finish_reason == "stop" and s.resumes == 1
-    assert set(s.token_versions) == {"0", "1"} and s.token_versions[0] == "0" and s.token_versions[-1] == "1"
+    assert set(s.token_versions) == {0, 1} and s.token_versions[0] == 0 and s.token_versions[-1] == 1
     assert len(s.logprobs) == len(s.output_ids)
     # the resubmission sent the prompt plus the partial tokens, with the remaining budget
     (_, in0, max0), (_, in1, max1) = client.calls
-    first = len(s.token_versions) - s.token_versions.count("1")
+    first = len(s.token_versions) - s.token_versions.count(1)
     assert (in0, max0) == (len(prompt), 32) and (in1, max1) == (len(prompt) + first, 32 - first)
     with pytest.raises(PartialRolloutError, match="max_resubmits"):
         asyncio.run(sample_completion(FakeGenClient(abort_every_first=True), prompt, {}, max_new_tokens=32,

@@ -25,7 +25,7 @@ class Crash(RuntimeError):
     """Stands for a SIGKILL at a chosen point of the loop."""
 
 
-def _group(run_id: str, g: int, position: int, seed: int, version: str = "0", **bad: object) -> Group:
+def _group(run_id: str, g: int, position: int, seed: int, version: int = 0, **bad: object) -> Group:
     rng = random.Random(seed)
     comps = []
     for i in range(g):
@@ -133,13 +133,13 @@ def test_crash_between_checkpoint_and_ack_trains_nothing_twice(tiny_model_dir: P
 
 
 def test_poison_messages_are_dead_lettered_once_and_training_goes_on(tiny_model_dir: Path, tmp_path: Path, redis_server) -> None:
-    """Finding 4: a message that decodes but cannot be trained (wrong group size, weight_version "abc", a token
-    id >= vocab) crash-looped the trainer on every restart while good groups stayed pending behind it."""
+    """Finding 4: a message that decodes but cannot be trained (wrong group size, a negative weight version, a
+    token id >= vocab) crash-looped the trainer on every restart while good groups stayed pending behind it."""
     cfg = _config(tiny_model_dir, tmp_path, redis_server.url, "poison")
     G = cfg.actor.group_size
     q = GroupQueue.from_url(cfg.redis.url, cfg.run_id)
     q.push(_group(cfg.run_id, G - 1, 0, seed=0))  # wrong group size
-    q.push(_group(cfg.run_id, G, 1, seed=1, version="abc"))  # a version that is not a number
+    q.push(_group(cfg.run_id, G, 1, seed=1, version=-1))  # a negative version (a non-number fails to decode: schema)
     oov = _group(cfg.run_id, G, 2, seed=2)
     oov.completions[1].output_ids[0] = VOCAB
     q.push(oov)

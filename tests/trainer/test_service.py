@@ -21,7 +21,7 @@ def _group(cfg, position: int, version: int, seed: int) -> Group:  # type: ignor
     comps = []
     for i in range(cfg.actor.group_size):
         n = rng.randint(2, 6)
-        comps.append(Completion([rng.randrange(256) for _ in range(n)], [-5.9] * n, [(str(version), 0, n)], "stop", float(i % 2)))
+        comps.append(Completion([rng.randrange(256) for _ in range(n)], [-5.9] * n, [(version, 0, n)], "stop", float(i % 2)))
     return Group(run_id=cfg.run_id, group_id=f"e0-p{position}-a0", prompt_id=str(position), epoch=0, position=position,
                  attempt=0, prompt_ids=[rng.randrange(256) for _ in range(4)], completions=comps)
 

@@ -152,6 +152,8 @@ class RunServicer(pb_grpc.RunServiceServicer, pb_grpc.FleetServiceServicer):
 
         async def event(kind: int, detail: str = "") -> pb.WatchRunResponse:
             version, status, knobs = await self._call(context, lambda: self.plane.brief(run_id))
+            if kind == pb.EVENT_KIND_VERSION and detail.isdigit():
+                version, detail = int(detail), ""  # the version the event announces, not a later one
             with_knobs = kind in (pb.EVENT_KIND_SNAPSHOT, pb.EVENT_KIND_KNOBS)
             return pb.WatchRunResponse(kind=kind, version=version, detail=detail, status=_STATUS[status], at=time.time(),
                                        knobs=_struct(knobs) if with_knobs else None)
@@ -172,7 +174,7 @@ class RunServicer(pb_grpc.RunServiceServicer, pb_grpc.FleetServiceServicer):
                     name, _, detail = data.partition(":")
                     kind = _EVENTS.get(data) or (_PREFIXED.get(name) if detail else None)
                     if kind is not None:
-                        yield await event(kind, detail if kind != pb.EVENT_KIND_VERSION else "")
+                        yield await event(kind, detail)
         except Exception as e:  # noqa: BLE001 - redis-py's connection errors; an abort above passes through
             if isinstance(e, (grpc.aio.AbortError, asyncio.CancelledError)):
                 raise

@@ -29,6 +29,7 @@ from asyncgrpo.control.models import (
 )
 from asyncgrpo.queue import GroupQueue, RunState
 from asyncgrpo.queue.run_control import RunControl
+from asyncgrpo.queue.staleness import staleness
 
 T = TypeVar("T")
 STALENESS_SCAN = 2000  # undelivered groups decoded for the staleness histogram
@@ -149,7 +150,7 @@ class ControlPlane:
         accepted, running = state.budget_usage()
         letters = queue.dead_letters(0, -1)
         counters = state.counters()
-        hist = Counter(str(max(0, version - g.oldest_version)) for g in queue.undelivered(STALENESS_SCAN))
+        hist = Counter(str(staleness(version, g.oldest_version)) for g in queue.undelivered(STALENESS_SCAN))
         steps = ctl.step_metrics(200)
         info = ctl.info()
         insp = Inspection(

@@ -5,9 +5,9 @@ little-endian int32 / float32 byte strings (4 bytes a token instead of msgpack's
 G = 16, 512-token group is ~70 KB. Per-token policy versions travel as spans [version, start, end)
 because a completion holds one or two versions (two when it crossed a weight update).
 
-Versions are kept as the strings the generation server reports ("3", or SGLang's "default" before any
-update); `version_number` maps them to the trainer's integers ("default" and "" are the initial weights,
-version 0).
+Versions are the trainer's integers. The generation server reports strings ("3", or SGLang's "default"
+before any update); `version_number` parses them once, where rollout receives them (rollout/sampling.py), and
+everything after carries ints ("default" and "" are the initial weights, version 0).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: weight versions are the trainer's integers (1: the servers' strings, still read)
+READABLE_SCHEMA_VERSIONS = (1, 2)
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 _I32 = np.dtype("<i4")
@@ -48,9 +49,9 @@ def version_number(version: str | int) -> int:
         ) from None
 
 
-def spans_from_versions(versions: list[str]) -> list[tuple[str, int, int]]:
+def spans_from_versions(versions: list[int]) -> list[tuple[int, int, int]]:
     """Run-length encode per-token versions into (version, start, end) spans."""
-    spans: list[tuple[str, int, int]] = []
+    spans: list[tuple[int, int, int]] = []
     for i, v in enumerate(versions):
         if spans and spans[-1][0] == v:
             spans[-1] = (v, spans[-1][1], i + 1)
@@ -59,8 +60,8 @@ def spans_from_versions(versions: list[str]) -> list[tuple[str, int, int]]:
     return spans
 
 
-def versions_from_spans(spans: list[tuple[str, int, int]], n: int) -> list[str]:
-    out: list[str] = []
+def versions_from_spans(spans: list[tuple[int, int, int]], n: int) -> list[int]:
+    out: list[int] = []
     for v, start, end in spans:
         if start != len(out) or end < start:
             raise GroupSchemaError(f"version spans {spans} do not tile [0, {n})")
@@ -76,7 +77,7 @@ class Completion:
 
     output_ids: list[int]
     logprobs: list[float]  # behaviour log-probs, one per output token
-    version_spans: list[tuple[str, int, int]]  # policy version of tokens [start, end)
+    version_spans: list[tuple[int, int, int]]  # policy version (the trainer's integer) of tokens [start, end)
     finish_reason: str  # "stop" | "length" | "abort"
     reward: float
     reward_details: dict[str, float] = field(default_factory=dict)
@@ -91,11 +92,11 @@ class Completion:
         versions_from_spans(self.version_spans, len(self.output_ids))
 
     @property
-    def token_versions(self) -> list[str]:
+    def token_versions(self) -> list[int]:
         return versions_from_spans(self.version_spans, len(self.output_ids))
 
     @property
-    def versions(self) -> set[str]:
+    def versions(self) -> set[int]:
         return {v for v, s, e in self.version_spans if e > s}
 
 
@@ -125,12 +126,12 @@ class Group:
     @property
     def oldest_version(self) -> int:
         """Oldest policy version of any token in the group (staleness = trainer_version - this)."""
-        nums = [version_number(v) for c in self.completions for v in c.versions]
+        nums = [v for c in self.completions for v in c.versions]
         return min(nums) if nums else self.admitted_version
 
     @property
     def newest_version(self) -> int:
-        nums = [version_number(v) for c in self.completions for v in c.versions]
+        nums = [v for c in self.completions for v in c.versions]
         return max(nums) if nums else self.admitted_version
 
     @property
@@ -173,7 +174,7 @@ def _pack_completion(c: Completion) -> dict[str, Any]:
     return {
         "ids": np.asarray(c.output_ids, dtype=_I32).tobytes(),
         "lp": np.asarray(c.logprobs, dtype=_F32).tobytes(),
-        "vs": [[v, s, e] for v, s, e in c.version_spans],
+        "vs": [[int(v), int(s), int(e)] for v, s, e in c.version_spans],
         "fr": c.finish_reason,
         "r": float(c.reward),
         "rd": {k: float(v) for k, v in c.reward_details.items()},
@@ -184,11 +185,19 @@ def _pack_completion(c: Completion) -> dict[str, Any]:
     }
 
 
-def _unpack_completion(d: dict[str, Any]) -> Completion:
+def _span_version(v: Any, schema: int) -> int:
+    if schema == 1:  # schema 1 carried the servers' version strings
+        return version_number(str(v))
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise GroupSchemaError(f"weight version {v!r} is not an integer")
+    return v
+
+
+def _unpack_completion(d: dict[str, Any], schema: int = SCHEMA_VERSION) -> Completion:
     return Completion(
         output_ids=np.frombuffer(d["ids"], dtype=_I32).tolist(),
         logprobs=np.frombuffer(d["lp"], dtype=_F32).tolist(),
-        version_spans=[(str(v), int(s), int(e)) for v, s, e in d["vs"]],
+        version_spans=[(_span_version(v, schema), int(s), int(e)) for v, s, e in d["vs"]],
         finish_reason=d["fr"],
         reward=float(d["r"]),
         reward_details=dict(d["rd"]),
@@ -237,9 +246,9 @@ def decode_group(data: bytes) -> Group:
     if not isinstance(body, dict):
         raise GroupSchemaError(f"group message must be a map, got {type(body).__name__}")
     ver = body.get("schema_version")
-    if ver != SCHEMA_VERSION:
+    if ver not in READABLE_SCHEMA_VERSIONS:
         raise GroupSchemaError(
-            f"group message has schema_version {ver!r}; this build reads version {SCHEMA_VERSION}. "
+            f"group message has schema_version {ver!r}; this build reads versions {READABLE_SCHEMA_VERSIONS}. "
             "Run the rollout service and trainer from the same asyncgrpo version"
         )
     try:
@@ -251,7 +260,7 @@ def decode_group(data: bytes) -> Group:
             position=int(body["position"]),
             attempt=int(body["attempt"]),
             prompt_ids=np.frombuffer(body["prompt_ids"], dtype=_I32).tolist(),
-            completions=[_unpack_completion(c) for c in body["completions"]],
+            completions=[_unpack_completion(c, ver) for c in body["completions"]],
             answer=body["answer"],
             admitted_version=int(body["admitted_version"]),
             admission_index=int(body["admission_index"]),

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from asyncgrpo.queue.schema import version_number
+
 
 class GenerateClient(Protocol):
     """The part of asyncgrpo.sglang.client.SGLangClient this module uses."""
@@ -28,7 +30,7 @@ class PartialRolloutError(RuntimeError):
 class Sample:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-    token_versions: list[str] = field(default_factory=list)
+    token_versions: list[int] = field(default_factory=list)  # the trainer's integers, parsed here once
     finish_reason: str = ""
     resumes: int = 0
     started_at: float = 0.0
@@ -55,7 +57,10 @@ async def sample_completion(client: GenerateClient, prompt_ids: list[int], sampl
             )
         s.output_ids += list(res.output_ids)
         s.logprobs += [_logprob(x) for x in res.output_logprobs]
-        s.token_versions += [str(v) for v in res.token_versions]
+        try:  # the one place a server's version strings become the trainer's integers
+            s.token_versions += [version_number(v) for v in res.token_versions]
+        except ValueError as e:
+            raise PartialRolloutError(f"request {rid}: {e}") from None
         reason = str((res.finish_reason or {}).get("type", "")) if isinstance(res.finish_reason, dict) else str(res.finish_reason)
         if reason != "abort":
             s.finish_reason = reason or "stop"

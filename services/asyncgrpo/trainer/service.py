@@ -51,18 +51,19 @@ T = TypeVar("T")
 
 def group_to_samples(group: Any) -> list[Sample]:
     """A queue Group -> one Sample per completion (token versions as trainer integers)."""
-    from asyncgrpo.queue import version_number
-
     return [
-        Sample(list(group.prompt_ids), list(c.output_ids), list(c.logprobs),
-               [version_number(v) for v in c.token_versions], float(c.reward), group.group_id)
+        Sample(list(group.prompt_ids), list(c.output_ids), list(c.logprobs), c.token_versions, float(c.reward),
+               group.group_id)
         for c in group.completions
     ]
 
 
 def is_stale(group: Any, trained_version: int, max_offpolicyness: int) -> bool:
-    """AReaL's bound: a group whose oldest token came from version v may train at versions <= v + bound."""
-    return trained_version - group.oldest_version > max_offpolicyness
+    """AReaL's bound (queue/staleness.py): a group whose oldest token came from version v may train at
+    versions <= v + bound."""
+    from asyncgrpo.queue.staleness import is_stale as stale
+
+    return stale(trained_version, group.oldest_version, max_offpolicyness)
 
 
 def checkpoint_dir(cfg: RunConfig) -> Path:
@@ -107,6 +108,8 @@ class _Metrics:
         self.wait_time = histogram("trainer_batch_wait_seconds", "Seconds spent collecting one batch", buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300))
 
     def record(self, stats: dict[str, float], batch: Batch, version: int) -> None:
+        from asyncgrpo.queue.staleness import staleness
+
         for k, v in stats.items():
             self.step.labels(name=k).set(v)
         self.version.set(version)
@@ -114,7 +117,7 @@ class _Metrics:
         self.tokens.inc(sum(len(s.prompt_ids) + len(s.completion_ids) for s in batch.samples))
         for s in batch.samples:
             if s.token_versions:
-                self.staleness.observe(version - 1 - min(s.token_versions))
+                self.staleness.observe(staleness(version - 1, min(s.token_versions)))
         self.step_time.observe(stats["step_time_s"])
 
 
@@ -352,12 +355,9 @@ class TrainerService:
         import json
         import math
 
-        staleness = [version - 1 - min(s.token_versions) for s in batch.samples if s.token_versions]
         row: dict[str, Any] = {"version": version, "time": time.time(), "groups": batch.n_groups,
                                "wait_s": round(waited_s, 4), "temperature": self.cfg.actor.temperature,
                                "max_head_offpolicyness": self.cfg.rollout.max_head_offpolicyness,
-                               "staleness_mean": sum(staleness) / len(staleness) if staleness else 0.0,
-                               "staleness_max": max(staleness, default=0),
                                "groups_trained_total": self.stats.groups_trained + batch.n_groups,
                                "groups_dropped_stale_total": self.stats.groups_dropped_stale}
         row.update({k: (v if math.isfinite(v) else None) for k, v in stats.items()})

@@ -24,7 +24,6 @@ from asyncgrpo.trainer.hf_mapping import ModelArch
 from asyncgrpo.trainer.logprobs import token_logprobs
 from asyncgrpo.trainer.model import DTYPES, build_gpt_model, init_parallel, load_hf_weights
 
-STALENESS_BUCKETS = (0, 1, 2, 3, 4, 8)
 # Loss statistics that are means over the tokens the loss keeps (core.loss_stats' mask).
 KEPT_TOKEN_MEANS = ("clip_frac", "dual_clip_frac", "behav_weight_mean", "ratio_mean", "approx_kl")
 
@@ -292,18 +291,15 @@ class GRPOTrainer:
 
 
 def staleness_histogram(batch: Batch, trained_version: int) -> dict[str, float]:
-    """Counts of samples by staleness = version being trained - oldest token version (bucketed)."""
+    """Counts of samples by staleness (queue/staleness.py) at the version being trained, bucketed; and the
+    mean and worst."""
+    from asyncgrpo.queue.staleness import STALENESS_BUCKETS, bucket, staleness
+
     out = {f"staleness_le_{b}": 0.0 for b in STALENESS_BUCKETS}
-    out["staleness_gt_8"] = 0.0
-    worst = 0
-    for s in batch.samples:
-        st = trained_version - min(s.token_versions) if s.token_versions else 0
-        worst = max(worst, st)
-        for b in STALENESS_BUCKETS:
-            if st <= b:
-                out[f"staleness_le_{b}"] += 1
-                break
-        else:
-            out["staleness_gt_8"] += 1
-    out["staleness_max"] = float(worst)
+    out[f"staleness_gt_{STALENESS_BUCKETS[-1]}"] = 0.0
+    values = [staleness(trained_version, min(s.token_versions)) if s.token_versions else 0 for s in batch.samples]
+    for v in values:
+        out[f"staleness_{bucket(v)}"] += 1
+    out["staleness_max"] = float(max(values, default=0))
+    out["staleness_mean"] = sum(values) / len(values) if values else 0.0
     return out
