@@ -108,7 +108,7 @@ class ControlPlane:
         detail = RunDetail(
             run_id=run_id, experiment=exp, trial=trial, status=run_status(info["status"], mode, paused), version=version,
             updated_at=info["updated_at"], paused=paused, mode=mode, trainer_state=info["trainer_state"],
-            trainer_alive=bool(self.r.exists(state.keys.claim("trainer"))), step=version,
+            trainer_alive=ctl.role_held("trainer"), step=version,
             max_steps=(cfg.get("trainer") or {}).get("max_steps"), started_at=info["started_at"], knobs=knobs,
             servers=[], config=cfg)
         return detail, servers

@@ -78,6 +78,10 @@ class RunControl:
         pipe.publish(self.keys.events, f"status:{status}")
         pipe.execute()
 
+    def role_held(self, role: str) -> bool:
+        """A live process holds `role` (its claim, queue/claims.py, has not lapsed)."""
+        return bool(self.r.exists(self.keys.claim(role)))
+
     def set_trainer_state(self, state: str) -> None:
         """training / waiting / paused (at a step boundary) / draining / stopped."""
         pipe = self.r.pipeline()

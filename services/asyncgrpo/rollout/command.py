@@ -50,6 +50,8 @@ async def serve(cfg) -> int:  # type: ignore[no-untyped-def]
     # one live process per worker_id: a second one would take this one's leases (waits for a killed one's to lapse)
     claim = Claim(client, cfg.run_id, f"rollout:{params.worker_id}", guard)
     await asyncio.to_thread(claim.acquire)
+    from asyncgrpo.queue.run_control import RunControl
+
     state = RunState(client, cfg.run_id)
     queue = GroupQueue(client, cfg.run_id, max_message_bytes=r.max_message_bytes)
     rewards = RewardRunner(cfg.reward.fns, cfg.reward.weights, timeout_s=cfg.reward.timeout_s,
@@ -60,7 +62,8 @@ async def serve(cfg) -> int:  # type: ignore[no-untyped-def]
         clients = [await stack.enter_async_context(SGLangClient(url, timeout_s=r.request_timeout_s, api_key=api_key,
                                                                 admin_api_key=admin_key)) for url in r.server_urls]
         service = RolloutService(params, state=state, queue=queue, dataset=dataset, decode=decode, clients=clients,
-                                 rewards=rewards, redis_url=cfg.redis.url, guard=guard, claim=claim)
+                                 rewards=rewards, redis_url=cfg.redis.url, guard=guard, claim=claim,
+                                 control=RunControl(client, cfg.run_id))
         loop = asyncio.get_running_loop()
         main_task = asyncio.current_task()
         signals = 0

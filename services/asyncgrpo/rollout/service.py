@@ -32,8 +32,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from asyncgrpo.queue import Admission, Completion, Group, GroupQueue, GroupTooLargeError, PromptRef, RedisGuard, RunState
+from asyncgrpo.queue import Admission, Completion, Group, GroupTooLargeError, PromptRef, RedisGuard
 from asyncgrpo.queue.connection import make_async_redis
+from asyncgrpo.queue.protocols import GroupSink, RolloutState
 from asyncgrpo.queue.run_control import RunControl
 from asyncgrpo.queue.schema import spans_from_versions
 from asyncgrpo.rollout.dataset import PromptDataset
@@ -140,14 +141,14 @@ class _Wakeup:
 
 
 class RolloutService:
-    def __init__(self, params: RolloutParams, *, state: RunState, queue: GroupQueue, dataset: PromptDataset,
+    def __init__(self, params: RolloutParams, *, state: RolloutState, queue: GroupSink, dataset: PromptDataset,
                  decode: Callable[[list[int]], str], clients: Sequence[GenerateClient], rewards: RewardRunner,
-                 redis_url: str, guard: RedisGuard, claim: Any = None) -> None:
+                 redis_url: str, guard: RedisGuard, claim: Any = None, control: RunControl | None = None) -> None:
         if not clients:
             raise ValueError("rollout needs at least one generation server (rollout.server_urls)")
         self.p = params
         self.state = state
-        self.control = RunControl(state.r, params.run_id)
+        self.control = control  # the run's control-plane records: recent completions, this process's reports
         self.queue = queue
         self.dataset = dataset
         self.decode = decode
@@ -391,11 +392,12 @@ class RolloutService:
             self.stats.groups_failed += 1
             self.m.groups.labels("failed").inc()
             return
-        await self.guard.acall(self.control.record_completion, {
-            "group_id": group.group_id, "version": group.newest_version, "rewards": rewards,
-            "reward_mean": sum(rewards) / len(rewards) if rewards else 0.0, "temperature": group.temperature,
-            "text": self.decode(group.completions[0].output_ids)[:1000] if group.completions else "",
-            "at": time.time()})
+        if self.control is not None:
+            await self.guard.acall(self.control.record_completion, {
+                "group_id": group.group_id, "version": group.newest_version, "rewards": rewards,
+                "reward_mean": sum(rewards) / len(rewards) if rewards else 0.0, "temperature": group.temperature,
+                "text": self.decode(group.completions[0].output_ids)[:1000] if group.completions else "",
+                "at": time.time()})
         self.stats.groups_pushed += 1
         self.stats.reward_sum += sum(rewards)
         self.stats.rewards += len(rewards)
@@ -428,10 +430,11 @@ class RolloutService:
             self.m.tokens_per_s.set(tps)
             g = await asyncio.to_thread(self._publish_gauges)
             with contextlib.suppress(Exception):  # reporting only; an outage is reported by the guard
-                await asyncio.to_thread(self.control.record_rollout_stats, self.p.worker_id, {
-                    "groups_per_s": gps, "tokens_per_s": tps, "reward_mean": rmean if n else None,
-                    "groups_pushed": st.groups_pushed, "groups_filtered": st.groups_filtered,
-                    "groups_failed": st.groups_failed, "admission_waits": st.admission_waits})
+                if self.control is not None:
+                    await asyncio.to_thread(self.control.record_rollout_stats, self.p.worker_id, {
+                        "groups_per_s": gps, "tokens_per_s": tps, "reward_mean": rmean if n else None,
+                        "groups_pushed": st.groups_pushed, "groups_filtered": st.groups_filtered,
+                        "groups_failed": st.groups_failed, "admission_waits": st.admission_waits})
             log.info("groups/s %.2f tokens/s %.0f reward_mean %.3f queue_depth %s version %s stale_drops %s "
                      "admission_waits %s reward_errors %d filtered %d failed %d", gps, tps, rmean, g.get("depth"),
                      g.get("version"), g.get("stale"), st.admission_waits, st.reward_errors, st.groups_filtered,

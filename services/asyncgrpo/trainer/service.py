@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from asyncgrpo.config.schema import RunConfig
+from asyncgrpo.queue.protocols import GroupSource, RunStateView
 from asyncgrpo.trainer.train_step import Batch, GRPOTrainer, Sample
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,8 @@ class _Metrics:
 class TrainerService:
     """Runs on every rank; `queue` / `state` / `weight_sink` / `guard` are used on global rank 0 only."""
 
-    def __init__(self, cfg: RunConfig, trainer: GRPOTrainer, queue: Any = None, state: Any = None,
+    def __init__(self, cfg: RunConfig, trainer: GRPOTrainer, queue: GroupSource | None = None,
+                 state: RunStateView | None = None,
                  weight_sink: WeightSink | None = None, consumer: str = "trainer-0", guard: Any = None,
                  claim: Any = None, control: Any = None) -> None:
         from asyncgrpo.queue.connection import RedisGuard
