@@ -103,13 +103,19 @@ def test_knobs_are_validated_applied_and_audited(client) -> None:
 
 
 @pytest.mark.parametrize(("knobs", "message"), [
-    ({"actor.temperature": -1}, "actor.temperature: Input should be greater than 0"),
+    ({"actor.temperature": -1}, "actor.temperature: Input should be greater than or equal to 0.01"),
+    ('{"actor.temperature": 1e309}', "actor.temperature: Input should be a finite number"),  # JSON that parses to inf
+    ({"rollout.max_head_offpolicyness": 10**41}, "rollout.max_head_offpolicyness: Input should be less than or equal to 10000"),
     ({"rollout.top_p": 1.5}, "rollout.top_p: Input should be less than or equal to 1"),
     ({"rollout.max_head_offpolicyness": "two"}, "rollout.max_head_offpolicyness: Input should be a valid integer"),
     ({"optimizer.lr": 1.0}, "optimizer.lr: not a live knob; live knobs are"),
 ])
 def test_bad_knobs_are_400_naming_the_key(client, knobs, message) -> None:
-    r = client.patch("/v1/runs/exp/t1/knobs", headers=AUTH, json={"knobs": knobs})
+    if isinstance(knobs, str):
+        r = client.patch("/v1/runs/exp/t1/knobs", headers={**AUTH, "content-type": "application/json"},
+                         content=f'{{"knobs": {knobs}}}')
+    else:
+        r = client.patch("/v1/runs/exp/t1/knobs", headers=AUTH, json={"knobs": knobs})
     assert r.status_code == 400 and message in r.json()["message"], r.text
     assert RunControl(client.redis, RUN).knobs() == {} and client.get("/v1/runs/exp/t1/audit").json()["entries"] == []
 

@@ -28,11 +28,18 @@ pytestmark = pytest.mark.slow
 STEPS = 16  # the dashboard must catch the run while it trains (a tiny step takes well under a second)
 
 
+def _token(run: System) -> str:
+    """The control token: in the run directory (mode 600) and in the control plane's environment only."""
+    path = run.plan.run_dir / "control_token"
+    assert path.stat().st_mode & 0o077 == 0 and "ASYNCGRPO_CONTROL_TOKEN" not in run.plan.env
+    return path.read_text().strip()
+
+
 def _api(run: System) -> tuple[str, dict[str, str]]:
     c = run.plan.cfg
     exp, trial = c.run_id.split("/")
     return (f"http://{c.control.host}:{c.control.port}/v1/runs/{exp}/{trial}",
-            {"Authorization": f"Bearer {run.plan.env['ASYNCGRPO_CONTROL_TOKEN']}", "x-asyncgrpo-actor": "test"})
+            {"Authorization": f"Bearer {_token(run)}", "x-asyncgrpo-actor": "test"})
 
 
 def _until(what: str, cond, timeout: float, run: System):  # noqa: ANN001, ANN202
@@ -57,7 +64,7 @@ def _pause_from_the_dashboard(run: System, screenshot: Path) -> None:
         assert points >= 2, f"the reward plot shows {points} steps"
         assert page.locator("#plot-reward .scatterlayer .trace").count() >= 1  # drawn by plotly, not just data
         assert page.locator("#status").inner_text() == "running"
-        token = run.plan.env["ASYNCGRPO_CONTROL_TOKEN"]
+        token = _token(run)
         page.evaluate("t => sessionStorage.setItem('asyncgrpo-token', t)", token)
         page.click("#pause")
         page.wait_for_function("document.body.dataset.status === 'paused'", timeout=30_000)
@@ -99,10 +106,13 @@ def _check_fleet(run: System, version: int) -> None:
     from asyncgrpo.v1 import control_pb2_grpc as pb_grpc
 
     c = run.plan.cfg
-    auth = (("authorization", f"Bearer {run.plan.env['ASYNCGRPO_CONTROL_TOKEN']}"),)
+    auth = (("authorization", f"Bearer {_token(run)}"),)
     with grpc.insecure_channel(f"{c.control.host}:{c.control.grpc_port}") as ch:
         fleet = pb_grpc.FleetServiceStub(ch)
-        servers = fleet.ListServers(pb.ListServersRequest(run_id=c.run_id), timeout=30).servers
+        with pytest.raises(grpc.RpcError) as e:  # it asks weight-sync with the control plane's key: token only
+            fleet.ListServers(pb.ListServersRequest(run_id=c.run_id), timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        servers = fleet.ListServers(pb.ListServersRequest(run_id=c.run_id), metadata=auth, timeout=30).servers
         assert [(s["url"], int(s["version"])) for s in servers] == [(c.rollout.server_urls[0], version)], servers
         with pytest.raises(grpc.RpcError) as e:
             fleet.DeregisterServer(pb.DeregisterServerRequest(run_id=c.run_id, url="http://127.0.0.1:9"), metadata=auth,

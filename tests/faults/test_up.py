@@ -139,3 +139,72 @@ def test_killing_up_itself_stops_its_services(tmp_path: Path, tiny_model_dir: Pa
     while _children_alive(run_dir) or _snapshots(run_dir):
         assert time.monotonic() < deadline, f"left behind: {_children_alive(run_dir)} {_snapshots(run_dir)}"
         time.sleep(0.5)
+
+
+def test_resume_after_up_itself_was_killed_loses_nothing(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """kill -9 of `up` mid-run, then `up --resume RUN_DIR`: the run continues from its last checkpoint and its
+    Redis data (the private redis-server's AOF) to the end. The final model's lineage holds every step's batch
+    once, and every group ever pushed is trained once, dropped as stale, dead-lettered or still queued."""
+    cfg = _config(tmp_path, tiny_model_dir)
+    run_dir = tmp_path / "resumed"
+    p = _up("--config", str(cfg), "--steps", "6", "--run-dir", str(run_dir), "--eval-prompts", "0")
+    _wait_for_step(p, run_dir, 3)
+    p.kill()
+    p.wait(10)
+    deadline = time.monotonic() + 90
+    while _children_alive(run_dir):
+        assert time.monotonic() < deadline, f"left behind: {_children_alive(run_dir)}"
+        time.sleep(0.5)
+    # a run that is still running is refused, by name; a directory that is no run too
+    bad = _up("--resume", str(tmp_path), "--eval-prompts", "0")
+    out, _ = bad.communicate(timeout=60)
+    assert bad.returncode == 2 and "no config.yaml there" in out, out
+
+    p = _up("--resume", str(run_dir), "--eval-prompts", "4")
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    assert "held-out gsm8k reward" in out and (run_dir / "hf" / "version_6" / "config.json").is_file(), out
+    assert not _children_alive(run_dir) and not (run_dir / "up.pid").exists()
+    steps = [int(line.split("step ", 1)[1].split(":")[0]) for line in out.splitlines() if line.startswith("step ")]
+    assert steps and steps[-1] == 6 and steps[0] > 1, f"the resumed run re-trained from the start: {steps}"
+
+    import torch
+
+    ckpt = run_dir / "checkpoints"
+    lineage = torch.load(ckpt / (ckpt / "latest").read_text().strip() / "rank_00000.pt", map_location="cpu",
+                         weights_only=False)["data_position"]["lineage"]
+    trained = [g for batch in lineage for g in batch]
+    assert len(lineage) == 6 and len(trained) == len(set(trained)) == 6 * 4, lineage
+    pushed, stale, dead, queued = _run_groups(run_dir)
+    lost = pushed - set(trained) - stale - dead - queued
+    assert not lost and not set(trained) & (stale | dead), (sorted(lost), len(pushed), len(stale), len(dead), len(queued))
+
+
+def _run_groups(run_dir: Path) -> tuple[set[str], set[str], set[str], set[str]]:
+    """(pushed, stale, dead, queued) group ids, read from the run's Redis data: its redis-server started again
+    on the run's AOF, privately, on a unix socket."""
+    import redis
+
+    from asyncgrpo.queue import GroupQueue, RunKeys
+
+    conf = run_dir / "redis" / "redis.conf"
+    sock = run_dir / "redis" / "inspect.sock"
+    srv = subprocess.Popen(["redis-server", str(conf), "--port", "0", "--unixsocket", str(sock), "--dir", str(conf.parent),
+                            "--appendonly", "yes", "--save", ""], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        password = conf.read_text().split()[1]
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert time.monotonic() < deadline, "redis-server did not start on the run's AOF"
+            time.sleep(0.1)
+        r = redis.Redis(unix_socket_path=str(sock), password=password)
+        run_id = yaml.safe_load((run_dir / "config.yaml").read_text())
+        run_id = f"{run_id['experiment_name']}/{run_id['trial_name']}"
+        k = RunKeys(run_id)
+        outcomes = GroupQueue(r, run_id).outcomes()
+        return ({g.decode() for g in r.hkeys(k.group_ids)}, {g for g, o in outcomes.items() if o == "stale"},
+                {g for g, o in outcomes.items() if o == "dead"},
+                {f[b"gid"].decode() for _, f in r.xrange(k.stream) if f})
+    finally:
+        srv.terminate()
+        srv.wait(10)

@@ -120,3 +120,16 @@ def test_password_is_redacted_in_errors(redis_server) -> None:
     with pytest.raises(RedisUnavailable) as e:
         guard.call(make_redis("redis://user:secret@127.0.0.1:1/0").ping)
     assert "secret" not in str(e.value)
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://:pw@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+    ("redis://user:pw@[::1]:6379/0", "redis://user:***@[::1]:6379/0"),
+    ("redis://host:6379/0?password=pw&db=1", "redis://host:6379/0?password=***&db=1"),
+    ("unix:///run/redis.sock?password=pw", "unix:///run/redis.sock?password=***"),
+    ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+])
+def test_redact_hides_the_password_wherever_the_url_carries_it(url: str, shown: str) -> None:
+    from asyncgrpo.queue.connection import redact
+
+    assert redact(url) == shown

@@ -117,3 +117,55 @@ def test_service_under_data_parallelism(tiny_model_dir: Path, tmp_path: Path, re
     for k, v in r0["weights"].items():
         assert torch.equal(v, r1["weights"][k]), k
     assert RunState.from_url(redis_server.url, cfg.run_id).get_version() == 2 and queue.depth() == 0
+
+
+def test_control_plane_reaches_a_trainer_waiting_for_groups(tiny_model_dir: Path, tmp_path: Path, redis_server) -> None:  # type: ignore[no-untyped-def]
+    """The trainer spends most of its time waiting for a batch: a pause, a knob and a stop must reach it there.
+    Pause: it stops collecting and parks (trainer_state 'paused') with what it collected kept pending. A new
+    temperature while groups of the old one wait: they are dropped as stale at once (no livelock waiting for
+    a batch of the old temperature). Stop: run() returns while the queue stays short of a batch."""
+    import json
+    import threading
+    import time
+
+    from asyncgrpo.queue.run_control import RunControl, redacted_config
+
+    cfg = make_config(tiny_model_dir)
+    cfg.redis.url = redis_server.url
+    cfg.train_dataset.batch_size = 4
+    cfg.trainer.checkpoint_dir = str(tmp_path / "ckpt")
+    cfg.trainer.checkpoint_interval = 0
+    cfg.trainer.poll_timeout_s = 0.2
+    queue = GroupQueue.from_url(cfg.redis.url, cfg.run_id)
+    state = RunState.from_url(cfg.redis.url, cfg.run_id)
+    control = RunControl(state.r, cfg.run_id)
+    control.register(redacted_config(cfg))
+    service = TrainerService(cfg, GRPOTrainer(cfg), queue, state, control=control)
+    service.resume()
+    done: list[object] = []
+    t = threading.Thread(target=lambda: done.append(service.run()), daemon=True)
+    t.start()
+
+    def until(what: str, cond, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < deadline and t.is_alive(), what
+            time.sleep(0.05)
+
+    t0 = cfg.actor.temperature
+    for p in range(2):  # half a batch, sampled at the trainer's temperature
+        g = _group(cfg, p, version=0, seed=p)
+        g.temperature = t0
+        queue.push(g)
+    until("the trainer holds the two groups", lambda: queue.pending() == 2)
+    state.set_paused(True)
+    until("parked", lambda: control.info()["trainer_state"] == "paused")
+    assert len(service._pending) == 2 and state.get_version() == 0
+    control.set_knobs({"actor.temperature": (t0, 0.5)}, "test")
+    state.set_paused(False)
+    until("the old-temperature groups dropped", lambda: queue.pending() == 0 and len(state.requeued()) == 2)
+    assert service.cfg.actor.temperature == 0.5 and state.get_version() == 0
+    control.set_mode("stop")
+    t.join(30)
+    assert not t.is_alive() and done and done[0].steps == 0  # type: ignore[attr-defined]
+    assert json.loads(state.r.hget(control.keys.counters, "stale_requeued") or b"0") == 2

@@ -18,7 +18,7 @@ KLEstimator = Literal["k1", "k2", "k3"]
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors and assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True, allow_inf_nan=False)
 
 
 class AdvNormConfig(Section):
@@ -49,7 +49,7 @@ class ActorConfig(Section):
     loss_agg_norm_len: int | None = Field(None, gt=0, description="Constant length for seq-mean-token-sum-norm; null means rollout.max_new_tokens.")
     kl_ctl: float = Field(0.0, ge=0, description="Weight beta of the KL to the reference policy; 0 disables the reference model.")
     kl_estimator: KLEstimator = Field("k3", description="KL estimator: k1 = logp - ref, k2 = 0.5 (logp - ref)^2, k3 = exp(ref - logp) - (ref - logp) - 1.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature; the trainer recomputes log-probs of logits / temperature.")
+    temperature: float = Field(1.0, ge=0.01, le=100.0, description="Sampling temperature in [0.01, 100]; the trainer recomputes log-probs of logits / temperature (greedy decoding has no log-probs to correct).")
     dynamic_filtering: bool = Field(False, description="Drop groups whose rewards are all equal (zero advantage) before training.")
     overlong_penalty: OverlongPenaltyConfig = Field(default_factory=OverlongPenaltyConfig, description="DAPO overlong reward shaping.")
     micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward micro-batch (gradient accumulation).")
@@ -108,7 +108,7 @@ class RewardConfig(Section):
 
 
 class RolloutConfig(Section):
-    max_head_offpolicyness: int = Field(2, ge=0, description="Max policy versions a sample may lag the trainer (staleness bound).")
+    max_head_offpolicyness: int = Field(2, ge=0, le=10_000, description="Max policy versions a sample may lag the trainer (staleness bound).")
     max_concurrent_rollouts: int = Field(64, ge=1, description="Groups generated at the same time.")
     max_new_tokens: int = Field(256, ge=1, description="Completion length limit in tokens.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")

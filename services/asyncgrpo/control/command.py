@@ -27,6 +27,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from asyncgrpo.control.api import ENV_CONTROL_TOKEN, create_app, resolve_token
     from asyncgrpo.control.handlers import ControlPlane
     from asyncgrpo.queue import make_redis
+    from asyncgrpo.queue.connection import redact
     from asyncgrpo.utils.auth import resolve_keys
     from asyncgrpo.utils.logging import setup_logging
     from asyncgrpo.utils.net import is_loopback
@@ -42,8 +43,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     api_key, _ = resolve_keys(cfg.auth.api_key, cfg.auth.admin_api_key)
     plane = ControlPlane(make_redis(cfg.redis.url), server_timeout_s=c.server_timeout_s, api_key=api_key)
     app = create_app(plane, token=token, protect_reads=c.protect_reads)
-    log.info("control plane on http://%s:%d (Redis %s); mutations %s", c.host, c.port,
-             cfg.redis.url.split("@")[-1], "need the token" if token else f"disabled (no {ENV_CONTROL_TOKEN})")
+    log.info("control plane on http://%s:%d (Redis %s); mutations %s", c.host, c.port, redact(cfg.redis.url),
+             "need the token" if token else f"disabled (no {ENV_CONTROL_TOKEN})")
     import asyncio
     import signal
 
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         grpc_server = None
         if c.grpc_port:
             servicer = RunServicer(plane, token=token, redis_url=cfg.redis.url, api_key=api_key,
-                                   admin_api_key=admin_key)
+                                   admin_api_key=admin_key, protect_reads=c.protect_reads)
             grpc_server = await start_grpc(servicer, c.host, c.grpc_port)
             log.info("gRPC (asyncgrpo.v1.RunService, FleetService) on %s:%d", c.host, c.grpc_port)
         api = asyncio.create_task(server.serve())

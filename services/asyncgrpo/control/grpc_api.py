@@ -67,9 +67,10 @@ def _run(d: RunDetail) -> pb.Run:
 
 class RunServicer(pb_grpc.RunServiceServicer, pb_grpc.FleetServiceServicer):
     def __init__(self, plane: ControlPlane, *, token: str | None, redis_url: str, api_key: str | None = None,
-                 admin_api_key: str | None = None) -> None:
+                 admin_api_key: str | None = None, protect_reads: bool = False) -> None:
         self.plane = plane
         self.token = token
+        self.protect_reads = protect_reads
         self.redis_url = redis_url
         # the weight-sync service's keys (SGLang's contract): reads need api_key, membership changes admin_api_key
         self.api_key, self.admin_api_key = api_key, admin_api_key
@@ -99,6 +100,12 @@ class RunServicer(pb_grpc.RunServiceServicer, pb_grpc.FleetServiceServicer):
         actor = str(meta.get("x-asyncgrpo-actor", ""))[:64] or "grpc"
         return f"{actor}@{context.peer()}"
 
+    async def _reader(self, context: grpc.aio.ServicerContext, always: bool = False) -> None:
+        """Reads are open unless control.protect_reads (or `always`: reads that use the control plane's own keys
+        on another service, which must not lend them to an anonymous caller)."""
+        if self.protect_reads or always:
+            await self._who(context)
+
     @staticmethod
     async def _run_id(context: grpc.aio.ServicerContext, run_id: str) -> str:
         exp, sep, trial = run_id.partition("/")
@@ -108,11 +115,13 @@ class RunServicer(pb_grpc.RunServiceServicer, pb_grpc.FleetServiceServicer):
 
     # -- RunService ------------------------------------------------------------------------------------
     async def ListRuns(self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext) -> pb.ListRunsResponse:
+        await self._reader(context)
         runs = await self._call(context, self.plane.list_runs)
         return pb.ListRunsResponse(runs=[_summary(r) for r in runs])
 
     async def GetRun(self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext) -> pb.GetRunResponse:
         run_id = await self._run_id(context, request.run_id)
+        await self._reader(context)
         return pb.GetRunResponse(run=_run(await self._call(context, lambda: self.plane.get_run(run_id))))
 
     async def _act(self, request: Any, context: grpc.aio.ServicerContext, action: str) -> tuple[int, pb.AuditEntry]:
@@ -148,6 +157,7 @@ class RunServicer(pb_grpc.RunServiceServicer, pb_grpc.FleetServiceServicer):
         from asyncgrpo.queue.connection import make_async_redis
 
         run_id = await self._run_id(context, request.run_id)
+        await self._reader(context)
         await self._call(context, lambda: self.plane.brief(run_id))  # NOT_FOUND before subscribing
 
         async def event(kind: int, detail: str = "") -> pb.WatchRunResponse:
@@ -192,7 +202,7 @@ class RunServicer(pb_grpc.RunServiceServicer, pb_grpc.FleetServiceServicer):
         try:
             async with httpx.AsyncClient(base_url=url, timeout=30, headers=headers) as c:
                 r = await c.request(method, "/servers", **kw)
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, httpx.InvalidURL) as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"weight-sync at {url} unreachable ({e})")
         if r.status_code >= 400:
             try:
@@ -202,7 +212,10 @@ class RunServicer(pb_grpc.RunServiceServicer, pb_grpc.FleetServiceServicer):
             code = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.PERMISSION_DENIED,
                     404: grpc.StatusCode.NOT_FOUND}.get(r.status_code, grpc.StatusCode.INTERNAL)
             await context.abort(code, f"weight-sync: {msg}")
-        return r.json() if r.content else None
+        try:
+            return r.json() if r.content else None
+        except ValueError:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"weight-sync at {url} answered {r.status_code} without JSON")
 
     async def RegisterServer(self, request: pb.RegisterServerRequest, context: grpc.aio.ServicerContext) -> pb.RegisterServerResponse:
         run_id = await self._run_id(context, request.run_id)
@@ -218,6 +231,7 @@ class RunServicer(pb_grpc.RunServiceServicer, pb_grpc.FleetServiceServicer):
 
     async def ListServers(self, request: pb.ListServersRequest, context: grpc.aio.ServicerContext) -> pb.ListServersResponse:
         run_id = await self._run_id(context, request.run_id)
+        await self._reader(context, always=True)
         servers = await self._weight_sync(context, run_id, "GET")
         return pb.ListServersResponse(servers=[_struct(s) for s in servers or []])
 

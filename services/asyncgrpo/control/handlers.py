@@ -32,7 +32,7 @@ from asyncgrpo.queue.run_control import RunControl
 from asyncgrpo.queue.staleness import staleness
 
 T = TypeVar("T")
-STALENESS_SCAN = 2000  # undelivered groups decoded for the staleness histogram
+STALENESS_SCAN = 256  # undelivered groups decoded for the staleness histogram (the oldest; each may be ~100 KB)
 
 
 class UnknownRun(LookupError):
@@ -142,13 +142,15 @@ class ControlPlane:
                                    waiting_requests=sum(int(x.get("num_waiting_reqs", 0)) for x in loads))
         except (SGLangError, ValueError) as e:
             return ServerState(url=url, healthy=False, error=str(e)[:300])
+        except Exception as e:  # noqa: BLE001 - a server answering nonsense is reported, never a 500 here
+            return ServerState(url=url, healthy=False, error=f"unexpected answer ({type(e).__name__}: {e})"[:300])
 
     def _inspect_sync(self, run_id: str) -> tuple[Inspection, list[str]]:
         state, ctl = self._run(run_id)
         queue = GroupQueue(self.r, run_id)
         version = state.get_version()
         accepted, running = state.budget_usage()
-        letters = queue.dead_letters(0, -1)
+        letters = queue.dead_letters(-10, -1)  # the newest; counts come from the counters
         counters = state.counters()
         hist = Counter(str(staleness(version, g.oldest_version)) for g in queue.undelivered(STALENESS_SCAN))
         steps = ctl.step_metrics(200)
@@ -157,8 +159,9 @@ class ControlPlane:
             run_id=run_id, version=version, queue_depth=queue.depth(), waiting_groups=max(0, accepted - state.trained()),
             running_groups=running, pending_deliveries=queue.pending(), requeued_prompts=len(state.requeued()),
             dead_letters=DeadLetterSummary(
-                count=len(letters), by_kind=dict(Counter(d.kind for d in letters)),
-                recent=[{"group_id": d.group_id, "kind": d.kind, "reason": d.reason, "at": d.at} for d in letters[-10:]][::-1]),
+                count=int(counters.get("dead_letters", 0)),
+                by_kind={k.split(":", 1)[1]: int(v) for k, v in counters.items() if k.startswith("dead_letters:")},
+                recent=[{"group_id": d.group_id, "kind": d.kind, "reason": d.reason, "at": d.at} for d in letters][::-1]),
             staleness_histogram=dict(sorted(hist.items(), key=lambda kv: int(kv[0]))), counters=counters,
             rollout=ctl.rollout_stats(), trainer_tokens_per_s=steps[-1].get("tokens_per_s") if steps else None,
             steps=steps, completions=ctl.completions(20), servers=[])

@@ -34,7 +34,7 @@ class RunSummary(BaseModel):
 class RunDetail(RunSummary):
     paused: bool
     mode: Literal["run", "drain", "stop"]
-    trainer_state: str = Field(description="training, waiting, paused (at a step boundary), draining, stopped or unknown.")
+    trainer_state: str = Field(description="training, paused (at a step boundary), draining, stopped or unknown.")
     trainer_alive: bool = Field(description="A trainer process holds the run's trainer claim now.")
     step: int = Field(description="Steps taken (equals version: one optimizer step per version).")
     max_steps: int | None = None
@@ -59,7 +59,7 @@ class Inspection(BaseModel):
     pending_deliveries: int = Field(description="Deliveries to the trainer not acknowledged (trained and awaiting a checkpoint, or in its batch).")
     requeued_prompts: int
     dead_letters: DeadLetterSummary
-    staleness_histogram: dict[str, int] = Field(description="Groups not yet delivered to the trainer by the staleness they would train at now (policy version - oldest token version; queue/staleness.py).")
+    staleness_histogram: dict[str, int] = Field(description="The oldest 256 groups not yet delivered to the trainer, by the staleness they would train at now (policy version - oldest token version; queue/staleness.py).")
     counters: dict[str, float] = Field(description="Run counters: groups_started, stale_requeued, groups_filtered, reward_errors, ...")
     rollout: dict[str, dict[str, Any]] = Field(description="Each rollout process's last report (groups/s, tokens/s, ...).")
     trainer_tokens_per_s: float | None = None

@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="held-out JSONL for the before/after evaluation (default: test.jsonl beside train_dataset.path)")
     parser.add_argument("--eval-prompts", type=int, default=EVAL_PROMPTS, help="held-out prompts evaluated (0 skips)")
     parser.add_argument("--dry-run", action="store_true", help="print what would be started, start nothing")
+    parser.add_argument("--resume", metavar="RUN_DIR", default=None,
+                        help="continue a stopped or crashed run from its directory: its config, Redis data (AOF) and "
+                             "last checkpoint (--steps raises the target; other overrides still apply)")
 
 
 def _fail(msg: str) -> int:
@@ -59,7 +62,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from asyncgrpo.config import ConfigError, load_config
     from asyncgrpo.launch.procs import ServiceFailed, Stopped, Supervisor
 
-    cfg = load_config(args.config, overrides)  # a typo fails here, before anything starts (ConfigError: one line)
+    resume_dir = _resume_dir(args) if args.resume else None
+    configs = [str(resume_dir / "config.yaml"), *args.config] if resume_dir else args.config
+    cfg = load_config(configs, overrides)  # a typo fails here, before anything starts (ConfigError: one line)
     if args.steps is not None:
         if args.steps < 1:
             raise ConfigError(f"--steps must be >= 1, got {args.steps}")
@@ -71,15 +76,23 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ConfigError(f"--genservers must be >= 1, got {args.genservers}")
     eval_data = _eval_data(cfg, args)
 
-    run_dir = Path(args.run_dir or Path(cfg.fileroot) / f"{cfg.experiment_name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    plan = plan_run(cfg, run_dir, genservers=args.genservers, redis_url=args.redis_url)
+    if resume_dir is not None:
+        run_dir = resume_dir
+        private_redis = (run_dir / "redis" / "redis.conf").is_file()  # else the run used the Redis in its config
+        redis_url = args.redis_url or (None if private_redis else cfg.redis.url)
+    else:
+        run_dir = Path(args.run_dir or Path(cfg.fileroot) / f"{cfg.experiment_name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+        redis_url = args.redis_url
+    plan = plan_run(cfg, run_dir, genservers=args.genservers, redis_url=redis_url)
     if args.dry_run:
         for svc in plan.services:
             print(f"{svc.name:<12} {svc.command_line()}")
         print(f"{'snapshot':<12} {plan.snapshot_dir}")
         return 0
 
+    log_start = _log_sizes(run_dir / "logs")
     plan.write()
+    (run_dir / "up.pid").write_text(f"{os.getpid()}\n")  # --resume refuses a run that is still running
     sup = Supervisor({**os.environ, **plan.env})
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -107,9 +120,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         for s, h in old.items():
             signal.signal(s, h)
         shutil.rmtree(plan.snapshot_dir, ignore_errors=True)
+        (run_dir / "up.pid").unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             plan.snapshot_dir.parent.rmdir()  # /dev/shm/asyncgrpo, if no other run uses it
-    _report_log_problems(run_dir / "logs")
+    _report_log_problems(run_dir / "logs", log_start)
     if code:
         return code
     final = _final_model(run_dir)
@@ -140,6 +154,39 @@ def _check_inputs(cfg: Any, args: argparse.Namespace) -> None:
         raise ConfigError(str(e)) from None
     if args.redis_url is None and shutil.which("redis-server") is None:
         raise ConfigError("redis-server not found on PATH: apt-get install -y redis-server, or pass --redis-url")
+
+
+def _resume_dir(args: argparse.Namespace) -> Path:
+    """The run directory `--resume` names, checked: written by `asyncgrpo up`, not running now."""
+    from asyncgrpo.config import ConfigError
+
+    run_dir = Path(args.resume).resolve()
+    if args.run_dir:
+        raise ConfigError("--resume RUN_DIR continues that directory; leave out --run-dir")
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.yaml there; give the directory `asyncgrpo up` printed "
+                          "(it holds config.yaml, logs/, checkpoints/)")
+    pid_file = run_dir / "up.pid"
+    if pid_file.is_file():
+        try:
+            pid = int(pid_file.read_text().strip())
+            os.kill(pid, 0)
+        except (ValueError, ProcessLookupError):
+            pass
+        except PermissionError:
+            raise ConfigError(f"--resume {run_dir}: another user's process {pid_file.read_text().strip()} runs it") from None
+        else:
+            if _is_up(pid):
+                raise ConfigError(f"--resume {run_dir}: asyncgrpo up (pid {pid}) is still running this run; stop it "
+                                  "first (Ctrl-C or kill it)")
+    return run_dir
+
+
+def _is_up(pid: int) -> bool:
+    try:
+        return b"asyncgrpo" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def _eval_data(cfg: Any, args: argparse.Namespace) -> Path | None:
@@ -250,13 +297,13 @@ def plan_run(cfg: Any, run_dir: Path, *, genservers: int = 1, redis_url: str | N
                             stop_sequence=((signal.SIGTERM, 15.0), (signal.SIGTERM, 10.0))))
     # control plane: stateless; its token travels in the environment and in a file only this user can read
     control_token = os.environ.get("ASYNCGRPO_CONTROL_TOKEN") or secrets.token_urlsafe(24)
-    env["ASYNCGRPO_CONTROL_TOKEN"] = control_token
     files[run_dir / "control_token"] = control_token + "\n"
     cfg.control.host, cfg.control.port, cfg.control.token = host, free_port(host), None
     cfg.control.grpc_port = free_port(host)
     ctl_url = f"http://{host}:{cfg.control.port}"
     services.append(Service("control", [*exe, "control", *conf_args], logs / "control.log",
-                            health=lambda: httpx.get(f"{ctl_url}/health", timeout=2).status_code == 200, start_timeout_s=60))
+                            health=lambda: httpx.get(f"{ctl_url}/health", timeout=2).status_code == 200, start_timeout_s=60,
+                            env={"ASYNCGRPO_CONTROL_TOKEN": control_token}))  # the control plane's alone
     # trainer: SIGTERM stops after the current step and checkpoints
     services.append(Service("trainer", [*exe, "trainer", *conf_args], logs / "trainer.log",
                             stop_sequence=((signal.SIGTERM, 120.0),)))
@@ -269,7 +316,7 @@ def _watch(sup: Any, trainer_log: Path) -> None:
     from asyncgrpo.launch.procs import ServiceFailed, tail
 
     trainer = next(s for s in sup.services if s.name == "trainer")
-    pos = 0
+    pos = trainer_log.stat().st_size if trainer_log.exists() else 0  # a resumed run's log holds earlier steps
     while True:
         sup.check_stop()
         pos = _echo_steps(trainer_log, pos)
@@ -299,10 +346,17 @@ def _echo_steps(log: Path, pos: int) -> int:
     return pos + end
 
 
-def _report_log_problems(logs: Path) -> None:
-    """A clean run leaves no ERROR line and no traceback in any log; say so when one does."""
+def _log_sizes(logs: Path) -> dict[Path, int]:
+    return {log: log.stat().st_size for log in logs.glob("*.log")} if logs.is_dir() else {}
+
+
+def _report_log_problems(logs: Path, since: dict[Path, int] | None = None) -> None:
+    """A clean run leaves no ERROR line and no traceback in any log; say so when one does (only lines written
+    after `since`: a resumed run's logs begin with the earlier run's)."""
     for log in sorted(logs.glob("*.log")):
-        text = log.read_text(errors="replace")
+        with log.open("rb") as f:
+            f.seek((since or {}).get(log, 0))
+            text = f.read().decode(errors="replace")
         bad = sum(1 for line in text.splitlines() if " ERROR " in line or line.startswith("Traceback"))
         if bad:
             print(f"asyncgrpo up: {bad} ERROR/traceback line(s) in {log}", file=sys.stderr)

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -47,13 +47,21 @@ class RedisUnavailable(RuntimeError):
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for logs and error messages."""
+    """The URL without its secrets, for logs, errors and anything others read: a password in the authority or
+    in the query (redis-py reads both) replaced by '***'."""
+    from urllib.parse import parse_qsl, urlencode
+
     parts = urlsplit(url)
-    if parts.password is None:
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)  # the host keeps its IPv6 brackets
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}" if ":" in userinfo else f"***@{host}"
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    if not any(k.lower() in ("password", "username") for k, _ in pairs) and netloc == parts.netloc:
         return url
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + netloc))
+    query = urlencode([(k, "***" if k.lower() in ("password", "username") else v) for k, v in pairs], safe="*")
+    out = f"{parts.scheme}://{netloc}{parts.path}"  # unix:///path keeps its empty authority
+    return out + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
 
 
 def _client_kwargs(url: str, max_block_s: float) -> dict[str, Any]:

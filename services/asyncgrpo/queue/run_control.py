@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import redis
 
+from asyncgrpo.queue.connection import redact
 from asyncgrpo.queue.keys import RUNS_KEY, RunKeys
 
 Mode = Literal["run", "drain", "stop"]
@@ -30,18 +31,11 @@ def _s(x: bytes | str | None) -> str | None:
 
 def redacted_config(cfg: Any) -> dict[str, Any]:
     """A RunConfig as JSON for others to read: tokens and the Redis password replaced by '***'."""
-    from urllib.parse import urlsplit, urlunsplit
-
     d = cfg.model_dump(mode="json")
     for section, key in (("auth", "api_key"), ("auth", "admin_api_key"), ("control", "token")):
         if d.get(section, {}).get(key):
             d[section][key] = "***"
-    url = d.get("redis", {}).get("url") or ""
-    parts = urlsplit(url)
-    if parts.password:
-        host = parts.hostname or ""
-        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-        d["redis"]["url"] = urlunsplit(parts._replace(netloc=netloc))
+    d["redis"]["url"] = redact(d["redis"]["url"])
     return d
 
 
@@ -60,15 +54,20 @@ class RunControl:
         return bool(self.r.sismember(RUNS_KEY, self.run_id))
 
     def register(self, config: Mapping[str, Any]) -> None:
-        """Called by the trainer on start: the run appears in the list with its (redacted) config. A resumed run
-        keeps its first start time and its mode: a run stopped by the control plane and started again runs."""
+        """Called by the trainer on start: the run appears in the list with its (redacted) config and keeps its
+        first start time. A run that had stopped cleanly (its services started again to continue it) runs:
+        mode 'run', not paused. A trainer restarted after a crash keeps the run's mode and pause flag: a drain,
+        stop or pause asked for before the crash still holds."""
         now = time.time()
+        stopped = _s(self.r.hget(self.keys.info, "status")) == "stopped"
         pipe = self.r.pipeline()
         pipe.sadd(RUNS_KEY, self.run_id)
         pipe.hset(self.keys.info, mapping={"config": json.dumps(config, sort_keys=True), "status": "running",
-                                           "updated_at": now, "trainer_started_at": now})
+                                           "updated_at": now})
         pipe.hsetnx(self.keys.info, "started_at", now)
-        pipe.set(self.keys.mode, "run")
+        if stopped:
+            pipe.set(self.keys.mode, "run")
+            pipe.set(self.keys.paused, "0")
         pipe.publish(self.keys.events, "status:running")
         pipe.execute()
 
@@ -83,21 +82,18 @@ class RunControl:
         return bool(self.r.exists(self.keys.claim(role)))
 
     def set_trainer_state(self, state: str) -> None:
-        """training / waiting / paused (at a step boundary) / draining / stopped."""
+        """training / paused (at a step boundary) / draining / stopped."""
         pipe = self.r.pipeline()
         pipe.hset(self.keys.info, mapping={"trainer_state": state, "updated_at": time.time()})
         pipe.publish(self.keys.events, f"trainer:{state}")
         pipe.execute()
-
-    def touch(self) -> None:
-        self.r.hset(self.keys.info, "updated_at", time.time())
 
     def info(self) -> dict[str, Any]:
         h = {_s(k) or "": _s(v) for k, v in self.r.hgetall(self.keys.info).items()}
         out: dict[str, Any] = {"status": h.get("status") or "unknown"}
         out["config"] = json.loads(h["config"]) if h.get("config") else {}
         out["trainer_state"] = h.get("trainer_state") or "unknown"
-        for k in ("started_at", "updated_at", "trainer_started_at"):
+        for k in ("started_at", "updated_at"):
             out[k] = float(h[k]) if h.get(k) else None
         return out
 
@@ -152,9 +148,15 @@ class RunControl:
         pipe.execute()
 
     def step_metrics(self, limit: int = 500) -> list[dict[str, Any]]:
-        """The last `limit` steps, oldest first."""
+        """The last `limit` steps, oldest first, one row per version: after a crash the trainer replays the steps
+        since its checkpoint, and the replayed row (the one in the model) replaces the first."""
         rows = self.r.xrevrange(self.keys.step_metrics, count=max(1, limit))
-        return [json.loads(fields[b"m"]) for _, fields in reversed(rows)]
+        by_version: dict[Any, dict[str, Any]] = {}
+        for _, fields in reversed(rows):
+            row = json.loads(fields[b"m"])
+            by_version.pop(row.get("version"), None)
+            by_version[row.get("version")] = row
+        return sorted(by_version.values(), key=lambda r: r.get("version") or 0)
 
     def record_completion(self, record: Mapping[str, Any]) -> None:
         pipe = self.r.pipeline()

@@ -132,6 +132,12 @@ end
 return n
 """
 
+# KEYS: leases  -> leases whose deadline has not passed (Redis' clock, as the deadlines)
+_LIVE_LEASES_LUA = """
+local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
+"""
+
 # KEYS: stream trained trained_in_stream leases   -> {accepted, running} read atomically
 _USAGE_LUA = _ACCEPTED_LUA + """
 return {accepted(KEYS[1], KEYS[2], KEYS[3]), redis.call('ZCARD', KEYS[4])}
@@ -171,6 +177,7 @@ class RunState:
         self._abandon = client.register_script(_ABANDON_LUA)
         self._reclaim = client.register_script(_RECLAIM_LUA)
         self._usage = client.register_script(_USAGE_LUA)
+        self._live = client.register_script(_LIVE_LEASES_LUA)
 
     @classmethod
     def from_url(cls, url: str, run_id: str) -> "RunState":
@@ -288,6 +295,11 @@ class RunState:
 
     def running(self) -> int:
         return int(self.r.zcard(self.keys.leases))
+
+    def live_leases(self) -> int:
+        """Leases still being renewed (deadline not passed): groups that may yet be pushed. An expired lease (its
+        worker died) counts in running() until re-issued, but no group will come from it."""
+        return int(self._live(keys=[self.keys.leases]))
 
     def budget_usage(self) -> tuple[int, int]:
         """(accepted, running), read atomically: what the admission rule counts against its capacity."""

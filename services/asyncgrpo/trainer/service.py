@@ -71,6 +71,9 @@ def checkpoint_dir(cfg: RunConfig) -> Path:
     return Path(cfg.trainer.checkpoint_dir or Path(cfg.fileroot) / cfg.experiment_name / cfg.trial_name / "checkpoints")
 
 
+WAIT = "wait"  # _collect's answer when the run was paused while it collected
+
+
 def sampled_at_other_temperature(group: Any, temperature: float) -> bool:
     """Log-probs are recomputed at the trainer's temperature: a group sampled at another one (the live knob
     changed) would carry behaviour log-probs of a different distribution."""
@@ -144,6 +147,8 @@ class TrainerService:
         self.stop_requested = False
         self.claim = claim  # the run's trainer role (queue/claims.py), renewed by a heartbeat thread
         self.control = control  # the run's control-plane records (queue/run_control.py), rank 0 only
+        self._knobs: dict[str, Any] = {}  # live knob values read last (rank 0), broadcast with each batch
+        self._stop_logged = False
         self._trainer_state = ""
         self._metrics_file: Any = None
         self.fenced = False  # another trainer took the role over: this one stops before its next step commits
@@ -187,6 +192,11 @@ class TrainerService:
             done = self._redis(self.queue.resume, self.trainer.version, self._trained)
             if done:
                 log.info("%d groups already in the checkpoint acknowledged (the previous run stopped before doing it)", done)
+        if self.trainer.version > 0:
+            # The generation servers may hold other weights (restarted with the base model, or ahead of this
+            # checkpoint): hand the resumed model to weight sync now, not after the next step. Without it a
+            # whole restarted run samples at version 0 and every group is too stale to train: no step ever comes.
+            self._publish()
         return self.trainer.version
 
     def start_heartbeat(self) -> None:
@@ -288,9 +298,11 @@ class TrainerService:
             log.info("replaying %d groups delivered before the restart and not in the checkpoint", len(entries))
         self._sort(entries)
 
-    def _collect(self, deadline: float | None, drain: bool = False) -> list[tuple[str, Any]] | None:
-        """Block until a full batch is pending (None if stopping or past the deadline, or when draining and no
-        full batch can come: nothing running and nothing more in the stream)."""
+    def _collect(self, deadline: float | None, drain: bool = False) -> list[tuple[str, Any]] | str | None:
+        """Block until a full batch is pending. None when stopping (a signal, the control plane's stop, the idle
+        deadline) or when draining and no full batch can come (no live lease, nothing more in the stream);
+        WAIT when the run was paused meanwhile (the groups collected so far stay pending). The control plane
+        is read on every poll, so a stop, a drain, a pause or a knob lands while the trainer waits too."""
         bs = self.cfg.train_dataset.batch_size
         # Groups may have gone stale while waiting for the rest of the batch.
         if self._pending:
@@ -304,8 +316,16 @@ class TrainerService:
                 break
             if self.stop_requested or (deadline is not None and time.monotonic() > deadline):
                 return None
+            action = self._control()
+            if action == "stop":
+                return None
+            if action == "pause":
+                return WAIT
+            if action == "drain" and not drain:
+                drain = True
+                self._set_trainer_state("draining")
             block = int(self.cfg.trainer.poll_timeout_s * 1000)
-            running = self._redis(self.state.running) if drain else None
+            running = self._redis(self.state.live_leases) if drain else None
             got = self._redis(self.queue.consume, self.consumer, count=bs - len(self._pending), block_ms=200 if drain else block)
             self._sort(got)
             if drain and not got and running == 0 and len(self._pending) < bs:
@@ -316,37 +336,50 @@ class TrainerService:
 
     # -- the control plane ---------------------------------------------------------------------------
     def _set_trainer_state(self, state: str) -> None:
+        """training / paused / draining / stopped, written when it changes (the control plane shows it)."""
         if self.control is not None and state != self._trainer_state:
             self._trainer_state = state
             self._redis(self.control.set_trainer_state, state)
 
-    def _gate(self) -> tuple[str, dict[str, Any]]:
-        """Rank 0 at a step boundary: the live knobs, and 'train', 'drain', 'stop' or 'wait' (paused: returns
-        after at most poll_timeout_s so the other ranks hear from rank 0)."""
+    def _control(self) -> str:
+        """Rank 0: read the control plane's state once and apply the live knobs (re-sorting what is pending:
+        a new bound or temperature may make it stale). Returns 'stop', 'drain', 'pause' or 'train'."""
         from asyncgrpo.config.knobs import apply_knobs
 
         if self.control is None:
-            return ("stop" if self.stop_requested else "train"), {}
+            return "stop" if self.stop_requested else "train"
+        mode, paused, knobs = self._redis(self._read_control)
+        self._knobs = knobs
+        changed = apply_knobs(self.cfg, knobs)
+        for k, (old, new) in changed.items():
+            log.info("live knob %s: %s -> %s (from step %d)", k, old, new, self.trainer.version + 1)
+        if changed and self._pending:
+            keep, self._pending = self._pending, []
+            self._sort(keep)
+        if mode == "stop" or self.stop_requested:
+            if mode == "stop" and not self._stop_logged:
+                self._stop_logged = True
+                log.info("stop requested through the control plane; stopping at version %d", self.trainer.version)
+            return "stop"
+        if mode == "drain":
+            return "drain"
+        return "pause" if paused else "train"
+
+    def _gate(self) -> str:
+        """Rank 0 at a step boundary: 'train', 'drain', 'stop', or 'wait' while paused (returned after at most
+        poll_timeout_s, so the other ranks hear from rank 0 and no collective times out)."""
         deadline = time.monotonic() + self.cfg.trainer.poll_timeout_s
         while True:
-            mode, paused, knobs = self._redis(self._read_control)
-            for k, (old, new) in apply_knobs(self.cfg, knobs).items():
-                log.info("live knob %s: %s -> %s (from step %d)", k, old, new, self.trainer.version + 1)
-            if mode == "stop" or self.stop_requested:
-                if mode == "stop":
-                    log.info("stop requested through the control plane; stopping at version %d", self.trainer.version)
-                return "stop", knobs
-            if mode == "drain":
-                self._set_trainer_state("draining")
-                return "drain", knobs
-            if not paused:
-                self._set_trainer_state("training")
-                return "train", knobs
+            action = self._control()
+            if action != "pause":
+                if action != "stop":
+                    self._set_trainer_state("draining" if action == "drain" else "training")
+                return action
             if self._trainer_state != "paused":
                 log.info("run paused: stopped at the step boundary after version %d", self.trainer.version)
                 self._set_trainer_state("paused")
             if time.monotonic() > deadline:
-                return "wait", knobs
+                return "wait"
             time.sleep(0.2)
 
     def _read_control(self) -> tuple[str, bool, dict[str, Any]]:
@@ -363,6 +396,7 @@ class TrainerService:
                                "groups_trained_total": self.stats.groups_trained + batch.n_groups,
                                "groups_dropped_stale_total": self.stats.groups_dropped_stale}
         row.update({k: (v if math.isfinite(v) else None) for k, v in stats.items()})
+        row["version"] = version  # an int (the stats hold it as a float)
         if self.control is not None:
             self._redis(self.control.record_step, row)
         try:
@@ -424,18 +458,21 @@ class TrainerService:
             entries = None
             msg: tuple[str, Any, dict[str, Any]] | None = None
             if self.rank == 0:
-                action, knobs = self._gate()
+                action = self._gate()
                 if action == "wait":
-                    msg = ("wait", None, knobs)
+                    msg = ("wait", None, self._knobs)
                 elif action != "stop":
                     t0 = time.monotonic()
                     deadline = t0 + idle_timeout_s if idle_timeout_s is not None else None
-                    entries = self._collect(deadline, drain=action == "drain")
+                    got = self._collect(deadline, drain=action == "drain")
                     waited = time.monotonic() - t0
                     self.stats.longest_wait_s = max(self.stats.longest_wait_s, waited)
                     self.metrics.wait_time.observe(waited)
-                    if entries is not None:
-                        msg = ("batch", [group_to_samples(g) for _, g in entries], knobs)
+                    if got == WAIT:
+                        msg = ("wait", None, self._knobs)
+                    elif got is not None:
+                        entries = got
+                        msg = ("batch", [group_to_samples(g) for _, g in entries], self._knobs)
             msg = self._broadcast(msg if self.rank == 0 else None)
             if msg is None:
                 break

@@ -69,7 +69,7 @@ function draw(detail, insp) {
     reward.push({ x, y: col("eval_accuracy"), name: "held-out accuracy", mode: "lines+markers", connectgaps: true });
   line("plot-reward", "Reward", reward);
   line("plot-loss", "Loss, KL, clipping", [
-    { x, y: col("loss"), name: "loss" }, { x, y: col("kl"), name: "kl (ref)" }, { x, y: col("approx_kl"), name: "approx kl" }, { x, y: col("clip_frac"), name: "clip frac" },
+    { x, y: col("loss"), name: "loss" }, { x, y: col("kl_ref"), name: "kl to ref" }, { x, y: col("approx_kl"), name: "approx kl" }, { x, y: col("clip_frac"), name: "clip frac" },
     { x, y: col("behav_cap_frac"), name: "behav cap frac" }, { x, y: col("entropy"), name: "entropy" }]);
   line("plot-staleness", "Staleness of trained samples", [
     { x, y: col("staleness_mean"), name: "mean" }, { x, y: col("staleness_max"), name: "max" }], "versions");
@@ -130,5 +130,6 @@ $("pause").addEventListener("click", () => act("pause"));
 $("resume").addEventListener("click", () => act("resume"));
 $("token-btn").addEventListener("click", askToken);
 $("run").addEventListener("change", refresh);
-refresh();
-setInterval(refresh, POLL_MS);
+// a chain, not an interval: a slow answer never piles refreshes up
+async function loop() { await refresh(); setTimeout(loop, POLL_MS); }
+loop();
