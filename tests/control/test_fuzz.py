@@ -8,7 +8,6 @@ state (409 after a stop) or for an unknown run (404)."""
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import pytest
@@ -23,6 +22,7 @@ from asyncgrpo.control.api import create_app
 from asyncgrpo.control.handlers import ControlPlane
 from asyncgrpo.queue.run_control import RunControl, redacted_config
 from asyncgrpo.utils.net import free_port
+from service_procs import wait_until
 
 pytestmark = pytest.mark.slow
 TOKEN = "fuzz-control-token"
@@ -43,15 +43,7 @@ def control_url(tmp_path_factory):
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "control plane did not start"
-        time.sleep(0.1)
+    wait_until("the control plane", lambda: httpx.get(f"{url}/health", timeout=1).status_code == 200, 30)
     try:
         yield url
     finally:

@@ -35,6 +35,9 @@ def dataset(tmp_path) -> PromptDataset:
     return PromptDataset(load_records(p, "prompt", "answer"), byte_encode, seed=1)
 
 
+HANG_S = 120  # a hang guard only: these tests take a second or two, more under load
+
+
 def make_service(url: str, dataset: PromptDataset, client: FakeGenClient, **kw) -> RolloutService:
     params = RolloutParams(run_id=RUN, group_size=4, max_new_tokens=32, num_workers=3, batch_groups=2,
                            max_head_offpolicyness=100, lease_ttl_s=30, exit_when_exhausted=True, log_interval_s=60)
@@ -60,7 +63,7 @@ def metric(name: str, **labels: str) -> float:
 def test_every_prompt_once_with_rewards(redis_server, dataset) -> None:
     svc = make_service(redis_server.url, dataset, FakeGenClient())
     pushed0, tokens0 = metric("rollout_groups_total", outcome="pushed"), metric("rollout_tokens_total")
-    stats = asyncio.run(asyncio.wait_for(svc.run(), 30))
+    stats = asyncio.run(asyncio.wait_for(svc.run(), HANG_S))
     groups = drain(redis_server.url)
     assert stats.groups_pushed == 6 and len(groups) == 6
     assert sorted(g.prompt_id for g in groups) == [f"q{i}" for i in range(6)]
@@ -97,7 +100,7 @@ def test_partial_rollout_carries_two_versions() -> None:
 
 def test_dynamic_filtering_drops_all_equal_groups(redis_server, dataset) -> None:
     svc = make_service(redis_server.url, dataset, FakeGenClient(all_correct=True), dynamic_filtering=True)
-    stats = asyncio.run(asyncio.wait_for(svc.run(), 30))
+    stats = asyncio.run(asyncio.wait_for(svc.run(), HANG_S))
     assert stats.groups_filtered == 6 and stats.groups_pushed == 0 and drain(redis_server.url) == []
     assert RunState(redis.Redis.from_url(redis_server.url), RUN).counters()["groups_filtered"] == 6
 
@@ -128,7 +131,7 @@ def test_admission_budget_with_a_fake_trainer(redis_server, dataset) -> None:
         await svc.run()
         await t
 
-    asyncio.run(asyncio.wait_for(main(), 30))
+    asyncio.run(asyncio.wait_for(main(), HANG_S))
     assert observed == [(0, 2), (1, 4), (2, 6)]
     for a in svc.stats.admissions:
         assert a.started <= (a.version + 0 + 1) * 2 == a.capacity
@@ -158,7 +161,7 @@ def test_pause_stops_admission_and_in_flight_groups_finish(redis_server, dataset
         await svc.run()
         await t
 
-    asyncio.run(asyncio.wait_for(main(), 30))
+    asyncio.run(asyncio.wait_for(main(), HANG_S))
     # the three in-flight groups finished and were queued; nothing new started while paused
     assert seen["depth_while_paused"] == 3 and q.depth() == 6 and svc.stats.groups_pushed == 6
 
@@ -177,7 +180,7 @@ def test_failed_generation_hands_the_prompt_back(redis_server, dataset) -> None:
             return await super().generate(input_ids, sampling_params, rid, return_logprob)
 
     svc = make_service(redis_server.url, dataset, Flaky(), num_workers=1)
-    stats = asyncio.run(asyncio.wait_for(svc.run(), 30))
+    stats = asyncio.run(asyncio.wait_for(svc.run(), HANG_S))
     groups = drain(redis_server.url)
     assert stats.groups_failed == 1 and stats.groups_pushed == 6
     assert sorted(g.prompt_id for g in groups) == [f"q{i}" for i in range(6)]

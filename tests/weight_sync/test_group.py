@@ -17,8 +17,9 @@ from asyncgrpo.weight_sync.group import BroadcastGroup, GroupTimeout
 pytestmark = pytest.mark.slow
 
 
-def _peer(port: int, name: str, behaviour: str, joined) -> None:  # type: ignore[no-untyped-def]
+def _peer(port: int, name: str, behaviour: str, ready, joined) -> None:  # type: ignore[no-untyped-def]
     torch.set_num_threads(1)
+    ready.set()  # imported and about to connect (it retries until rank 0's store listens)
     pg = init_custom_process_group("gloo", master_address="127.0.0.1", master_port=port, world_size=2, rank=1,
                                    group_name=name, timeout=30)
     buf = torch.empty(1 << 10, dtype=torch.uint8)
@@ -33,9 +34,12 @@ def _peer(port: int, name: str, behaviour: str, joined) -> None:  # type: ignore
 def test_broadcast_to_a_stuck_or_dead_peer_fails_within_the_deadline(behaviour: str) -> None:
     ctx = mp.get_context("spawn")
     port, name = free_port(), f"t-{behaviour}-{os.getpid()}"
-    joined = ctx.Event()
-    peer = ctx.Process(target=_peer, args=(port, name, behaviour, joined))
+    ready, joined = ctx.Event(), ctx.Event()
+    peer = ctx.Process(target=_peer, args=(port, name, behaviour, ready, joined))
     peer.start()
+    # a spawned process imports torch first (seconds under load): the group's short bound is for the broadcast
+    # under test, not for the peer's start-up
+    assert ready.wait(120), "the peer process did not start"
     try:
         async def scenario() -> None:
             g = BroadcastGroup(name=name, backend="gloo", master_address="127.0.0.1", master_port=port, world_size=2,
