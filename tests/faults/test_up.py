@@ -4,6 +4,7 @@ and a clean run ends with an eval.json, one before -> after line and no ERROR li
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -30,10 +31,33 @@ def _config(tmp: Path, model_dir: Path) -> Path:
     return path
 
 
+_spawned: list[subprocess.Popen[str]] = []
+
+
 def _up(*args: str, **kw) -> subprocess.Popen[str]:  # type: ignore[no-untyped-def]
-    return subprocess.Popen([sys.executable, "-m", "asyncgrpo.cli", "up", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            start_new_session=True, **kw)
+    p = subprocess.Popen([sys.executable, "-m", "asyncgrpo.cli", "up", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         start_new_session=True, **kw)
+    _spawned.append(p)
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _no_run_outlives_its_test():
+    """A test that fails (or times out) mid-run must not leave its `up` and services running behind it: they
+    would load the machine for every later test. SIGTERM is up's clean stop; SIGKILL if it does not."""
+    yield
+    while _spawned:
+        p = _spawned.pop()
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(120)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(10)
 
 
 def _children_alive(run_dir: Path) -> list[str]:
