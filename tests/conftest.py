@@ -48,10 +48,20 @@ class RedisServer:
              "--unixsocketperm", "700", "--save", "", *persistence, "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 10
-        while not self.socket.exists():
+        # Ready means it answers: the socket file exists from bind(), a moment before listen(), and a client
+        # connecting in between is refused (seen under load as "Connection refused" in a test's first call).
+        import redis
+
+        deadline = time.monotonic() + 60
+        while True:
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start")
+                raise RuntimeError(f"redis-server did not start (exit code {self.proc.poll()})")
+            if self.socket.exists():
+                try:
+                    if redis.Redis(unix_socket_path=str(self.socket), socket_timeout=5).ping():
+                        break
+                except redis.ConnectionError:
+                    pass
             time.sleep(0.02)
 
     def kill(self) -> None:

@@ -217,11 +217,16 @@ def _run_groups(run_dir: Path) -> tuple[set[str], set[str], set[str], set[str]]:
                             "--appendonly", "yes", "--save", ""], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         password = conf.read_text().split()[1]
-        deadline = time.monotonic() + 30
-        while not sock.exists():
+        r = redis.Redis(unix_socket_path=str(sock), password=password)
+        deadline = time.monotonic() + 60
+        while True:  # answering, not just bound: the socket file exists a moment before it listens
+            try:
+                if sock.exists() and r.ping():
+                    break
+            except redis.ConnectionError:
+                pass
             assert time.monotonic() < deadline, "redis-server did not start on the run's AOF"
             time.sleep(0.1)
-        r = redis.Redis(unix_socket_path=str(sock), password=password)
         run_id = yaml.safe_load((run_dir / "config.yaml").read_text())
         run_id = f"{run_id['experiment_name']}/{run_id['trial_name']}"
         k = RunKeys(run_id)
