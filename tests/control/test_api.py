@@ -167,6 +167,12 @@ def test_inspect_reports_queue_staleness_dead_letters_and_steps(client) -> None:
     assert [s["version"] for s in i["steps"]] == [1, 2] and i["trainer_tokens_per_s"] == 120.0
     assert i["completions"][0]["text"] == "#### 3"
     assert client.get("/v1/runs/exp/t1/steps?limit=1").json()["steps"] == [i["steps"][-1]]
+    # a held-out evaluation at version 2 (the newest of two wins) rides on that version's step row
+    ctl.record_eval({"version": 2, "reward": 0.4, "greedy_reward": 0.6})
+    ctl.record_eval({"version": 2, "reward": 0.55, "greedy_reward": 0.7})
+    steps = client.get("/v1/runs/exp/t1/steps").json()["steps"]
+    assert [(s["version"], s.get("eval_accuracy"), s.get("eval_greedy_accuracy")) for s in steps] == [
+        (1, None, None), (2, 0.55, 0.7)], steps
 
 
 def test_redis_down_is_503_with_a_clear_line(redis_server) -> None:

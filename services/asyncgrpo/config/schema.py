@@ -191,6 +191,17 @@ class ControlConfig(Section):
     server_timeout_s: float = Field(2.0, gt=0, description="Limit on asking one generation server its health, load and weight version.")
 
 
+class EvaluatorConfig(Section):
+    """Held-out evaluation during `asyncgrpo up`, through a generation server (the policy it serves now)."""
+
+    data_path: str | None = Field(None, description="Held-out JSONL (prompt and answer fields as train_dataset); null: test.jsonl beside train_dataset.path, if there.")
+    freq_steps: int = Field(0, ge=0, description="Evaluate when the served policy reaches version 0, K, 2K, ... (0: only the before/after evaluation of the final model).")
+    prompts: int = Field(200, ge=0, description="Held-out prompts evaluated each time (the first N records; 0 disables every evaluation).")
+    samples: int = Field(4, ge=1, description="Completions sampled per prompt at actor.temperature for the sampled accuracy.")
+    greedy: bool = Field(True, description="Also score one greedy (temperature 0) completion per prompt.")
+    seed: int = Field(0, ge=0, description="Sampling seed; the same prompts draw the same random numbers at every evaluation.")
+
+
 class RunConfig(Section):
     """The whole run. Load with asyncgrpo.config.load_config()."""
 
@@ -211,6 +222,7 @@ class RunConfig(Section):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="The megatron-core trainer service.")
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig, description="The weight-sync service between trainer and generation servers.")
     control: ControlConfig = Field(default_factory=ControlConfig, description="The control plane: pause, resume and inspect the run.")
+    evaluator: EvaluatorConfig = Field(default_factory=EvaluatorConfig, description="Held-out evaluation during and after `asyncgrpo up`.")
 
     @property
     def run_id(self) -> str:

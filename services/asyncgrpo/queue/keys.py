@@ -125,6 +125,11 @@ class RunKeys:
         return self._k("completions")
 
     @property
+    def evals(self) -> str:
+        """Capped list of held-out evaluations (JSON: version, reward, greedy_reward, their 95% half-widths), newest first."""
+        return self._k("evals")
+
+    @property
     def rollout_stats(self) -> str:
         """Hash worker_id -> JSON of that rollout process's last report (groups/s, tokens/s, at)."""
         return self._k("rollout_stats")

@@ -22,6 +22,7 @@ from asyncgrpo.queue.keys import RUNS_KEY, RunKeys
 Mode = Literal["run", "drain", "stop"]
 STEP_METRICS_KEPT = 10_000  # steps of history kept in the stream (approximate trimming)
 COMPLETIONS_KEPT = 50
+EVALS_KEPT = 1_000
 AUDIT_KEPT = 1_000
 
 
@@ -156,7 +157,24 @@ class RunControl:
             row = json.loads(fields[b"m"])
             by_version.pop(row.get("version"), None)
             by_version[row.get("version")] = row
+        # each step row carries the held-out accuracy measured at its version, where there was an evaluation
+        for ev in self.evals(EVALS_KEPT):
+            row = by_version.get(ev.get("version"))
+            if row is not None and "eval_accuracy" not in row:
+                row["eval_accuracy"] = ev.get("reward")
+                row["eval_greedy_accuracy"] = ev.get("greedy_reward")
         return sorted(by_version.values(), key=lambda r: r.get("version") or 0)
+
+    def record_eval(self, row: Mapping[str, Any]) -> None:
+        """One held-out evaluation (rollout/evaluation.py's HeldOutResult.row())."""
+        pipe = self.r.pipeline()
+        pipe.lpush(self.keys.evals, json.dumps(dict(row)))
+        pipe.ltrim(self.keys.evals, 0, EVALS_KEPT - 1)
+        pipe.execute()
+
+    def evals(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Held-out evaluations, newest first."""
+        return [json.loads(x) for x in self.r.lrange(self.keys.evals, 0, max(0, limit - 1))]
 
     def record_completion(self, record: Mapping[str, Any]) -> None:
         pipe = self.r.pipeline()
