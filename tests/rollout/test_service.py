@@ -102,6 +102,8 @@ def test_dynamic_filtering_drops_all_equal_groups(redis_server, dataset) -> None
     svc = make_service(redis_server.url, dataset, FakeGenClient(all_correct=True), dynamic_filtering=True)
     stats = asyncio.run(asyncio.wait_for(svc.run(), HANG_S))
     assert stats.groups_filtered == 6 and stats.groups_pushed == 0 and drain(redis_server.url) == []
+    # the reported reward is the policy's (every scored completion), not only the trained groups'
+    assert stats.rewards == 6 * 4 and stats.reward_sum == 6 * 4 * 1.0, stats
     assert RunState(redis.Redis.from_url(redis_server.url), RUN).counters()["groups_filtered"] == 6
 
 

@@ -376,6 +376,9 @@ class RolloutService:
         self.m.tokens.inc(group.num_tokens)
         for r in rewards:
             self.m.reward.observe(r)
+        # every scored completion, filtered groups included: the policy's reward, not the trained batches'
+        self.stats.reward_sum += sum(rewards)
+        self.stats.rewards += len(rewards)
         if errors:
             await self.guard.acall(self.state.incr, "reward_errors", errors)
         if self.p.dynamic_filtering and len(set(rewards)) == 1:
@@ -399,8 +402,6 @@ class RolloutService:
                 "text": self.decode(group.completions[0].output_ids)[:1000] if group.completions else "",
                 "at": time.time()})
         self.stats.groups_pushed += 1
-        self.stats.reward_sum += sum(rewards)
-        self.stats.rewards += len(rewards)
         self.m.groups.labels("pushed").inc()
 
     # -- reporting -----------------------------------------------------------------------------------
