@@ -5,7 +5,9 @@ and a clean run ends with an eval.json, one before -> after line and no ERROR li
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,7 +107,7 @@ def test_a_service_that_dies_stops_the_run_with_its_last_lines(tmp_path: Path, t
     everything at once and prints the trainer's last log lines, instead of waiting on a health check."""
     cfg = _config(tmp_path, tiny_model_dir)
     run_dir = tmp_path / "run"
-    p = _up("--config", str(cfg), "--steps", "50", "--run-dir", str(run_dir), "--eval-prompts", "0",
+    p = _up("--config", str(cfg), "--steps", "50", "--run-dir", str(run_dir), "--evaluator.prompts=0",
             "--trainer.tensor_parallel_size=2")
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 1, out
@@ -128,12 +130,22 @@ def test_sigterm_stops_everything_and_a_clean_run_reports(tmp_path: Path, tiny_m
 
     # a short clean run
     clean = tmp_path / "clean"
-    p = _up("--config", str(cfg), "--steps", "3", "--run-dir", str(clean), "--eval-prompts", "8")
+    p = _up("--config", str(cfg), "--steps", "3", "--run-dir", str(clean), "--evaluator.prompts=8",
+            "--evaluator.freq_steps=1")
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out
     assert (clean / "eval.json").is_file() and (clean / "hf" / "version_3" / "config.json").is_file()
     summary = [line for line in out.splitlines() if line.startswith("held-out gsm8k reward")]
     assert len(summary) == 1 and "->" in summary[0], out
+    # not a terminal: one plain line per step; the held-out evaluations during the run (through the
+    # genserver) and the final one are in evals.jsonl, and the curves are drawn
+    assert [int(m) for m in re.findall(r"^step (\d+)/3\b", out, re.M)] == [1, 2, 3], out
+    evals = [json.loads(line) for line in (clean / "evals.jsonl").read_text().splitlines()]
+    served = [e for e in evals if e.get("source") != "final"]
+    assert served and served[0]["version"] == 0 and served[0]["prompts"] == 8, evals
+    assert "held-out at version 0: sampled" in out, out
+    assert [e["version"] for e in evals if e.get("source") == "final"] == [0, 3], evals
+    assert (clean / "curves" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ERROR/traceback" not in out, out
     for log in (clean / "logs").glob("*.log"):
         bad = [line for line in log.read_text(errors="replace").splitlines() if " ERROR " in line or "Traceback" in line]
@@ -171,7 +183,7 @@ def test_resume_after_up_itself_was_killed_loses_nothing(tmp_path: Path, tiny_mo
     once, and every group ever pushed is trained once, dropped as stale, dead-lettered or still queued."""
     cfg = _config(tmp_path, tiny_model_dir)
     run_dir = tmp_path / "resumed"
-    p = _up("--config", str(cfg), "--steps", "6", "--run-dir", str(run_dir), "--eval-prompts", "0")
+    p = _up("--config", str(cfg), "--steps", "6", "--run-dir", str(run_dir), "--evaluator.prompts=0")
     _wait_for_step(p, run_dir, 3)
     p.kill()
     p.wait(10)
@@ -180,16 +192,16 @@ def test_resume_after_up_itself_was_killed_loses_nothing(tmp_path: Path, tiny_mo
         assert time.monotonic() < deadline, f"left behind: {_children_alive(run_dir)}"
         time.sleep(0.5)
     # a run that is still running is refused, by name; a directory that is no run too
-    bad = _up("--resume", str(tmp_path), "--eval-prompts", "0")
+    bad = _up("--resume", str(tmp_path), "--evaluator.prompts=0")
     out, _ = bad.communicate(timeout=60)
     assert bad.returncode == 2 and "no config.yaml there" in out, out
 
-    p = _up("--resume", str(run_dir), "--eval-prompts", "4")
+    p = _up("--resume", str(run_dir), "--evaluator.prompts=4")
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out
     assert "held-out gsm8k reward" in out and (run_dir / "hf" / "version_6" / "config.json").is_file(), out
     assert not _children_alive(run_dir) and not (run_dir / "up.pid").exists()
-    steps = [int(line.split("step ", 1)[1].split(":")[0]) for line in out.splitlines() if line.startswith("step ")]
+    steps = [int(m) for m in re.findall(r"^step (\d+)/", out, re.M)]
     assert steps and steps[-1] == 6 and steps[0] > 1, f"the resumed run re-trained from the start: {steps}"
 
     import torch

@@ -1,18 +1,25 @@
 """`asyncgrpo up --config run.yaml [--steps N] [overrides]`: the whole system on one machine as processes.
 
-Validates the config and reads the training data before anything starts, then starts in order: a private
-redis-server (AOF, a generated password, loopback only) unless --redis-url is given, the genserver(s),
-weight-sync, rollout and the trainer, each waited for until healthy. The run's api key and admin key are
-generated per run and reach the services through the environment only (never a file or a command line);
-the Redis password is in config.yaml and redis/redis.conf, both readable by you only. The weight snapshot
-lives in a shared-memory directory of this run's own. When any service exits early, everything else stops
-at once and that service's last log lines are printed. When the trainer has taken its steps everything
-stops in reverse order, the policy is evaluated before and after on held-out prompts (eval.json in the run
-directory) and one line says before -> after. SIGINT / SIGTERM / SIGHUP stop everything the same way (a
-second one kills at once); if `up` itself is killed, the kernel stops its services (PR_SET_PDEATHSIG).
+Validates the config and reads the training and held-out data before anything starts, then starts in order:
+a private redis-server (AOF, a generated password, loopback only) unless --redis-url is given, the
+genserver(s), weight-sync, rollout, the control plane and the trainer, each waited for until healthy. The
+run's api key and admin key are generated per run and reach the services through the environment only (never
+a file or a command line); the Redis password is in config.yaml and redis/redis.conf, both readable by you
+only. The weight snapshot lives in a shared-memory directory of this run's own.
 
-Run directory: config.yaml (mode 600, keys removed), logs/*.log, redis/ (AOF), checkpoints/, hf/version_N
-(the final model), weight_sync/ (disk-transport checkpoints), eval.json.
+While it trains, a live display (plain lines when the output is not a terminal, or with --no-live) shows
+step / total with the ETA, the policy version, run state, rewards, held-out accuracy, queue depth,
+staleness and throughput; with evaluator.freq_steps = K the policy the genserver serves is evaluated on
+held-out prompts at versions 0, K, 2K, ... When any service exits early, everything else stops at once and
+that service's last log lines are printed. When the trainer has taken its steps everything stops in reverse
+order, the warm start and the final model are evaluated on the held-out prompts and one line says
+before -> after; then the curves are drawn. SIGINT / SIGTERM / SIGHUP stop everything the same way (a second
+one kills at once); if `up` itself is killed, the kernel stops its services (PR_SET_PDEATHSIG), and
+`up --resume RUN_DIR` continues from the last checkpoint.
+
+Run directory: config.yaml (mode 600, keys removed), logs/*.log, redis/ (AOF), checkpoints/, metrics.jsonl
+(one row per step), evals.jsonl (held-out evaluations), eval.json (before/after), curves/*.png,
+hf/version_N (the final model), weight_sync/ (disk-transport checkpoints).
 """
 
 from __future__ import annotations
@@ -33,9 +40,6 @@ from typing import Any
 
 ACCEPTS_OVERRIDES = True
 
-EVAL_PROMPTS, EVAL_SAMPLES, EVAL_SEED = 200, 4, 0
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from asyncgrpo.config.command import add_config_arguments
 
@@ -44,10 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", default=None, help="run directory (default: FILEROOT/EXPERIMENT-YYYYmmdd-HHMMSS)")
     parser.add_argument("--redis-url", default=None, help="use this Redis instead of starting a private redis-server")
     parser.add_argument("--genservers", type=int, default=1, help="generation servers to start (default 1)")
-    parser.add_argument("--eval-data", default=None,
-                        help="held-out JSONL for the before/after evaluation (default: test.jsonl beside train_dataset.path)")
-    parser.add_argument("--eval-prompts", type=int, default=EVAL_PROMPTS, help="held-out prompts evaluated (0 skips)")
     parser.add_argument("--dry-run", action="store_true", help="print what would be started, start nothing")
+    parser.add_argument("--no-live", action="store_true", help="plain lines (one per step) instead of the live display, "
+                                                                 "also when the output is a terminal")
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
                         help="continue a stopped or crashed run from its directory: its config, Redis data (AOF) and "
                              "last checkpoint (--steps raises the target; other overrides still apply)")
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     _check_inputs(cfg, args)
     if args.genservers < 1:
         raise ConfigError(f"--genservers must be >= 1, got {args.genservers}")
-    eval_data = _eval_data(cfg, args)
+    eval_data = _eval_data(cfg)
 
     if resume_dir is not None:
         run_dir = resume_dir
@@ -106,16 +109,20 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     print(f"asyncgrpo up: control plane http://{plan.cfg.control.host}:{plan.cfg.control.port}/ (run "
           f"{plan.cfg.run_id}; token in {run_dir / 'control_token'})", flush=True)
     code = 0
+    evals = None
     try:
         for svc in plan.services:
             sup.start(svc)
-        _watch(sup, run_dir / "logs" / "trainer.log")
+        evals = _start_periodic_eval(plan, eval_data)
+        _watch(sup, plan, evals, live=not args.no_live)
     except ServiceFailed as e:
         code = _fail(str(e))
     except Stopped as e:
         print(f"asyncgrpo up: {e}: stopping every service", file=sys.stderr)
         code = 130
     finally:
+        if evals is not None:
+            evals.stop()
         sup.stop_all()  # whatever ended the run, nothing it started outlives it
         for s, h in old.items():
             signal.signal(s, h)
@@ -125,13 +132,15 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
             plan.snapshot_dir.parent.rmdir()  # /dev/shm/asyncgrpo, if no other run uses it
     _report_log_problems(run_dir / "logs", log_start)
     if code:
+        _write_curves(run_dir, cfg)  # a stopped run's curves so far
         return code
     final = _final_model(run_dir)
     if final is None:
         return _fail(f"no final HF model under {run_dir / 'hf'}; see {run_dir / 'logs' / 'trainer.log'}")
     print(f"final model: {final}")
-    if eval_data is not None and args.eval_prompts > 0:
-        _evaluate(cfg, Path(cfg.actor.path), final, eval_data, args.eval_prompts, run_dir / "eval.json")
+    if eval_data is not None:
+        _evaluate(cfg, Path(cfg.actor.path), final, eval_data, run_dir)
+    _write_curves(run_dir, cfg)
     return 0
 
 
@@ -189,15 +198,28 @@ def _is_up(pid: int) -> bool:
         return False
 
 
-def _eval_data(cfg: Any, args: argparse.Namespace) -> Path | None:
+def _eval_data(cfg: Any) -> Path | None:
+    """The held-out records: evaluator.data_path, checked now, or test.jsonl beside the training data."""
     from asyncgrpo.config import ConfigError
+    from asyncgrpo.rollout.dataset import load_records
+    from asyncgrpo.tasks.jsonl import TaskDataError
 
-    if args.eval_data:
-        if not Path(args.eval_data).is_file():
-            raise ConfigError(f"--eval-data {args.eval_data!r} does not exist")
-        return Path(args.eval_data)
-    beside = Path(cfg.train_dataset.path).with_name("test.jsonl")
-    return beside if beside.is_file() else None
+    if cfg.evaluator.prompts == 0:
+        return None
+    if cfg.evaluator.data_path:
+        path = Path(cfg.evaluator.data_path)
+        if not path.is_file():
+            raise ConfigError(f"evaluator.data_path {str(path)!r} does not exist; give a JSONL of held-out records, or null "
+                              "for test.jsonl beside train_dataset.path")
+    else:
+        path = Path(cfg.train_dataset.path).with_name("test.jsonl")
+        if not path.is_file():
+            return None
+    try:  # a bad held-out file fails now, not after training
+        load_records(path, cfg.train_dataset.prompt_key, cfg.train_dataset.answer_key)
+    except TaskDataError as e:
+        raise ConfigError(f"evaluator.data_path: {e}") from None
+    return path
 
 
 def _snapshot_root() -> Path:
@@ -311,39 +333,65 @@ def plan_run(cfg: Any, run_dir: Path, *, genservers: int = 1, redis_url: str | N
 
 
 # -- running -------------------------------------------------------------------------------------------------
-def _watch(sup: Any, trainer_log: Path) -> None:
-    """Until the trainer exits 0 (done) or any service exits early (ServiceFailed). Echoes step lines."""
-    from asyncgrpo.launch.procs import ServiceFailed, tail
+def _start_periodic_eval(plan: RunPlan, eval_data: Path | None) -> Any:
+    """The held-out evaluation thread (evaluator.freq_steps > 0), on the first generation server."""
+    from asyncgrpo.launch.periodic_eval import PeriodicEval
+    from asyncgrpo.queue import make_redis
+    from asyncgrpo.queue.run_control import RunControl
+    from asyncgrpo.queue.run_state import RunState
 
-    trainer = next(s for s in sup.services if s.name == "trainer")
-    pos = trainer_log.stat().st_size if trainer_log.exists() else 0  # a resumed run's log holds earlier steps
-    while True:
-        sup.check_stop()
-        pos = _echo_steps(trainer_log, pos)
-        for svc in sup.exited():
-            code = svc.proc.returncode
-            if svc is trainer and code == 0:
-                _echo_steps(trainer_log, pos)
-                return
-            if svc.name == "rollout" and code == 0:  # drained or stopped from the control plane: the trainer follows
-                continue
-            raise ServiceFailed(f"{svc.name} exited with code {code}; stopping the others. Last lines of {svc.log}:\n"
-                                f"{tail(svc.log)}")
-        time.sleep(0.5)
-
-
-def _echo_steps(log: Path, pos: int) -> int:
+    cfg = plan.cfg
+    if eval_data is None or cfg.evaluator.freq_steps < 1 or cfg.evaluator.prompts < 1:
+        return None
+    client = make_redis(cfg.redis.url)
+    ctl = RunControl(client, cfg.run_id)
     try:
-        with log.open("rb") as f:
-            f.seek(pos)
-            data = f.read()
-    except OSError:
-        return pos
-    end = data.rfind(b"\n") + 1
-    for line in data[:end].decode(errors="replace").splitlines():
-        if "] asyncgrpo.trainer.service: step " in line or "trainer done:" in line:
-            print(line.split(": ", 1)[-1], flush=True)
-    return pos + end
+        start = RunState(client, cfg.run_id).get_version()  # a resumed run evaluates from its next point on
+    except Exception:  # noqa: BLE001 - a fresh Redis: version 0
+        start = 0
+    evals = PeriodicEval(cfg, cfg.rollout.server_urls[0], plan.env["ASYNCGRPO_API_KEY"], eval_data,
+                         plan.run_dir / "evals.jsonl", record=ctl.record_eval, start_version=start)
+    evals.start()
+    return evals
+
+
+def _watch(sup: Any, plan: RunPlan, evals: Any, *, live: bool) -> None:
+    """Until the trainer exits 0 (done) or any service exits early (ServiceFailed), with the progress display."""
+    from asyncgrpo.launch.monitor import RunMonitor
+    from asyncgrpo.launch.procs import ServiceFailed, tail
+    from asyncgrpo.launch.progress import ProgressView
+
+    cfg = plan.cfg
+    trainer = next(s for s in sup.services if s.name == "trainer")
+    monitor = RunMonitor(plan.run_dir, cfg.redis.url, cfg.run_id, cfg.trainer.max_steps)
+    seen_evals = 0
+    with ProgressView(cfg.trainer.max_steps, live=None if live else False) as view:
+        while True:
+            sup.check_stop()
+            if evals is not None and len(evals.results) > seen_evals:
+                for res in evals.results[seen_evals:]:
+                    monitor.eval = res.row()
+                    view.note(_eval_line(res))
+                seen_evals = len(evals.results)
+            for snap in monitor.poll():
+                view.update(snap)
+            for svc in sup.exited():
+                code = svc.proc.returncode
+                if svc is trainer and code == 0:
+                    for snap in monitor.poll():
+                        view.update(snap)
+                    return
+                if svc.name == "rollout" and code == 0:  # drained or stopped from the control plane: the trainer follows
+                    continue
+                raise ServiceFailed(f"{svc.name} exited with code {code}; stopping the others. Last lines of {svc.log}:\n"
+                                    f"{tail(svc.log)}")
+            time.sleep(0.5)
+
+
+def _eval_line(res: Any) -> str:
+    greedy = f", greedy {res.greedy_reward:.3f} +- {res.greedy_ci95:.3f}" if res.greedy_reward is not None else ""
+    return (f"held-out at version {res.version}: sampled {res.reward:.3f} +- {res.reward_ci95:.3f}{greedy} "
+            f"({res.prompts} prompts x {res.samples}, {res.seconds:.0f} s)")
 
 
 def _log_sizes(logs: Path) -> dict[Path, int]:
@@ -368,7 +416,9 @@ def _final_model(run_dir: Path) -> Path | None:
     return versions[0][1] if versions else None
 
 
-def _evaluate(cfg: Any, before: Path, after: Path, data: Path, prompts: int, out: Path) -> None:
+def _evaluate(cfg: Any, before: Path, after: Path, data: Path, run_dir: Path) -> None:
+    """The warm start and the final model on the held-out prompts (in this process, after the services are
+    gone: nothing competes for the CPU); eval.json, and both as rows of evals.jsonl for the curves."""
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -376,14 +426,37 @@ def _evaluate(cfg: Any, before: Path, after: Path, data: Path, prompts: int, out
 
     hf_logging.disable_progress_bar()  # two "Loading weights" bars would break the one-line summary's neighbourhood
     torch.set_num_threads(os.cpu_count() or 1)
-    ecfg = EvalConfig(temperature=cfg.actor.temperature, n_samples=EVAL_SAMPLES, max_new_tokens=cfg.rollout.max_new_tokens,
-                      max_prompts=prompts, seed=EVAL_SEED, reward_fns=tuple(cfg.reward.fns),
+    ev = cfg.evaluator
+    ecfg = EvalConfig(temperature=cfg.actor.temperature, n_samples=ev.samples, max_new_tokens=cfg.rollout.max_new_tokens,
+                      max_prompts=ev.prompts, seed=ev.seed, greedy=ev.greedy, reward_fns=tuple(cfg.reward.fns),
                       prompt_key=cfg.train_dataset.prompt_key, answer_key=cfg.train_dataset.answer_key)
-    print(f"evaluating before and after on {prompts} held-out prompts x {EVAL_SAMPLES} samples ...", flush=True)
+    print(f"evaluating before and after on {ev.prompts} held-out prompts x {ev.samples} samples ...", flush=True)
     res = {"before": asdict(evaluate(before, data, ecfg)), "after": asdict(evaluate(after, data, ecfg))}
-    out.write_text(json.dumps(res, indent=1))
+    (run_dir / "eval.json").write_text(json.dumps(res, indent=1))
     fn = cfg.reward.fns[0]
     b, a = res["before"], res["after"]
-    print(f"held-out {fn} reward, {prompts} prompts x {EVAL_SAMPLES} samples: sampled {b['reward'][fn]:.3f} -> "
-          f"{a['reward'][fn]:.3f} ({a['reward'][fn] - b['reward'][fn]:+.3f}), greedy {b['greedy_reward'][fn]:.3f} -> "
-          f"{a['greedy_reward'][fn]:.3f} ({a['greedy_reward'][fn] - b['greedy_reward'][fn]:+.3f}); {out}")
+    final_version = int(after.name.removeprefix("version_")) if after.name.startswith("version_") else None
+    with (run_dir / "evals.jsonl").open("a") as f:
+        for version, r in ((0, b), (final_version, a)):
+            f.write(json.dumps({"version": version, "time": time.time(), "prompts": r["prompts"], "samples": ev.samples,
+                                "reward": r["reward"][fn], "reward_ci95": None,
+                                "greedy_reward": r["greedy_reward"].get(fn), "greedy_ci95": None,
+                                "source": "final"}) + "\n")
+    greedy = ""
+    if ev.greedy:
+        greedy = (f", greedy {b['greedy_reward'][fn]:.3f} -> {a['greedy_reward'][fn]:.3f} "
+                  f"({a['greedy_reward'][fn] - b['greedy_reward'][fn]:+.3f})")
+    print(f"held-out {fn} reward, {ev.prompts} prompts x {ev.samples} samples: sampled {b['reward'][fn]:.3f} -> "
+          f"{a['reward'][fn]:.3f} ({a['reward'][fn] - b['reward'][fn]:+.3f}){greedy}; {run_dir / 'eval.json'}")
+
+
+def _write_curves(run_dir: Path, cfg: Any) -> None:
+    from asyncgrpo.launch.curves import write_curves
+
+    try:
+        paths = write_curves(run_dir / "metrics.jsonl", run_dir / "evals.jsonl", run_dir / "curves", title=cfg.run_id)
+    except Exception as e:  # noqa: BLE001 - the run's results are on disk whatever the plot does
+        print(f"asyncgrpo up: could not draw the curves ({type(e).__name__}: {e})", file=sys.stderr)
+        return
+    if paths:
+        print(f"curves: {run_dir / 'curves'} ({', '.join(p.name for p in paths)})")
