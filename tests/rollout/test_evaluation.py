@@ -61,8 +61,11 @@ class _FakeServer:
 def test_served_evaluation_scores_per_prompt_and_asks_again_after_an_abort() -> None:
     server = _FakeServer(aborts=2)
     prompts, answers = [[0], [1], [2], [3]], ["1", "1", "1", "1"]  # right on even prompts only
-    res = asyncio.run(evaluate_served(server, prompts, answers, lambda ids, a: float(ids == [int(a)]), temperature=1.0,
-                                      samples=3, max_new_tokens=4, seed=5))
+    async def score(outputs: list[list[int]], answer: str) -> list[float]:
+        return [float(ids == [int(answer)]) for ids in outputs]
+
+    res = asyncio.run(evaluate_served(server, prompts, answers, score, temperature=1.0, samples=3, max_new_tokens=4,
+                                      seed=5))
     assert res.reward == 0.5 and res.greedy_reward == 0.5 and res.prompts == 4 and res.samples == 3
     # per-prompt means 1, 0, 1, 0: variance 1/3
     assert math.isclose(res.reward_ci95, Z95 * math.sqrt((1 / 3) / 4), rel_tol=1e-12), res
@@ -75,9 +78,39 @@ def test_served_evaluation_scores_per_prompt_and_asks_again_after_an_abort() -> 
 
 
 def test_served_evaluation_gives_up_on_a_server_that_keeps_aborting() -> None:
+    async def score(outputs: list[list[int]], answer: str) -> list[float]:
+        return [1.0] * len(outputs)
+
     with pytest.raises(RuntimeError, match="aborted 4 times"):
-        asyncio.run(evaluate_served(_FakeServer(aborts=100), [[0]], ["1"], lambda ids, a: 1.0, temperature=1.0,
-                                    samples=2, max_new_tokens=2))
+        asyncio.run(evaluate_served(_FakeServer(aborts=100), [[0]], ["1"], score, temperature=1.0, samples=2,
+                                    max_new_tokens=2))
+
+
+def test_a_failed_evaluation_stops_its_other_requests() -> None:
+    """One prompt's failure cancels the requests of the others (they would go on generating on the server)."""
+    cancelled = []
+
+    class Server:
+        async def generate_n(self, ids: list[int], params: dict[str, Any], n: int, return_logprob: bool = True) -> list[Any]:
+            if ids == [0]:
+                raise RuntimeError("server gone")
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.append(ids[0])
+                raise
+            return []
+
+    async def score(outputs: list[list[int]], answer: str) -> list[float]:
+        return [0.0] * len(outputs)
+
+    async def go() -> None:
+        with pytest.raises(RuntimeError, match="server gone"):
+            await evaluate_served(Server(), [[1], [2], [0]], ["1"] * 3, score, temperature=1.0, samples=2,
+                                  max_new_tokens=2)
+        assert sorted(cancelled) == [1, 2], cancelled  # already, before evaluate_served returned
+
+    asyncio.run(asyncio.wait_for(go(), 10))
 
 
 def test_served_evaluation_matches_the_model(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -110,8 +143,11 @@ def test_served_evaluation_matches_the_model(tiny_model_dir: Path, tmp_path: Pat
     try:
         async def go() -> Any:
             async with SGLangClient(srv.url) as client:
-                return await evaluate_served(client, prompts, answers, lambda ids, a: float(ids[:1] == [int(a)]),
-                                             temperature=T, samples=8, max_new_tokens=1, seed=0)
+                async def score(outputs: list[list[int]], answer: str) -> list[float]:
+                    return [float(ids[:1] == [int(answer)]) for ids in outputs]
+
+                return await evaluate_served(client, prompts, answers, score, temperature=T, samples=8,
+                                             max_new_tokens=1, seed=0)
         res = asyncio.run(go())
     finally:
         srv.stop()

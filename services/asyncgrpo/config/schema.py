@@ -199,7 +199,7 @@ class EvaluatorConfig(Section):
     prompts: int = Field(200, ge=0, description="Held-out prompts evaluated each time (the first N records; 0 disables every evaluation).")
     samples: int = Field(4, ge=1, description="Completions sampled per prompt at actor.temperature for the sampled accuracy.")
     greedy: bool = Field(True, description="Also score one greedy (temperature 0) completion per prompt.")
-    seed: int = Field(0, ge=0, description="Sampling seed; the same prompts draw the same random numbers at every evaluation.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Sampling seed; the same prompts draw the same random numbers at every evaluation.")
 
 
 class RunConfig(Section):

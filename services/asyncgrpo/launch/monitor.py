@@ -16,22 +16,29 @@ from typing import Any
 
 from asyncgrpo.launch.progress import ProgressSnapshot
 
+REDIS_TIMEOUT_S = 0.5  # a hung Redis must not hold up the loop that also watches the services and Ctrl-C
 RATE_WINDOW = 20  # steps the ETA's rate is measured over: recent enough to follow a pause or a knob change
 
 
 class RunMonitor:
     def __init__(self, run_dir: Path, redis_url: str, run_id: str, total_steps: int, *, redis_every_s: float = 1.0) -> None:
+        from asyncgrpo.launch.curves import load_rows, step_rows
+
         self.metrics = run_dir / "metrics.jsonl"
-        self.pos = self.metrics.stat().st_size if self.metrics.exists() else 0  # a resumed run's rows are history
+        # a resumed run: its earlier rows are history, its step count and last evaluation are where it stands
+        history = step_rows(self.metrics)
+        self.pos = self.metrics.stat().st_size if self.metrics.exists() else 0
+        self.start_step = int(history[-1]["version"]) if history else 0
+        evals = [e for e in load_rows(run_dir / "evals.jsonl") if e.get("source") != "final"]
+        self.eval: dict[str, Any] | None = evals[-1] if evals else None
         self.redis_url, self.run_id, self.total = redis_url, run_id, total_steps
         self.redis_every_s = redis_every_s
         self.t0 = time.monotonic()
-        self.last: dict[str, Any] = {}
+        self.last: dict[str, Any] = history[-1] if history else {}
         self.step_times: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW)
         self.redis: dict[str, Any] = {}
         self._redis_at = 0.0
         self._clients: tuple[Any, Any] | None = None
-        self.eval: dict[str, Any] | None = None
 
     def new_rows(self) -> list[dict[str, Any]]:
         """Step rows appended since the last call (whole lines only)."""
@@ -59,7 +66,7 @@ class RunMonitor:
         from asyncgrpo.queue.run_state import RunState
 
         if self._clients is None:
-            client = make_redis(self.redis_url, max_block_s=0.0)
+            client = make_redis(self.redis_url, timeout_s=REDIS_TIMEOUT_S)
             self._clients = RunState(client, self.run_id), RunControl(client, self.run_id)
         state, ctl = self._clients
         try:
@@ -100,6 +107,9 @@ class RunMonitor:
             (ta, va), (tb, vb) = self.step_times[0], self.step_times[-1]
             if tb > ta and vb > va:
                 rate = (vb - va) / (tb - ta)
+        step = int(self.last.get("version", 0))
+        if rate is None and step > self.start_step and now > self.t0:  # the steps this `up` took, not a resumed run's
+            rate = (step - self.start_step) / (now - self.t0)
         r, ev = self.last, self.eval or {}
         return ProgressSnapshot(
             step=int(r.get("version", 0)), total_steps=self.total, elapsed_s=now - self.t0,
@@ -108,4 +118,4 @@ class RunMonitor:
             eval_greedy=ev.get("greedy_reward"), eval_step=ev.get("version"), queue_depth=self.redis.get("queue_depth"),
             staleness_mean=r.get("staleness_mean"), staleness_max=r.get("staleness_max"),
             stale_dropped=self.redis.get("stale_dropped"), gen_tokens_per_s=self.redis.get("gen_tokens_per_s"),
-            train_tokens_per_s=r.get("tokens_per_s"), step_time_s=r.get("step_time_s"), steps_per_s=rate)
+            train_tokens_per_s=r.get("tokens_per_s"), step_time_s=r.get("step_time_s"), steps_per_s=rate or 0.0)

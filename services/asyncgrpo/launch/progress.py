@@ -28,10 +28,13 @@ class ProgressSnapshot:
     gen_tokens_per_s: float | None = None
     train_tokens_per_s: float | None = None
     step_time_s: float | None = None
-    steps_per_s: float | None = None  # recent rate; None: step / elapsed
+    steps_per_s: float | None = None  # recent rate (0: not known yet); None: step / elapsed
 
     def eta_s(self) -> float | None:
-        rate = self.steps_per_s or (self.step / self.elapsed_s if self.elapsed_s > 0 and self.step > 0 else None)
+        if self.steps_per_s is not None:  # the caller's measured rate (0: not measurable yet)
+            rate: float | None = self.steps_per_s
+        else:
+            rate = self.step / self.elapsed_s if self.elapsed_s > 0 and self.step > 0 else None
         return (self.total_steps - self.step) / rate if rate else None
 
 
@@ -73,7 +76,11 @@ class ProgressView:
     def __init__(self, total_steps: int, *, live: bool | None = None, file: IO[str] | None = None) -> None:
         self.total = total_steps
         self.file = file or sys.stdout
-        self.live = self.file.isatty() if live is None else live
+        if live is None:  # a terminal that can redraw (not TERM=dumb, where rich would show nothing until the end)
+            from rich.console import Console
+
+            live = Console(file=self.file).is_interactive
+        self.live = live
         self._last_step: int | None = None
         self._last_state: str | None = None
         self._live: Any = None

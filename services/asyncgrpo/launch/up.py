@@ -138,10 +138,14 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if final is None:
         return _fail(f"no final HF model under {run_dir / 'hf'}; see {run_dir / 'logs' / 'trainer.log'}")
     print(f"final model: {final}")
+    code = 0
     if eval_data is not None:
-        _evaluate(cfg, Path(cfg.actor.path), final, eval_data, run_dir)
+        try:
+            _evaluate(cfg, Path(cfg.actor.path), final, eval_data, run_dir)
+        except Exception as e:  # noqa: BLE001 - the trained model is saved; say what failed, still draw the curves
+            code = _fail(f"the before/after evaluation failed ({type(e).__name__}: {e}); the final model is {final}")
     _write_curves(run_dir, cfg)
-    return 0
+    return code
 
 
 # -- planning ------------------------------------------------------------------------------------------------
@@ -341,7 +345,11 @@ def _start_periodic_eval(plan: RunPlan, eval_data: Path | None) -> Any:
     from asyncgrpo.queue.run_state import RunState
 
     cfg = plan.cfg
-    if eval_data is None or cfg.evaluator.freq_steps < 1 or cfg.evaluator.prompts < 1:
+    if cfg.evaluator.freq_steps < 1 or cfg.evaluator.prompts < 1:
+        return None
+    if eval_data is None:
+        print(f"asyncgrpo up: evaluator.freq_steps is {cfg.evaluator.freq_steps} but there is no held-out data "
+              f"(no test.jsonl beside {cfg.train_dataset.path}); set evaluator.data_path", file=sys.stderr)
         return None
     client = make_redis(cfg.redis.url)
     ctl = RunControl(client, cfg.run_id)
@@ -364,7 +372,7 @@ def _watch(sup: Any, plan: RunPlan, evals: Any, *, live: bool) -> None:
     cfg = plan.cfg
     trainer = next(s for s in sup.services if s.name == "trainer")
     monitor = RunMonitor(plan.run_dir, cfg.redis.url, cfg.run_id, cfg.trainer.max_steps)
-    seen_evals = 0
+    seen_evals = seen_errors = 0
     with ProgressView(cfg.trainer.max_steps, live=None if live else False) as view:
         while True:
             sup.check_stop()
@@ -373,6 +381,10 @@ def _watch(sup: Any, plan: RunPlan, evals: Any, *, live: bool) -> None:
                     monitor.eval = res.row()
                     view.note(_eval_line(res))
                 seen_evals = len(evals.results)
+            if evals is not None and len(evals.errors) > seen_errors:
+                for msg in evals.errors[seen_errors:]:
+                    view.note(f"asyncgrpo up: {msg}")
+                seen_errors = len(evals.errors)
             for snap in monitor.poll():
                 view.update(snap)
             for svc in sup.exited():
@@ -429,7 +441,8 @@ def _evaluate(cfg: Any, before: Path, after: Path, data: Path, run_dir: Path) ->
     ev = cfg.evaluator
     ecfg = EvalConfig(temperature=cfg.actor.temperature, n_samples=ev.samples, max_new_tokens=cfg.rollout.max_new_tokens,
                       max_prompts=ev.prompts, seed=ev.seed, greedy=ev.greedy, reward_fns=tuple(cfg.reward.fns),
-                      prompt_key=cfg.train_dataset.prompt_key, answer_key=cfg.train_dataset.answer_key)
+                      prompt_key=cfg.train_dataset.prompt_key, answer_key=cfg.train_dataset.answer_key,
+                      prompt_template=cfg.train_dataset.prompt_template)
     print(f"evaluating before and after on {ev.prompts} held-out prompts x {ev.samples} samples ...", flush=True)
     res = {"before": asdict(evaluate(before, data, ecfg)), "after": asdict(evaluate(after, data, ecfg))}
     (run_dir / "eval.json").write_text(json.dumps(res, indent=1))

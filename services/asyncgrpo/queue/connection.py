@@ -64,10 +64,10 @@ def redact(url: str) -> str:
     return out + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
 
 
-def _client_kwargs(url: str, max_block_s: float) -> dict[str, Any]:
+def _client_kwargs(url: str, max_block_s: float, timeout_s: float | None = None) -> dict[str, Any]:
     kw: dict[str, Any] = {
-        "socket_timeout": max_block_s + SOCKET_MARGIN_S,
-        "socket_connect_timeout": CONNECT_TIMEOUT_S,
+        "socket_timeout": timeout_s if timeout_s is not None else max_block_s + SOCKET_MARGIN_S,
+        "socket_connect_timeout": timeout_s if timeout_s is not None else CONNECT_TIMEOUT_S,
         "health_check_interval": HEALTH_CHECK_INTERVAL_S,
         "retry": Retry(NoBackoff(), 0),
     }
@@ -76,15 +76,18 @@ def _client_kwargs(url: str, max_block_s: float) -> dict[str, Any]:
     return kw
 
 
-def make_redis(url: str, *, max_block_s: float = 0.0) -> redis.Redis:
+def make_redis(url: str, *, max_block_s: float = 0.0, timeout_s: float | None = None) -> redis.Redis:
     """A synchronous client for `url` whose socket timeout exceeds `max_block_s`, the longest time any
-    command on it blocks on the server (XREADGROUP BLOCK, BLPOP ...)."""
+    command on it blocks on the server (XREADGROUP BLOCK, BLPOP ...). `timeout_s` sets a shorter socket and
+    connect timeout for a reader that must not wait on a hung server (a display), and blocks never."""
     from asyncgrpo.config import ConfigError
 
     if max_block_s < 0:
         raise ValueError(f"max_block_s must be >= 0, got {max_block_s}")
+    if timeout_s is not None and (timeout_s <= 0 or max_block_s > 0):
+        raise ValueError(f"timeout_s ({timeout_s}) must be > 0 and only for a client that never blocks")
     try:
-        return redis.Redis.from_url(url, **_client_kwargs(url, max_block_s))
+        return redis.Redis.from_url(url, **_client_kwargs(url, max_block_s, timeout_s))
     except ValueError as e:
         raise ConfigError(f"redis.url {redact(url)!r} is not a Redis URL ({e}); use redis://host:port/db or "
                           "unix:///path/to/redis.sock") from None

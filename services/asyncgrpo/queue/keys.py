@@ -141,4 +141,4 @@ class RunKeys:
     def all(self) -> list[str]:
         return [self.stream, self.group_ids, self.dead_letter, self.outcomes, self.version, self.paused, self.trained,
                 self.trained_in_stream, self.leases, self.lease_owners, self.requeue, self.cursor, self.counters, self.info,
-                self.mode, self.knobs, self.audit, self.step_metrics, self.completions, self.rollout_stats]
+                self.mode, self.knobs, self.audit, self.step_metrics, self.completions, self.evals, self.rollout_stats]

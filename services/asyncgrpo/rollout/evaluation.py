@@ -18,7 +18,7 @@ import contextlib
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -69,10 +69,11 @@ async def _complete(client: Any, ids: list[int], params: dict[str, Any], n: int,
 
 
 async def evaluate_served(client: Any, prompts: Sequence[list[int]], answers: Sequence[str],
-                          score: Callable[[list[int], str], float], *, temperature: float, samples: int,
+                          score: Callable[[list[list[int]], str], Awaitable[list[float]]], *, temperature: float, samples: int,
                           max_new_tokens: int, seed: int = 0, greedy: bool = True, concurrency: int = 16) -> HeldOutResult:
     """Accuracy of the server's current policy on held-out prompts (token ids) with reference answers.
-    `score(completion_ids, answer)` is the task's reward of one completion."""
+    `await score([completion ids, ...], answer)` gives the task's reward of each completion (the rollout's
+    RewardRunner: a pool with a timeout, a failing function scoring 0)."""
     if len(prompts) != len(answers) or not prompts:
         raise ValueError(f"need as many answers as prompts and at least one prompt (got {len(prompts)} and {len(answers)})")
     sem = asyncio.Semaphore(concurrency)
@@ -91,10 +92,16 @@ async def evaluate_served(client: Any, prompts: Sequence[list[int]], answers: Se
         for r in [*sampled, *([g] if g is not None else [])]:
             with contextlib.suppress(ValueError):  # a server reporting no integer version: not counted
                 versions[version_number(r.weight_version)] += 1
-        s = sum(score(r.output_ids, answer) for r in sampled) / samples
-        return s, (score(g.output_ids, answer) if g is not None else None)
+        scores = await score([r.output_ids for r in [*sampled, *([g] if g is not None else [])]], answer)
+        return sum(scores[:samples]) / samples, (scores[samples] if g is not None else None)
 
-    res = await asyncio.gather(*(one(i, list(p), a) for i, (p, a) in enumerate(zip(prompts, answers))))
+    # a failure cancels the other prompts' requests: a failed evaluation stops generating at once
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(one(i, list(p), a)) for i, (p, a) in enumerate(zip(prompts, answers))]
+    except ExceptionGroup as eg:  # the first real error, not "unhandled errors in a TaskGroup"
+        raise eg.exceptions[0] from eg
+    res = [t.result() for t in tasks]
     reward, reward_ci = mean_ci95([s for s, _ in res])
     greedy_reward = greedy_ci = None
     if greedy:

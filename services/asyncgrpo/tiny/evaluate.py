@@ -28,6 +28,7 @@ class EvalConfig:
     reward_fns: tuple[str, ...] = ("gsm8k",)
     prompt_key: str = "prompt"
     answer_key: str = "answer"
+    prompt_template: str = "{prompt}"  # as train_dataset.prompt_template: the prompt GRPO trains on
 
 
 @dataclass
@@ -85,17 +86,19 @@ def evaluate(model_dir: str | Path, data: str | Path, cfg: EvalConfig | None = N
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from asyncgrpo.rewards import get_reward_fn
-    from asyncgrpo.tasks.jsonl import read_records
+    from asyncgrpo.rollout.dataset import PromptDataset, load_records
 
     cfg = cfg or EvalConfig()
     if cfg.temperature <= 0:
         raise ValueError(f"temperature must be > 0 (got {cfg.temperature}); greedy accuracy is reported separately")
     fns = {name: get_reward_fn(name) for name in cfg.reward_fns}
-    records = read_records(data, required=(cfg.prompt_key, cfg.answer_key))
+    records = load_records(data, cfg.prompt_key, cfg.answer_key)  # JSONL or parquet, as the rollout reads them
     if cfg.max_prompts is not None:
         records = records[: cfg.max_prompts]
-    prompts = [r[cfg.prompt_key] for r in records]
-    answers = [r[cfg.answer_key] for r in records]
+    ds = PromptDataset(records, lambda t: [], template=cfg.prompt_template, prompt_key=cfg.prompt_key,
+                       answer_key=cfg.answer_key, shuffle=False)
+    prompts = [ds.render(i) for i in range(len(records))]
+    answers = [str(r[cfg.answer_key]) for r in records]
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     torch.manual_seed(cfg.seed)  # HF sampling draws from the global generator
