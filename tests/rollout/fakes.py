@@ -31,6 +31,7 @@ class FakeGenClient:
     abort_every_first: bool = False
     all_correct: bool = False
     calls: list[tuple[str, int, int]] = field(default_factory=list)  # (rid, input len, max_new_tokens)
+    n_calls: list[tuple[str, int]] = field(default_factory=list)  # (rid, n) of the parallel-sampling requests
     gate: asyncio.Event | None = None  # when set, requests wait for it (a slow server)
 
     async def generate(self, input_ids: list[int], sampling_params: dict[str, Any], rid: str | None = None,
@@ -55,3 +56,12 @@ class FakeGenClient:
             return FakeResult(half, [-0.1] * len(half), [v] * len(half), {"type": "abort", "message": "paused"})
         reason = {"type": "stop", "matched": 256} if rest and rest[-1] == 256 else {"type": "length", "length": len(rest)}
         return FakeResult(rest, [-0.2] * len(rest), [v] * len(rest), reason)
+
+    async def generate_n(self, input_ids: list[int], sampling_params: dict[str, Any], n: int, rid: str | None = None,
+                         return_logprob: bool = True) -> list[FakeResult]:
+        """SGLang's parallel sampling: sequence j of request '{group}.0' is '{group}.0_{j}'; answered as the
+        completion '{group}:{j}.0' would be."""
+        assert rid is not None and rid.endswith(".0")
+        group = rid[: -len(".0")]
+        self.n_calls.append((rid, n))
+        return [await self.generate(input_ids, sampling_params, f"{group}:{j}.0", return_logprob) for j in range(n)]

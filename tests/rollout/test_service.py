@@ -12,7 +12,7 @@ import redis
 from asyncgrpo.queue import GroupQueue, RedisGuard, RunState
 from asyncgrpo.rollout.dataset import PromptDataset, load_records
 from asyncgrpo.rollout.rewards import RewardRunner
-from asyncgrpo.rollout.sampling import PartialRolloutError, sample_completion
+from asyncgrpo.rollout.sampling import PartialRolloutError, sample_completion, sample_group
 from asyncgrpo.rollout.service import RolloutParams, RolloutService
 
 from .fakes import FakeGenClient
@@ -96,6 +96,27 @@ def test_partial_rollout_carries_two_versions() -> None:
     with pytest.raises(PartialRolloutError, match="max_resubmits"):
         asyncio.run(sample_completion(FakeGenClient(abort_every_first=True), prompt, {}, max_new_tokens=32,
                                       rid="r:g:0", max_resubmits=0))
+
+
+def test_a_group_is_one_parallel_request_and_aborted_completions_resume_alone() -> None:
+    """A group is one request with n = G (SGLang's parallel sampling); a weight update that aborts it leaves each
+    completion to be resubmitted on its own, from its own tokens, carrying both versions."""
+    client = FakeGenClient(abort_every_first=True)
+    prompt = byte_encode("Q: 8+0=?\nA:")
+    samples = asyncio.run(sample_group(client, prompt, {"temperature": 1.0}, 4, max_new_tokens=32, rid="r:g",
+                                       max_resubmits=2))
+    assert client.n_calls == [("r:g.0", 4)]
+    assert sorted(c[0] for c in client.calls if not c[0].endswith(".0")) == [f"r:g:{j}.1" for j in range(4)]
+    assert [byte_decode(s.output_ids) for s in samples] == [" #### 8", " #### -1", " #### 8", " #### -1"]
+    for s in samples:
+        assert s.resumes == 1 and s.finish_reason == "stop" and len(s.logprobs) == len(s.output_ids)
+        assert len(set(s.token_versions)) == 2 and s.token_versions[0] < s.token_versions[-1], s.token_versions
+    plain = FakeGenClient()
+    samples = asyncio.run(sample_group(plain, prompt, {}, 3, max_new_tokens=32, rid="r:h", max_resubmits=0))
+    assert plain.n_calls == [("r:h.0", 3)] and [s.resumes for s in samples] == [0, 0, 0]
+    with pytest.raises(PartialRolloutError, match="max_resubmits"):
+        asyncio.run(sample_group(FakeGenClient(abort_every_first=True), prompt, {}, 2, max_new_tokens=32, rid="r:i",
+                                 max_resubmits=0))
 
 
 def test_dynamic_filtering_drops_all_equal_groups(redis_server, dataset) -> None:

@@ -39,7 +39,7 @@ from asyncgrpo.queue.run_control import RunControl
 from asyncgrpo.queue.schema import spans_from_versions
 from asyncgrpo.rollout.dataset import PromptDataset
 from asyncgrpo.rollout.rewards import RewardRunner
-from asyncgrpo.rollout.sampling import GenerateClient, sample_completion
+from asyncgrpo.rollout.sampling import GenerateClient, sample_group
 from asyncgrpo.utils.metrics import counter, gauge, histogram
 
 log = logging.getLogger(__name__)
@@ -343,13 +343,11 @@ class RolloutService:
         gid = ref.group_id()
         params = self.p.sampling_params(adm.knobs)
         try:
-            async with asyncio.TaskGroup() as tg:  # one failure cancels the siblings
-                tasks = [tg.create_task(sample_completion(
-                    client, prompt.input_ids, params, max_new_tokens=self.p.max_new_tokens,
-                    rid=f"{self.p.run_id}:{gid}:{j}", max_resubmits=self.p.max_resubmits)) for j in range(self.p.group_size)]
+            samples = await sample_group(client, prompt.input_ids, params, self.p.group_size,
+                                         max_new_tokens=self.p.max_new_tokens, rid=f"{self.p.run_id}:{gid}",
+                                         max_resubmits=self.p.max_resubmits)
         except ExceptionGroup as eg:  # report the first real error, not "unhandled errors in a TaskGroup"
             raise eg.exceptions[0] from eg
-        samples = [t.result() for t in tasks]
         texts = [self.decode(s.output_ids) for s in samples]
         scores = await self.rewards.score(texts, prompt.answer)
         completions = [
