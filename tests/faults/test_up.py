@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow
 def _config(tmp: Path, model_dir: Path) -> Path:
     data = write_dataset(tmp / "train.jsonl", 200)
     write_dataset(tmp / "test.jsonl", 20)
-    cfg = {"experiment_name": "up", "actor": {"path": str(model_dir), "group_size": 4, "dynamic_filtering": False},
+    cfg = {"experiment_name": "up", "total_train_epochs": 20,  # 500 steps x 4 prompts: the runs that are stopped
+           "actor": {"path": str(model_dir), "group_size": 4, "dynamic_filtering": False},
            "train_dataset": {"path": str(data), "batch_size": 4},
            "rollout": {"max_new_tokens": 8, "max_concurrent_rollouts": 8}, "trainer": {"checkpoint_interval": 2}}
     path = tmp / "run.yaml"
@@ -90,6 +91,16 @@ def test_a_typo_fails_before_anything_starts(tmp_path: Path, tiny_model_dir: Pat
     assert p.returncode == 2 and time.monotonic() - t0 < 30
     assert out.strip().splitlines() == ["asyncgrpo up: unknown config key 'actor.grup_size'. Did you mean "
                                         "'actor.group_size'? Valid keys at actor: " + out.split("Valid keys at actor: ")[1].strip()]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_longer_than_its_data_fails_before_anything_starts(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """It would wait for prompts forever once the epochs are used up."""
+    cfg = _config(tmp_path, tiny_model_dir)
+    p = _up("--config", str(cfg), "--steps", "1001", "--run-dir", str(tmp_path / "run"))  # 4004 prompts > 200 x 20
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 2 and len(out.strip().splitlines()) == 1, out
+    assert "need 4004 prompts, but 200 records x total_train_epochs 20 give 4000; raise total_train_epochs to 21" in out, out
     assert not (tmp_path / "run").exists()
 
 

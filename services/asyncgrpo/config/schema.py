@@ -167,7 +167,7 @@ class WeightSyncConfig(Section):
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend of the group; auto: nccl when CUDA is available, else gloo.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="dtype the weights travel in; auto: bfloat16 on nccl, the trainer's dtype on gloo.")
     bucket_size_mb: float = Field(512.0, gt=0, description="Bucket size in MiB (one flattened_bucket broadcast each); a larger tensor gets a bucket of its own.")
-    pause_mode: Literal["abort", "retract", "in_place"] = Field("abort", description="How servers pause during an update (abort: in-flight requests return partial, rollout resubmits).")
+    pause_mode: Literal["abort", "retract", "in_place"] = Field("retract", description="How servers pause during an update: retract (in-flight requests go back to the server's queue with their tokens and continue on the new weights, their cache recomputed), abort (they return partial and the rollout resubmits each), in_place (they keep their cache from the old weights).")
     snapshot_dir: str | None = Field(None, description="Shared-memory dir of the double-buffered weight snapshot; null means /dev/shm/asyncgrpo/{experiment}/{trial}.")
     checkpoint_dir: str | None = Field(None, description="Where disk-fallback HF checkpoints go; null means {fileroot}/{experiment}/{trial}/weight_sync.")
     keep_checkpoints: int = Field(2, ge=1, description="Disk-fallback checkpoints kept; older ones are deleted.")

@@ -162,9 +162,17 @@ def _check_inputs(cfg: Any, args: argparse.Namespace) -> None:
     from asyncgrpo.tasks.jsonl import TaskDataError
 
     try:  # the rollout service would find a bad record only after everything started
-        load_records(cfg.train_dataset.path, cfg.train_dataset.prompt_key, cfg.train_dataset.answer_key)
+        records = load_records(cfg.train_dataset.path, cfg.train_dataset.prompt_key, cfg.train_dataset.answer_key)
     except TaskDataError as e:
         raise ConfigError(str(e)) from None
+    # every trained group uses up a prompt (dynamic filtering uses up more): a run that needs more prompts than
+    # the epochs hold would wait for data forever at the end
+    need, have = cfg.trainer.max_steps * cfg.train_dataset.batch_size, len(records) * cfg.total_train_epochs
+    if need > have:
+        raise ConfigError(f"{cfg.trainer.max_steps} steps x train_dataset.batch_size {cfg.train_dataset.batch_size} "
+                          f"need {need} prompts, but {len(records)} records x total_train_epochs "
+                          f"{cfg.total_train_epochs} give {have}; raise total_train_epochs to "
+                          f"{-(-need // len(records))} or more (dynamic filtering uses up prompts too)")
     if args.redis_url is None and shutil.which("redis-server") is None:
         raise ConfigError("redis-server not found on PATH: apt-get install -y redis-server, or pass --redis-url")
 
