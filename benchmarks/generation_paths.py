@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -58,6 +60,32 @@ async def _round(client: SGLangClient, prompts: list[list[int]], g: int, concurr
     await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
 
 
+@contextlib.contextmanager
+def genserver(model: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`asyncgrpo genserver` on the model (1 torch thread, no keys, loopback), healthy; stopped on exit."""
+    port = free_port("127.0.0.1")
+    log = Path(tempfile.mkdtemp()) / "genserver.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ASYNCGRPO_API_KEY": "", "ASYNCGRPO_ADMIN_API_KEY": ""}
+    srv = subprocess.Popen([sys.executable, "-m", "asyncgrpo.cli", "genserver", "--model", model, "--port", str(port),
+                            "--threads", "1"], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or srv.poll() is not None:
+                raise SystemExit(f"genserver did not start; see {log}")
+            time.sleep(0.5)
+        yield srv, url
+    finally:
+        srv.terminate()
+        srv.wait(30)
+
+
 def _hf_round(model, tok, texts: list[str], g: int) -> None:  # type: ignore[no-untyped-def]
     import torch
 
@@ -86,25 +114,8 @@ def main() -> int:
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
     texts = [json.loads(line)["prompt"] for line in Path(a.data).read_text().splitlines()[: a.groups * (a.rounds + 1)]]
-    port = free_port("127.0.0.1")
-    log = Path(tempfile.mkdtemp()) / "genserver.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ASYNCGRPO_API_KEY": "", "ASYNCGRPO_ADMIN_API_KEY": ""}
-    srv = subprocess.Popen([sys.executable, "-m", "asyncgrpo.cli", "genserver", "--model", a.model, "--port", str(port),
-                            "--threads", "1"], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or srv.poll() is not None:
-                raise SystemExit(f"genserver did not start; see {log}")
-            time.sleep(0.5)
-        res: dict[str, list[tuple[float, float, float]]] = {"per-completion": [], "parallel": [], "hf-generate": []}
-
+    res: dict[str, list[tuple[float, float, float]]] = {"per-completion": [], "parallel": [], "hf-generate": []}
+    with genserver(a.model) as (srv, url):
         async def run_all() -> None:
             async with SGLangClient(url) as client:
                 for r in range(a.rounds + 1):  # round 0 warms every path up and is not counted
@@ -121,9 +132,6 @@ def main() -> int:
                             res[mode].append((wall, time.process_time() - c0, _proc_cpu_s(srv.pid) - s0))
 
         asyncio.run(run_all())
-    finally:
-        srv.terminate()
-        srv.wait(30)
     hf = statistics.median(w for w, _, _ in res["hf-generate"])
     lines = [f"| mode | s per {a.groups} groups x {a.group_size} | client CPU s | genserver CPU s | / hf-generate |",
              "|---|---|---|---|---|"]

@@ -16,24 +16,14 @@ import asyncio
 import datetime as dt
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 from asyncgrpo.sglang.client import SGLangClient
 
 PROMPT = [81, 58, 32, 49, 43, 49, 61, 63, 10, 65, 58]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def level(url: str, concurrency: int, n_requests: int, max_new: int) -> tuple[float, int, float]:
@@ -73,32 +63,19 @@ def main() -> int:
         from asyncgrpo.tiny import build_tiny_model
 
         model = str(build_tiny_model(Path(tmp.name) / "tiny", preset="tiny", seed=0))
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "asyncgrpo.cli", "genserver", "--model", model, "--port", str(port),
-                             "--threads", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from generation_paths import genserver  # one way to start a benchmark's genserver
+
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("genserver did not start")
-            time.sleep(0.2)
-        asyncio.run(level(url, 4, 4, 8))  # warm-up
-        rows = []
-        for c in [int(x) for x in args.levels.split(",")]:
-            n = max(args.requests_per_level, c)
-            tps, toks, batch = asyncio.run(level(url, c, n, args.max_new_tokens))
-            rows.append((c, n, toks, tps, batch))
-            print(f"concurrency {c:>3}: {toks} tokens, {tps:8.1f} tokens/s, {batch:.1f} tokens per step", flush=True)
+        with genserver(model) as (_, url):
+            asyncio.run(level(url, 4, 4, 8))  # warm-up
+            rows = []
+            for c in [int(x) for x in args.levels.split(",")]:
+                n = max(args.requests_per_level, c)
+                tps, toks, batch = asyncio.run(level(url, c, n, args.max_new_tokens))
+                rows.append((c, n, toks, tps, batch))
+                print(f"concurrency {c:>3}: {toks} tokens, {tps:8.1f} tokens/s, {batch:.1f} tokens per step", flush=True)
     finally:
-        proc.terminate()
-        proc.wait(10)
         tmp.cleanup()
 
     date = dt.date.today().isoformat()

@@ -72,32 +72,12 @@ def gen_alone(model: str, data: str, groups: int, g: int, concurrency: int, max_
     from transformers import AutoTokenizer
 
     from asyncgrpo.sglang.client import SGLangClient
-    from asyncgrpo.utils.net import free_port
-
-    import httpx
 
     gp.MAX_NEW = max_new
     tok = AutoTokenizer.from_pretrained(model)
     texts = [json.loads(line)["prompt"] for line in Path(data).read_text().splitlines()[: groups * (rounds + 1)]]
-    port = free_port("127.0.0.1")
-    log = Path(tempfile.mkdtemp()) / "genserver.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ASYNCGRPO_API_KEY": "", "ASYNCGRPO_ADMIN_API_KEY": ""}
-    srv = subprocess.Popen([sys.executable, "-m", "asyncgrpo.cli", "genserver", "--model", model, "--port", str(port),
-                            "--threads", "1"], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
     times: list[float] = []
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or srv.poll() is not None:
-                raise SystemExit(f"genserver did not start; see {log}")
-            time.sleep(0.5)
-
+    with gp.genserver(model) as (_, url):
         async def go() -> None:
             async with SGLangClient(url) as client:
                 for r in range(rounds + 1):
@@ -108,9 +88,6 @@ def gen_alone(model: str, data: str, groups: int, g: int, concurrency: int, max_
                         times.append(time.perf_counter() - t0)
 
         asyncio.run(go())
-    finally:
-        srv.terminate()
-        srv.wait(30)
     return statistics.median(times)
 
 
