@@ -153,8 +153,9 @@ def test_sigterm_stops_everything_and_a_clean_run_reports(tmp_path: Path, tiny_m
     assert [int(m) for m in re.findall(r"^step (\d+)/3\b", out, re.M)] == [1, 2, 3], out
     evals = [json.loads(line) for line in (clean / "evals.jsonl").read_text().splitlines()]
     served = [e for e in evals if e.get("source") != "final"]
-    # the first at point 0: it saw version 0 first (the trainer may step while it runs)
-    assert served and served[0]["point"] == 0 and served[0]["versions"][0] == 0 and served[0]["prompts"] == 8, evals
+    # the first at point 0 (under load the trainer may have stepped before the thread asked the server, so the
+    # versions it saw are not asserted; the final rows below are the warm start and the final model)
+    assert served and served[0]["point"] == 0 and served[0]["prompts"] == 8, evals
     assert re.search(r"^held-out at version \d+: sampled", out, re.M), out
     assert [e["version"] for e in evals if e.get("source") == "final"] == [0, 3], evals
     assert (clean / "curves" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

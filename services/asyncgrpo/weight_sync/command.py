@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from typing import Any
 
 ACCEPTS_OVERRIDES = True
 
@@ -71,6 +72,30 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if problem is not None:
         raise ConfigError(problem.removeprefix("asyncgrpo weight-sync: "))
     try:
-        return asyncio.run(serve(settings))
+        code = _run_until_stopped(serve(settings))
     except SnapshotInUse as e:
         raise ConfigError(str(e)) from None
+    return code
+
+
+def _run_until_stopped(main: Any) -> int:
+    """Run the service; once it has stopped (tasks cancelled, group torn down, snapshot released), exit even if
+    a worker thread is still blocked in a native gloo/NCCL call: a rendezvous or collective with a peer that died
+    cannot be interrupted and would hold the process for its whole timeout (asyncio.run joins those threads)."""
+    import logging
+    import os
+    import threading
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    code = loop.run_until_complete(main)
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    blocked = [t.name for t in threading.enumerate() if t is not threading.current_thread() and t.is_alive() and not t.daemon]
+    if blocked:
+        logging.getLogger("asyncgrpo.weight_sync").info(
+            "stopped; not waiting for %d thread(s) still inside a collective or rendezvous (%s)", len(blocked),
+            ", ".join(blocked[:4]))
+        logging.shutdown()
+        os._exit(code)
+    loop.close()
+    return code
