@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 MOVING_AVERAGE = 10  # steps: the batch reward is noisy (16 prompts), its trend is what a person reads
 
 
-def load_rows(path: Path | None) -> list[dict[str, Any]]:
+def parse_rows(lines: Iterable[str | bytes]) -> list[dict[str, Any]]:
     """JSON objects, one per line; blank and undecodable lines skipped (a crash can leave half a line)."""
-    if path is None or not path.is_file():
-        return []
     rows = []
-    for line in path.read_text(errors="replace").splitlines():
+    for line in lines:
         try:
             row = json.loads(line)
         except ValueError:
@@ -27,6 +25,13 @@ def load_rows(path: Path | None) -> list[dict[str, Any]]:
         if isinstance(row, dict):
             rows.append(row)
     return rows
+
+
+def load_rows(path: Path | None) -> list[dict[str, Any]]:
+    """parse_rows of a JSONL file; none when it is absent."""
+    if path is None or not path.is_file():
+        return []
+    return parse_rows(path.read_text(errors="replace").splitlines())
 
 
 def step_rows(path: Path) -> list[dict[str, Any]]:

@@ -8,12 +8,12 @@ services report outages themselves), so the display never takes the run down.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any
 
+from asyncgrpo.launch.curves import load_rows, parse_rows, step_rows
 from asyncgrpo.launch.progress import ProgressSnapshot
 
 REDIS_TIMEOUT_S = 0.5  # a hung Redis must not hold up the loop that also watches the services and Ctrl-C
@@ -22,8 +22,6 @@ RATE_WINDOW = 20  # steps the ETA's rate is measured over: recent enough to foll
 
 class RunMonitor:
     def __init__(self, run_dir: Path, redis_url: str, run_id: str, total_steps: int, *, redis_every_s: float = 1.0) -> None:
-        from asyncgrpo.launch.curves import load_rows, step_rows
-
         self.metrics = run_dir / "metrics.jsonl"
         # a resumed run: its earlier rows are history, its step count and last evaluation are where it stands
         history = step_rows(self.metrics)
@@ -50,15 +48,7 @@ class RunMonitor:
             return []
         end = data.rfind(b"\n") + 1
         self.pos += end
-        rows = []
-        for line in data[:end].splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get("version"), int):
-                rows.append(row)
-        return rows
+        return [row for row in parse_rows(data[:end].splitlines()) if isinstance(row.get("version"), int)]
 
     def _read_redis(self) -> None:
         from asyncgrpo.queue import make_redis
@@ -107,12 +97,12 @@ class RunMonitor:
             (ta, va), (tb, vb) = self.step_times[0], self.step_times[-1]
             if tb > ta and vb > va:
                 rate = (vb - va) / (tb - ta)
-        step = int(self.last.get("version", 0))
+        r, ev = self.last, self.eval or {}
+        step = int(r.get("version", 0))
         if rate is None and step > self.start_step and now > self.t0:  # the steps this `up` took, not a resumed run's
             rate = (step - self.start_step) / (now - self.t0)
-        r, ev = self.last, self.eval or {}
         return ProgressSnapshot(
-            step=int(r.get("version", 0)), total_steps=self.total, elapsed_s=now - self.t0,
+            step=step, total_steps=self.total, elapsed_s=now - self.t0,
             state=self.redis.get("state", "running"), reward=r.get("reward_mean"),
             rollout_reward=self.redis.get("rollout_reward"), eval_reward=ev.get("reward"),
             eval_greedy=ev.get("greedy_reward"), eval_step=ev.get("version"), queue_depth=self.redis.get("queue_depth"),

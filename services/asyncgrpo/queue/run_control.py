@@ -131,14 +131,21 @@ class RunControl:
 
     def audit_action(self, who: str, action: str, old: Any = None, new: Any = None) -> dict[str, Any]:
         rec = {"at": time.time(), "who": who, "action": action, "key": None, "old": old, "new": new}
-        pipe = self.r.pipeline()
-        pipe.lpush(self.keys.audit, json.dumps(rec))
-        pipe.ltrim(self.keys.audit, 0, AUDIT_KEPT - 1)
-        pipe.execute()
+        self._push_capped(self.keys.audit, rec, AUDIT_KEPT)
         return rec
 
     def audit(self, limit: int = 100) -> list[dict[str, Any]]:
-        return [json.loads(x) for x in self.r.lrange(self.keys.audit, 0, max(0, limit - 1))]
+        return self._newest(self.keys.audit, limit)
+
+    # -- capped JSON lists, newest first (audit, completions, evaluations) ------------------------------
+    def _push_capped(self, key: str, record: Mapping[str, Any], kept: int) -> None:
+        pipe = self.r.pipeline()
+        pipe.lpush(key, json.dumps(dict(record)))
+        pipe.ltrim(key, 0, kept - 1)
+        pipe.execute()
+
+    def _newest(self, key: str, limit: int) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in self.r.lrange(key, 0, max(0, limit - 1))]
 
     # -- what the services report ----------------------------------------------------------------------
     def record_step(self, metrics: Mapping[str, Any]) -> None:
@@ -167,23 +174,17 @@ class RunControl:
 
     def record_eval(self, row: Mapping[str, Any]) -> None:
         """One held-out evaluation (rollout/evaluation.py's HeldOutResult.row())."""
-        pipe = self.r.pipeline()
-        pipe.lpush(self.keys.evals, json.dumps(dict(row)))
-        pipe.ltrim(self.keys.evals, 0, EVALS_KEPT - 1)
-        pipe.execute()
+        self._push_capped(self.keys.evals, row, EVALS_KEPT)
 
     def evals(self, limit: int = 100) -> list[dict[str, Any]]:
         """Held-out evaluations, newest first."""
-        return [json.loads(x) for x in self.r.lrange(self.keys.evals, 0, max(0, limit - 1))]
+        return self._newest(self.keys.evals, limit)
 
     def record_completion(self, record: Mapping[str, Any]) -> None:
-        pipe = self.r.pipeline()
-        pipe.lpush(self.keys.completions, json.dumps(dict(record)))
-        pipe.ltrim(self.keys.completions, 0, COMPLETIONS_KEPT - 1)
-        pipe.execute()
+        self._push_capped(self.keys.completions, record, COMPLETIONS_KEPT)
 
     def completions(self, limit: int = 20) -> list[dict[str, Any]]:
-        return [json.loads(x) for x in self.r.lrange(self.keys.completions, 0, max(0, limit - 1))]
+        return self._newest(self.keys.completions, limit)
 
     def record_rollout_stats(self, worker_id: str, stats: Mapping[str, Any]) -> None:
         self.r.hset(self.keys.rollout_stats, worker_id, json.dumps({**stats, "at": time.time()}))
