@@ -104,6 +104,21 @@ def test_a_run_longer_than_its_data_fails_before_anything_starts(tmp_path: Path,
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_whose_prompts_run_out_ends_and_says_why(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The untrained model scores 0 on every completion, so dynamic filtering drops every group: the one epoch
+    of 12 prompts runs out before a batch. The run ends (it used to wait forever) and up names cause and fix."""
+    cfg = _config(tmp_path, tiny_model_dir)
+    data = write_dataset(tmp_path / "twelve.jsonl", 12)
+    run_dir = tmp_path / "run"
+    p = _up("--config", str(cfg), "--steps", "2", "--run-dir", str(run_dir), "--evaluator.prompts=0",
+            f"--train_dataset.path={data}", "--total_train_epochs=1", "--actor.dynamic_filtering=true")
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 1, out
+    assert "the run ended at version 0 of 2: the prompts ran out at version 0" in out, out
+    assert "12 groups filtered" in out and "Raise total_train_epochs" in out, out
+    assert not _children_alive(run_dir) and not _snapshots(run_dir)
+
+
 def test_a_bad_dataset_fails_before_anything_starts(tmp_path: Path, tiny_model_dir: Path) -> None:
     cfg = _config(tmp_path, tiny_model_dir)
     (tmp_path / "train.jsonl").write_text('{"prompt": "Q: 1+1=?", "answer": "2"}\nthis is not json\n')

@@ -117,6 +117,26 @@ def test_cursor_walks_epochs_then_exhausts(client) -> None:
     assert s.counters()["groups_filtered"] == 4 and s.running() == 0
 
 
+def test_prompts_exhausted_only_when_no_group_can_come(client) -> None:
+    """The trainer's 'wait forever' detector: past the last epoch, nothing re-queued, no lease held."""
+    s = RunState(client, RUN)
+    assert s.prompts_exhausted(1) is False  # no cursor yet: the rollout has not started
+    s.init_cursor(2, seed=0)
+    a = admit(s, bg=100, n=2)
+    assert s.prompts_exhausted(1) is False  # one prompt still to admit
+    b = admit(s, bg=100, n=2)
+    assert admit(s, bg=100, n=2).status == "exhausted"
+    assert s.prompts_exhausted(1) is False  # two leases held: their groups may still come
+    s.release_lease(a.ref, "groups_filtered")
+    assert s.abandon_lease(b.ref)
+    assert s.prompts_exhausted(1) is False  # b is re-queued: it will run again
+    b2 = admit(s, bg=100, n=2)
+    assert b2.ref == b.ref and s.prompts_exhausted(1) is False
+    s.release_lease(b2.ref, "groups_pushed")
+    assert s.prompts_exhausted(1) is True
+    assert s.prompts_exhausted(2) is False  # a resume with more epochs has prompts left
+
+
 def test_cursor_mismatch_is_an_error(client) -> None:
     s = RunState(client, RUN)
     s.init_cursor(10, seed=1, fingerprint="abc")

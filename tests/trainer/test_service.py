@@ -169,3 +169,36 @@ def test_control_plane_reaches_a_trainer_waiting_for_groups(tiny_model_dir: Path
     t.join(30)
     assert not t.is_alive() and done and done[0].steps == 0  # type: ignore[attr-defined]
     assert json.loads(state.r.hget(control.keys.counters, "stale_requeued") or b"0") == 2
+
+
+def test_trainer_stops_when_the_prompts_ran_out(tiny_model_dir: Path, tmp_path: Path, redis_server, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Dynamic filtering used up the last prompts: the trainer, one group short of a batch with nothing running
+    or re-queued, ends its run (checkpoint and HF model saved) and says why, instead of waiting forever."""
+    import logging
+
+    cfg = make_config(tiny_model_dir)
+    cfg.redis.url = redis_server.url
+    cfg.total_train_epochs = 1
+    cfg.train_dataset.batch_size = 2
+    cfg.trainer.checkpoint_dir = str(tmp_path / "ckpt")
+    cfg.trainer.checkpoint_interval = 5
+    cfg.trainer.poll_timeout_s = 0.1
+    queue = GroupQueue.from_url(cfg.redis.url, cfg.run_id)
+    state = RunState.from_url(cfg.redis.url, cfg.run_id)
+    state.init_cursor(4, seed=0)
+    refs = [state.admit(max_head_offpolicyness=5, batch_groups=2, dataset_size=4, total_epochs=1, lease_ttl_s=60).ref
+            for _ in range(4)]
+    for ref in refs[:3]:  # three pushed, the fourth filtered; one lease still held while the trainer starts
+        queue.push(_group(cfg, ref.position, version=0, seed=ref.position))
+        state.release_lease(ref, "groups_pushed")
+    service = TrainerService(cfg, GRPOTrainer(cfg), queue, state)
+    service.resume()
+    assert service.run(max_steps=1).steps == 1  # a full batch; one group left pending, the lease still held
+    assert state.prompts_exhausted(1) is False
+    state.release_lease(refs[3], "groups_filtered")
+    with caplog.at_level(logging.WARNING, logger="asyncgrpo"):
+        stats = service.run(max_steps=10, idle_timeout_s=60)
+    assert stats.steps == 1 and state.get_version() == 1
+    assert "the prompts ran out at version 1" in caplog.text and "1 groups filtered" in caplog.text, caplog.text
+    assert "batch is 1 groups short" in caplog.text and "total_train_epochs" in caplog.text
+    assert (checkpoint_dir(cfg) / "latest").read_text() == "step_00000001"  # the clean end checkpoints

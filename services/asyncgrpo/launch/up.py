@@ -135,8 +135,12 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         _write_curves(run_dir, cfg)  # a stopped run's curves so far
         return code
     final = _final_model(run_dir)
+    reached = int(final.name.removeprefix("version_")) if final is not None else 0
+    if reached < cfg.trainer.max_steps:
+        print(f"asyncgrpo up: the run ended at version {reached} of {cfg.trainer.max_steps}: "
+              f"{_early_end_reason(run_dir / 'logs' / 'trainer.log', log_start)}", file=sys.stderr)
     if final is None:
-        return _fail(f"no final HF model under {run_dir / 'hf'}; see {run_dir / 'logs' / 'trainer.log'}")
+        return _fail(f"no final HF model under {run_dir / 'hf'}: the trainer took no step")
     print(f"final model: {final}")
     code = 0
     if eval_data is not None:
@@ -428,6 +432,18 @@ def _report_log_problems(logs: Path, since: dict[Path, int] | None = None) -> No
         bad = sum(1 for line in text.splitlines() if " ERROR " in line or line.startswith("Traceback"))
         if bad:
             print(f"asyncgrpo up: {bad} ERROR/traceback line(s) in {log}", file=sys.stderr)
+
+
+def _early_end_reason(log: Path, since: dict[Path, int]) -> str:
+    """What the trainer said when it ended before max_steps (its 'run ended early:' line), else where to look."""
+    try:
+        with log.open("rb") as f:
+            f.seek(since.get(log, 0))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    said = [line.split("run ended early: ", 1)[1] for line in lines if "run ended early: " in line]
+    return said[-1] if said else f"see {log}"
 
 
 def _final_model(run_dir: Path) -> Path | None:

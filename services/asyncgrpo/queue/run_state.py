@@ -138,6 +138,19 @@ local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000 + math.floor(ton
 return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 """
 
+# KEYS: cursor requeue leases  ARGV: total_epochs -> 1 when no group can come any more: the cursor is past the
+# last epoch (as admission counts it), nothing is re-queued and no lease is held, live or expired
+_EXHAUSTED_LUA = """
+local size = tonumber(redis.call('HGET', KEYS[1], 'size') or '0')
+if size < 1 then return 0 end
+local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
+local pos = tonumber(redis.call('HGET', KEYS[1], 'position') or '0')
+if pos >= size then epoch = epoch + 1 end
+if epoch < tonumber(ARGV[1]) then return 0 end
+if redis.call('LLEN', KEYS[2]) > 0 or redis.call('ZCARD', KEYS[3]) > 0 then return 0 end
+return 1
+"""
+
 # KEYS: stream trained trained_in_stream leases   -> {accepted, running} read atomically
 _USAGE_LUA = _ACCEPTED_LUA + """
 return {accepted(KEYS[1], KEYS[2], KEYS[3]), redis.call('ZCARD', KEYS[4])}
@@ -178,6 +191,7 @@ class RunState:
         self._reclaim = client.register_script(_RECLAIM_LUA)
         self._usage = client.register_script(_USAGE_LUA)
         self._live = client.register_script(_LIVE_LEASES_LUA)
+        self._exhausted = client.register_script(_EXHAUSTED_LUA)
 
     @classmethod
     def from_url(cls, url: str, run_id: str) -> "RunState":
@@ -300,6 +314,12 @@ class RunState:
         """Leases still being renewed (deadline not passed): groups that may yet be pushed. An expired lease (its
         worker died) counts in running() until re-issued, but no group will come from it."""
         return int(self._live(keys=[self.keys.leases]))
+
+    def prompts_exhausted(self, total_epochs: int) -> bool:
+        """Every prompt of `total_epochs` epochs was admitted and finished, and none is re-queued or leased: no
+        group will be pushed any more (what is in the stream is all there is)."""
+        k = self.keys
+        return bool(self._exhausted(keys=[k.cursor, k.requeue, k.leases], args=[int(total_epochs)]))
 
     def budget_usage(self) -> tuple[int, int]:
         """(accepted, running), read atomically: what the admission rule counts against its capacity."""

@@ -329,10 +329,31 @@ class TrainerService:
             got = self._redis(self.queue.consume, self.consumer, count=bs - len(self._pending), block_ms=200 if drain else block)
             self._sort(got)
             if drain and not got and running == 0 and len(self._pending) < bs:
-                log.info("drained: nothing running and %d groups short of a batch; stopping", bs - len(self._pending))
+                log.info("run ended early: drained through the control plane at version %d (nothing running, %d groups "
+                         "short of a batch)", self.trainer.version, bs - len(self._pending))
+                return None
+            if not drain and not got and self._out_of_prompts():
                 return None
         batch, self._pending = self._pending[:bs], self._pending[bs:]
         return batch
+
+    def _out_of_prompts(self) -> bool:
+        """True (said once, as a WARNING) when every prompt of the run's epochs is done, nothing runs or waits to
+        be re-run, and the stream holds less than a batch: waiting on would wait forever. Dynamic filtering and
+        stale drops use up prompts without training on them, so this can come before max_steps."""
+        epochs = self.cfg.total_train_epochs
+        if not self._redis(self.state.prompts_exhausted, epochs):
+            return False
+        self._sort(self._redis(self.queue.consume, self.consumer, count=self.cfg.train_dataset.batch_size, block_ms=None))
+        short = self.cfg.train_dataset.batch_size - len(self._pending)
+        if short <= 0:  # the last groups landed between the read and the check
+            return False
+        counters = self._redis(self.state.counters)
+        log.warning("run ended early: the prompts ran out at version %d. Every prompt of total_train_epochs=%d was "
+                    "used (%d groups filtered as all-equal by dynamic filtering, %d dropped as stale) and the last "
+                    "batch is %d groups short. Raise total_train_epochs to train longer.", self.trainer.version, epochs,
+                    int(counters.get("groups_filtered", 0)), self.stats.groups_dropped_stale, short)
+        return True
 
     # -- the control plane ---------------------------------------------------------------------------
     def _set_trainer_state(self, state: str) -> None:
@@ -359,7 +380,7 @@ class TrainerService:
         if mode == "stop" or self.stop_requested:
             if mode == "stop" and not self._stop_logged:
                 self._stop_logged = True
-                log.info("stop requested through the control plane; stopping at version %d", self.trainer.version)
+                log.info("run ended early: stop requested through the control plane at version %d", self.trainer.version)
             return "stop"
         if mode == "drain":
             return "drain"
