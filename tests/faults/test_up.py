@@ -37,9 +37,9 @@ def _config(tmp: Path, model_dir: Path) -> Path:
 _spawned: list[subprocess.Popen[str]] = []
 
 
-def _up(*args: str, **kw) -> subprocess.Popen[str]:  # type: ignore[no-untyped-def]
+def _up(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.Popen[str]:  # type: ignore[no-untyped-def]
     p = subprocess.Popen([sys.executable, "-m", "asyncgrpo.cli", "up", *args], stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
                          start_new_session=True, **kw)
     _spawned.append(p)
     return p
@@ -117,6 +117,36 @@ def test_a_run_whose_prompts_run_out_ends_and_says_why(tmp_path: Path, tiny_mode
     assert "the run ended at version 0 of 2: the prompts ran out at version 0" in out, out
     assert "12 groups filtered" in out and "Raise total_train_epochs" in out, out
     assert not _children_alive(run_dir) and not _snapshots(run_dir)
+
+
+def test_external_servers_are_used_with_their_own_keys(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """launch.engine external: up starts no generation server. The rollout samples from the running one and
+    weight-sync updates it, with the keys it was started with (from the environment); it outlives the run."""
+    import httpx
+
+    from genserver.procs import GenServer
+
+    cfg = _config(tmp_path, tiny_model_dir)
+    server = GenServer(tiny_model_dir, tmp_path / "external.log", "--api-key", "k-ext", "--admin-api-key", "a-ext")
+    run_dir = tmp_path / "run"
+    try:
+        p = _up("--config", str(cfg), "--steps", "2", "--run-dir", str(run_dir), "--evaluator.prompts=0",
+                "--launch.engine=external", f"--rollout.server_urls=[{server.url}]",
+                env={"ASYNCGRPO_API_KEY": "k-ext", "ASYNCGRPO_ADMIN_API_KEY": "a-ext"})
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out
+        assert not (run_dir / "logs" / "genserver.log").exists() and server.proc.poll() is None, out
+        info = httpx.get(f"{server.url}/model_info", headers={"Authorization": "Bearer k-ext"}, timeout=10).json()
+        # weight-sync reached it with the admin key (the last version may not land before up stops weight-sync)
+        assert int(info["weight_version"]) >= 1, info
+        # started without its keys, up names the server that does not answer and starts nothing
+        p = _up("--config", str(cfg), "--steps", "2", "--run-dir", str(tmp_path / "nothing"), "--launch.engine=external",
+                "--rollout.server_urls=[http://127.0.0.1:9]")
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode == 2 and "rollout.server_urls[0] http://127.0.0.1:9 does not answer" in out, out
+        assert not (tmp_path / "nothing").exists()
+    finally:
+        server.stop()
 
 
 def test_a_bad_dataset_fails_before_anything_starts(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -202,6 +202,18 @@ class EvaluatorConfig(Section):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Sampling seed; the same prompts draw the same random numbers at every evaluation.")
 
 
+class LaunchConfig(Section):
+    """How `asyncgrpo up` starts the generation servers and the trainer on this machine."""
+
+    engine: Literal["genserver", "sglang", "external"] = Field("genserver", description="Generation servers `up` starts: genserver (ours), sglang (python -m sglang.launch_server), or external (none: rollout.server_urls already run).")
+    servers: int = Field(1, ge=1, le=64, description="Generation servers to start (engines genserver and sglang).")
+    gpus_per_server: int = Field(1, ge=1, description="GPUs of one SGLang server (its --tp-size); server i gets the next ones after the trainer's.")
+    trainer_gpus: int = Field(0, ge=0, description="GPUs of the trainer, the first ones visible (more than 1: torchrun, one rank each); 0: no GPU for the trainer.")
+    sglang_python: str | None = Field(None, description="Python interpreter that has sglang installed; null: the one running `up`.")
+    sglang_args: list[str] = Field(default_factory=list, description="Extra flags for sglang.launch_server, e.g. ['--mem-fraction-static', '0.7'].")
+    server_start_timeout_s: float = Field(900.0, gt=0, description="Limit on one generation server becoming healthy (SGLang loads weights and captures CUDA graphs).")
+
+
 class RunConfig(Section):
     """The whole run. Load with asyncgrpo.config.load_config()."""
 
@@ -223,6 +235,7 @@ class RunConfig(Section):
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig, description="The weight-sync service between trainer and generation servers.")
     control: ControlConfig = Field(default_factory=ControlConfig, description="The control plane: pause, resume and inspect the run.")
     evaluator: EvaluatorConfig = Field(default_factory=EvaluatorConfig, description="Held-out evaluation during and after `asyncgrpo up`.")
+    launch: LaunchConfig = Field(default_factory=LaunchConfig, description="What `asyncgrpo up` starts on this machine: generation engine, servers, GPUs.")
 
     @property
     def run_id(self) -> str:

@@ -47,7 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps to train (default: trainer.max_steps)")
     parser.add_argument("--run-dir", default=None, help="run directory (default: FILEROOT/EXPERIMENT-YYYYmmdd-HHMMSS)")
     parser.add_argument("--redis-url", default=None, help="use this Redis instead of starting a private redis-server")
-    parser.add_argument("--genservers", type=int, default=1, help="generation servers to start (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="print what would be started, start nothing")
     parser.add_argument("--no-live", action="store_true", help="plain lines (one per step) instead of the live display, "
                                                                  "also when the output is a terminal")
@@ -75,8 +74,6 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if cfg.trainer.max_steps is None:
         raise ConfigError("the run needs an end: pass --steps N or set trainer.max_steps")
     _check_inputs(cfg, args)
-    if args.genservers < 1:
-        raise ConfigError(f"--genservers must be >= 1, got {args.genservers}")
     eval_data = _eval_data(cfg)
 
     if resume_dir is not None:
@@ -86,10 +83,11 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     else:
         run_dir = Path(args.run_dir or Path(cfg.fileroot) / f"{cfg.experiment_name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
         redis_url = args.redis_url
-    plan = plan_run(cfg, run_dir, genservers=args.genservers, redis_url=redis_url)
+    plan = plan_run(cfg, run_dir, redis_url=redis_url)
     if args.dry_run:
         for svc in plan.services:
-            print(f"{svc.name:<12} {svc.command_line()}")
+            gpus = svc.env.get("CUDA_VISIBLE_DEVICES")
+            print(f"{svc.name:<12} {'' if gpus is None else f'CUDA_VISIBLE_DEVICES={gpus} '}{svc.command_line()}")
         print(f"{'snapshot':<12} {plan.snapshot_dir}")
         return 0
 
@@ -179,6 +177,50 @@ def _check_inputs(cfg: Any, args: argparse.Namespace) -> None:
                           f"{-(-need // len(records))} or more (dynamic filtering uses up prompts too)")
     if args.redis_url is None and shutil.which("redis-server") is None:
         raise ConfigError("redis-server not found on PATH: apt-get install -y redis-server, or pass --redis-url")
+    _check_launch(cfg.launch, cfg.rollout.server_urls, probe=not args.dry_run)
+
+
+def _check_launch(launch: Any, server_urls: list[str], *, probe: bool) -> None:
+    """The generation engine and the GPUs `launch` asks for, before anything starts. probe: also ask this
+    machine (GPU count, sglang importable, external servers answering); --dry-run checks only the config."""
+    import subprocess
+
+    import httpx
+
+    from asyncgrpo.config import ConfigError
+
+    if launch.engine == "sglang" and launch.trainer_gpus < 1:
+        raise ConfigError("launch.engine sglang needs launch.trainer_gpus >= 1 (the weights reach SGLang over NCCL "
+                          "from the trainer's GPU); set launch.trainer_gpus")
+    if not probe:
+        return
+    need = _gpu_plan(launch)["total"]
+    if need:
+        import torch
+
+        have = torch.cuda.device_count()
+        if have < need:
+            raise ConfigError(f"launch asks for {need} GPUs (launch.trainer_gpus {launch.trainer_gpus} + launch.servers "
+                              f"{launch.servers if launch.engine == 'sglang' else 0} x launch.gpus_per_server "
+                              f"{launch.gpus_per_server}), this machine shows {have}; lower them")
+    if launch.engine == "sglang":
+        py = launch.sglang_python or sys.executable
+        try:
+            ok = subprocess.run([py, "-c", "import sglang"], capture_output=True, timeout=120).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            ok = False
+        if not ok:
+            raise ConfigError(f"launch.engine sglang: {py} cannot import sglang; pip install 'sglang[all]' there, or set "
+                              "launch.sglang_python to an interpreter that has it")
+    if launch.engine == "external":
+        for i, url in enumerate(server_urls):
+            try:
+                ok = httpx.get(f"{url.rstrip('/')}/health", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"launch.engine external: rollout.server_urls[{i}] {url} does not answer GET /health; "
+                                  "start it first, or let up start the servers (launch.engine genserver or sglang)")
 
 
 def _resume_dir(args: argparse.Namespace) -> Path:
@@ -271,9 +313,24 @@ class RunPlan:
                 f.write(text)
 
 
-def plan_run(cfg: Any, run_dir: Path, *, genservers: int = 1, redis_url: str | None = None) -> RunPlan:
+def _gpu_plan(launch: Any) -> dict[str, Any]:
+    """CUDA_VISIBLE_DEVICES of each process: the trainer takes the first trainer_gpus devices (weight-sync shares
+    the trainer's first, where its snapshot's NCCL broadcast starts), SGLang server i the next gpus_per_server.
+    A trainer with no GPU is kept off every GPU."""
+    t = launch.trainer_gpus
+    trainer = ",".join(str(d) for d in range(t))
+    servers = []
+    if launch.engine == "sglang":
+        k = launch.gpus_per_server
+        servers = [",".join(str(t + i * k + j) for j in range(k)) for i in range(launch.servers)]
+    return {"trainer": {"CUDA_VISIBLE_DEVICES": trainer}, "weight_sync": {"CUDA_VISIBLE_DEVICES": trainer[:1] if t else ""},
+            "servers": servers, "total": t + launch.gpus_per_server * len(servers)}
+
+
+def plan_run(cfg: Any, run_dir: Path, *, redis_url: str | None = None) -> RunPlan:
     """The run's config (ports, paths, secrets filled in) and its services in start order."""
     import httpx
+    import yaml
 
     from asyncgrpo.launch.procs import Service
     from asyncgrpo.queue import make_redis
@@ -282,11 +339,14 @@ def plan_run(cfg: Any, run_dir: Path, *, genservers: int = 1, redis_url: str | N
     cfg = cfg.model_copy(deep=True)
     logs = run_dir / "logs"
     exe = [sys.executable, "-m", "asyncgrpo.cli"]
-    api_key = cfg.auth.api_key or os.environ.get("ASYNCGRPO_API_KEY") or secrets.token_urlsafe(24)
-    admin_key = cfg.auth.admin_api_key or os.environ.get("ASYNCGRPO_ADMIN_API_KEY") or secrets.token_urlsafe(24)
-    cfg.auth.api_key = cfg.auth.admin_api_key = None  # the keys travel in the environment, never in a file
-    env = {"ASYNCGRPO_API_KEY": api_key, "ASYNCGRPO_ADMIN_API_KEY": admin_key, "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+    # Servers up starts get fresh keys; external ones keep what they were started with (config or environment).
+    fresh = cfg.launch.engine != "external"
+    api_key = cfg.auth.api_key or os.environ.get("ASYNCGRPO_API_KEY") or (secrets.token_urlsafe(24) if fresh else None)
+    admin_key = (cfg.auth.admin_api_key or os.environ.get("ASYNCGRPO_ADMIN_API_KEY")
+                 or (secrets.token_urlsafe(24) if fresh else None))
+    cfg.auth.api_key = cfg.auth.admin_api_key = None  # the keys travel in the environment, never in config.yaml
+    env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.update({k: v for k, v in (("ASYNCGRPO_API_KEY", api_key), ("ASYNCGRPO_ADMIN_API_KEY", admin_key)) if v})
     host = "127.0.0.1"
     services: list[Service] = []
     files: dict[Path, str] = {}  # written (mode 600) by run() before anything starts
@@ -305,16 +365,27 @@ def plan_run(cfg: Any, run_dir: Path, *, genservers: int = 1, redis_url: str | N
                       "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(conf.parent)],
             logs / "redis.log", health=lambda url=cfg.redis.url: make_redis(url).ping(), start_timeout_s=30))
 
-    gen_urls = []
-    for i in range(genservers):
+    gpus = _gpu_plan(cfg.launch)
+    gen_urls = list(cfg.rollout.server_urls) if cfg.launch.engine == "external" else []
+    n = cfg.launch.servers
+    for i in range(n if cfg.launch.engine != "external" else 0):
         port = free_port(host)
         url = f"http://{host}:{port}"
         gen_urls.append(url)
+        name = f"{cfg.launch.engine}{i}" if n > 1 else cfg.launch.engine
+        if cfg.launch.engine == "genserver":
+            argv = [*exe, "genserver", "--model", str(cfg.actor.path), "--host", host, "--port", str(port), "--weight-version", "0"]
+            server_env: dict[str, str] = {}
+        else:  # SGLang reads its keys from a YAML --config (mode 600), so they stay off its command line
+            conf = run_dir / "sglang" / f"{name}.yaml"
+            files[conf] = yaml.safe_dump({"api_key": api_key, "admin_api_key": admin_key})
+            argv = [cfg.launch.sglang_python or sys.executable, "-m", "sglang.launch_server", "--config", str(conf),
+                    "--model-path", str(cfg.actor.path), "--host", host, "--port", str(port),
+                    "--tp-size", str(cfg.launch.gpus_per_server), "--weight-version", "0", *cfg.launch.sglang_args]
+            server_env = {"CUDA_VISIBLE_DEVICES": gpus["servers"][i]}
         services.append(Service(
-            f"genserver{i}" if genservers > 1 else "genserver",
-            [*exe, "genserver", "--model", str(cfg.actor.path), "--host", host, "--port", str(port), "--weight-version", "0"],
-            logs / (f"genserver{i}.log" if genservers > 1 else "genserver.log"),
-            health=lambda url=url: httpx.get(f"{url}/health", timeout=2).status_code == 200, start_timeout_s=180))
+            name, argv, logs / f"{name}.log", health=lambda url=url: httpx.get(f"{url}/health", timeout=2).status_code == 200,
+            start_timeout_s=cfg.launch.server_start_timeout_s, env=server_env))
     cfg.rollout.server_urls = gen_urls
     cfg.weight_sync.host = host
     cfg.weight_sync.port = free_port(host)
@@ -329,7 +400,8 @@ def plan_run(cfg: Any, run_dir: Path, *, genservers: int = 1, redis_url: str | N
     conf_args = ["--config", str(run_dir / "config.yaml")]
     ws_url = f"http://{host}:{cfg.weight_sync.port}"
     services.append(Service("weight-sync", [*exe, "weight-sync", *conf_args], logs / "weight_sync.log",
-                            health=lambda: httpx.get(f"{ws_url}/health", timeout=2).status_code == 200, start_timeout_s=60))
+                            health=lambda: httpx.get(f"{ws_url}/health", timeout=2).status_code == 200, start_timeout_s=60,
+                            env=gpus["weight_sync"]))
     # rollout: the first SIGTERM lets running groups finish and be queued, a second cuts them short
     services.append(Service("rollout", [*exe, "rollout", *conf_args], logs / "rollout.log",
                             stop_sequence=((signal.SIGTERM, 15.0), (signal.SIGTERM, 10.0))))
@@ -343,8 +415,12 @@ def plan_run(cfg: Any, run_dir: Path, *, genservers: int = 1, redis_url: str | N
                             health=lambda: httpx.get(f"{ctl_url}/health", timeout=2).status_code == 200, start_timeout_s=60,
                             env={"ASYNCGRPO_CONTROL_TOKEN": control_token}))  # the control plane's alone
     # trainer: SIGTERM stops after the current step and checkpoints
-    services.append(Service("trainer", [*exe, "trainer", *conf_args], logs / "trainer.log",
-                            stop_sequence=((signal.SIGTERM, 120.0),)))
+    trainer_argv = [*exe, "trainer", *conf_args]
+    if cfg.launch.trainer_gpus > 1:  # one rank per GPU; torchrun passes SIGTERM on to the ranks
+        trainer_argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        f"--nproc-per-node={cfg.launch.trainer_gpus}", "-m", "asyncgrpo.cli", "trainer", *conf_args]
+    services.append(Service("trainer", trainer_argv, logs / "trainer.log", stop_sequence=((signal.SIGTERM, 120.0),),
+                            env=gpus["trainer"]))
     return RunPlan(run_dir, cfg, services, env, snapshot_dir, files)
 
 
@@ -468,10 +544,12 @@ def _evaluate(cfg: Any, before: Path, after: Path, data: Path, run_dir: Path) ->
                       prompt_key=cfg.train_dataset.prompt_key, answer_key=cfg.train_dataset.answer_key,
                       prompt_template=cfg.train_dataset.prompt_template)
     print(f"evaluating before and after on {ev.prompts} held-out prompts x {ev.samples} samples ...", flush=True)
-    res = {"before": asdict(evaluate(before, data, ecfg)), "after": asdict(evaluate(after, data, ecfg))}
-    (run_dir / "eval.json").write_text(json.dumps(res, indent=1))
+    res: dict[str, Any] = {"before": asdict(evaluate(before, data, ecfg)), "after": asdict(evaluate(after, data, ecfg))}
     fn = cfg.reward.fns[0]
     b, a = res["before"], res["after"]
+    res["gain"] = {"sampled": paired_gain(b["per_prompt"][fn], a["per_prompt"][fn]),
+                   "greedy": paired_gain(b["greedy_per_prompt"][fn], a["greedy_per_prompt"][fn]) if ev.greedy else None}
+    (run_dir / "eval.json").write_text(json.dumps(res, indent=1))
     final_version = int(after.name.removeprefix("version_")) if after.name.startswith("version_") else None
     with (run_dir / "evals.jsonl").open("a") as f:
         for version, r in ((0, b), (final_version, a)):
@@ -482,9 +560,23 @@ def _evaluate(cfg: Any, before: Path, after: Path, data: Path, run_dir: Path) ->
     greedy = ""
     if ev.greedy:
         greedy = (f", greedy {b['greedy_reward'][fn]:.3f} -> {a['greedy_reward'][fn]:.3f} "
-                  f"({a['greedy_reward'][fn] - b['greedy_reward'][fn]:+.3f})")
+                  f"({_gain_text(res['gain']['greedy'])})")
     print(f"held-out {fn} reward, {ev.prompts} prompts x {ev.samples} samples: sampled {b['reward'][fn]:.3f} -> "
-          f"{a['reward'][fn]:.3f} ({a['reward'][fn] - b['reward'][fn]:+.3f}){greedy}; {run_dir / 'eval.json'}")
+          f"{a['reward'][fn]:.3f} ({_gain_text(res['gain']['sampled'])}){greedy}; +- is the paired 95% interval "
+          f"over prompts; {run_dir / 'eval.json'}")
+
+
+def paired_gain(before: list[float], after: list[float]) -> dict[str, float]:
+    """The mean per-prompt gain of `after` over `before` (the same prompts) and its 95% half-width. Pairing
+    removes the prompt-to-prompt spread of difficulty, which dominates two unpaired intervals."""
+    from asyncgrpo.rollout.evaluation import mean_ci95
+
+    m, ci = mean_ci95([x - y for x, y in zip(after, before, strict=True)])
+    return {"mean": m, "ci95": ci}
+
+
+def _gain_text(g: dict[str, float]) -> str:
+    return f"{g['mean']:+.3f} +- {g['ci95']:.3f}"
 
 
 def _write_curves(run_dir: Path, cfg: Any) -> None:

@@ -43,6 +43,8 @@ class EvalResult:
     finished_fraction: float = 0.0  # completions that ended with eos within max_new_tokens
     seconds: float = 0.0
     examples: list[dict[str, Any]] = field(default_factory=list)
+    per_prompt: dict[str, list[float]] = field(default_factory=dict)  # fn -> each prompt's mean sampled reward
+    greedy_per_prompt: dict[str, list[float]] = field(default_factory=dict)  # fn -> each prompt's greedy reward
 
 
 def cut_at_eos(tokens: Sequence[int], eos_id: int) -> tuple[list[int], bool]:
@@ -106,16 +108,22 @@ def evaluate(model_dir: str | Path, data: str | Path, cfg: EvalConfig | None = N
     sampled = generate(model, tok, prompts, n=cfg.n_samples, temperature=cfg.temperature,
                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     flat = [(c, a) for rows, a in zip(sampled, answers) for c in rows]
+    # per prompt, so that two models evaluated on the same prompts compare pairwise (paired intervals)
+    per_prompt = {name: [sum(fn(c[0], a) for c in rows) / len(rows) for rows, a in zip(sampled, answers)]
+                  for name, fn in fns.items()}
     reward = {name: sum(fn(c[0], a) for c, a in flat) / len(flat) for name, fn in fns.items()}
     greedy_reward: dict[str, float] = {}
+    greedy_per_prompt: dict[str, list[float]] = {}
     if cfg.greedy:
         greedy = generate(model, tok, prompts, n=1, temperature=None, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-        greedy_reward = {name: sum(fn(rows[0][0], a) for rows, a in zip(greedy, answers)) / len(answers) for name, fn in fns.items()}
+        greedy_per_prompt = {name: [float(fn(rows[0][0], a)) for rows, a in zip(greedy, answers)] for name, fn in fns.items()}
+        greedy_reward = {name: sum(v) / len(v) for name, v in greedy_per_prompt.items()}
     examples = [{"prompt": p, "answer": a, "completion": rows[0][0]} for p, a, rows in list(zip(prompts, answers, sampled))[:n_examples]]
     return EvalResult(
         model=str(model_dir), data=str(data), prompts=len(prompts), samples=len(flat), reward=reward,
         greedy_reward=greedy_reward, mean_completion_tokens=sum(c[1] for c, _ in flat) / len(flat),
         finished_fraction=sum(c[2] for c, _ in flat) / len(flat), seconds=time.perf_counter() - t0, examples=examples,
+        per_prompt=per_prompt, greedy_per_prompt=greedy_per_prompt,
     )
 
 
