@@ -29,6 +29,7 @@ class EvalConfig:
     prompt_key: str = "prompt"
     answer_key: str = "answer"
     prompt_template: str = "{prompt}"  # as train_dataset.prompt_template: the prompt GRPO trains on
+    device: str = "auto"  # auto: the first CUDA device when there is one (a real model on CPU takes hours), else cpu
 
 
 @dataclass
@@ -68,7 +69,7 @@ def generate(model: Any, tok: Any, prompts: Sequence[str], *, n: int, temperatur
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature is not None else dict(do_sample=False)
     for start in range(0, len(prompts), per_batch):
         chunk = list(prompts[start : start + per_batch])
-        enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         with torch.no_grad():
             seqs = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=n, eos_token_id=eos_id,
                                   pad_token_id=pad_id, **sampling)
@@ -102,7 +103,10 @@ def evaluate(model_dir: str | Path, data: str | Path, cfg: EvalConfig | None = N
     prompts = [ds.render(i) for i in range(len(records))]
     answers = [str(r[cfg.answer_key]) for r in records]
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    # bf16 on a GPU, as the generation servers sample; fp32 on CPU, where bf16 matmuls are slow
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     torch.manual_seed(cfg.seed)  # HF sampling draws from the global generator
     t0 = time.perf_counter()
     sampled = generate(model, tok, prompts, n=cfg.n_samples, temperature=cfg.temperature,
