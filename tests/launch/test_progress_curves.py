@@ -96,3 +96,22 @@ def test_plain_mode_says_a_run_that_starts_paused_is_paused() -> None:
         v.update(ProgressSnapshot(step=0, total_steps=10, elapsed_s=1.0, state="paused", eval_reward=0.5))
     assert out.getvalue().splitlines() == ["run paused"]
     assert "held-out 0.500 |" in plain_line(ProgressSnapshot(step=1, total_steps=2, elapsed_s=1.0, eval_reward=0.5))
+
+
+def test_the_last_panel_is_saved_as_svg(tmp_path: Path) -> None:
+    out = io.StringIO()
+    with ProgressView(100, live=False, file=out) as v:
+        assert v.save_svg(tmp_path / "none.svg") is False and not (tmp_path / "none.svg").exists()  # nothing drawn yet
+        v.update(ProgressSnapshot(step=3, total_steps=100, elapsed_s=6.0, reward=0.25))
+        v.update(ProgressSnapshot(step=40, total_steps=100, elapsed_s=60.0, reward=0.625, eval_reward=0.59,
+                                  eval_greedy=0.75, eval_step=40, queue_depth=7))
+    assert v.save_svg(tmp_path / "p.svg")
+    svg = (tmp_path / "p.svg").read_text()
+    # rich writes each text run as its own element with spaces as &#160;: compare the text without markup
+    import html
+    import re
+
+    text = html.unescape(re.sub(r"<[^>]+>", "", svg)).replace("\xa0", " ")
+    assert svg.startswith("<svg") and "step 40/100" in text and "0.625" in text and "0.590" in text, text[:2000]
+    assert "step 3/100" not in text
+    assert v.save_svg(tmp_path / "missing-dir" / "p.svg") is False

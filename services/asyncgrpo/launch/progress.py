@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 
@@ -82,6 +83,7 @@ class ProgressView:
             live = Console(file=self.file).is_interactive
         self.live = live
         self._last_step: int | None = None
+        self._last_snap: ProgressSnapshot | None = None
         self._last_state: str | None = None
         self._live: Any = None
         self._console: Any = None
@@ -116,7 +118,24 @@ class ProgressView:
                 print(plain_line(snap), file=self.file, flush=True)
             if snap.state != (self._last_state or "running"):
                 print(f"run {snap.state}", file=self.file, flush=True)
-        self._last_step, self._last_state = snap.step, snap.state
+        self._last_step, self._last_state, self._last_snap = snap.step, snap.state, snap
+
+    def save_svg(self, path: Path, width: int = 118) -> bool:
+        """The panel of the last update as an SVG picture (also when the output was plain lines): what the run
+        looked like when it ended. False when there was nothing to draw or the file cannot be written."""
+        import io
+
+        from rich.console import Console
+
+        if self._last_snap is None:
+            return False
+        console = Console(record=True, file=io.StringIO(), width=width, force_terminal=True, color_system="truecolor")
+        console.print(self._render(self._last_snap))
+        try:
+            path.write_text(console.export_svg(title="asyncgrpo up"), encoding="utf-8")
+        except OSError:
+            return False
+        return True
 
     def _render(self, s: ProgressSnapshot | None) -> Any:
         from rich.console import Group

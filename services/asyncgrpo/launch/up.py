@@ -454,38 +454,47 @@ def _start_periodic_eval(plan: RunPlan, eval_data: Path | None) -> Any:
 def _watch(sup: Any, plan: RunPlan, evals: Any, *, live: bool) -> None:
     """Until the trainer exits 0 (done) or any service exits early (ServiceFailed), with the progress display."""
     from asyncgrpo.launch.monitor import RunMonitor
-    from asyncgrpo.launch.procs import ServiceFailed, tail
     from asyncgrpo.launch.progress import ProgressView
 
     cfg = plan.cfg
     trainer = next(s for s in sup.services if s.name == "trainer")
     monitor = RunMonitor(plan.run_dir, cfg.redis.url, cfg.run_id, cfg.trainer.max_steps)
-    seen_evals = seen_errors = 0
     with ProgressView(cfg.trainer.max_steps, live=None if live else False) as view:
-        while True:
-            sup.check_stop()
-            if evals is not None and len(evals.results) > seen_evals:
-                for res in evals.results[seen_evals:]:
-                    monitor.eval = res.row()
-                    view.note(_eval_line(res))
-                seen_evals = len(evals.results)
-            if evals is not None and len(evals.errors) > seen_errors:
-                for msg in evals.errors[seen_errors:]:
-                    view.note(f"asyncgrpo up: {msg}")
-                seen_errors = len(evals.errors)
-            for snap in monitor.poll():
-                view.update(snap)
-            for svc in sup.exited():
-                code = svc.proc.returncode
-                if svc is trainer and code == 0:
-                    for snap in monitor.poll():
-                        view.update(snap)
-                    return
-                if svc.name == "rollout" and code == 0:  # drained or stopped from the control plane: the trainer follows
-                    continue
-                raise ServiceFailed(f"{svc.name} exited with code {code}; stopping the others. Last lines of {svc.log}:\n"
-                                    f"{tail(svc.log)}")
-            time.sleep(0.5)
+        try:
+            _watch_loop(sup, trainer, monitor, evals, view)
+        finally:
+            view.save_svg(plan.run_dir / "progress.svg")  # the last panel, for the record
+
+
+def _watch_loop(sup: Any, trainer: Any, monitor: Any, evals: Any, view: Any) -> None:
+    """Feed the display; return when the trainer exited 0, raise ServiceFailed when another service died."""
+    from asyncgrpo.launch.procs import ServiceFailed, tail
+
+    seen_evals = seen_errors = 0
+    while True:
+        sup.check_stop()
+        if evals is not None and len(evals.results) > seen_evals:
+            for res in evals.results[seen_evals:]:
+                monitor.eval = res.row()
+                view.note(_eval_line(res))
+            seen_evals = len(evals.results)
+        if evals is not None and len(evals.errors) > seen_errors:
+            for msg in evals.errors[seen_errors:]:
+                view.note(f"asyncgrpo up: {msg}")
+            seen_errors = len(evals.errors)
+        for snap in monitor.poll():
+            view.update(snap)
+        for svc in sup.exited():
+            code = svc.proc.returncode
+            if svc is trainer and code == 0:
+                for snap in monitor.poll():
+                    view.update(snap)
+                return
+            if svc.name == "rollout" and code == 0:  # drained or stopped from the control plane: the trainer follows
+                continue
+            raise ServiceFailed(f"{svc.name} exited with code {code}; stopping the others. Last lines of {svc.log}:\n"
+                                f"{tail(svc.log)}")
+        time.sleep(0.5)
 
 
 def _eval_line(res: Any) -> str:
