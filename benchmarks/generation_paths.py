@@ -61,13 +61,13 @@ async def _round(client: SGLangClient, prompts: list[list[int]], g: int, concurr
 
 
 @contextlib.contextmanager
-def genserver(model: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def genserver(model: str, *extra: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """`asyncgrpo genserver` on the model (1 torch thread, no keys, loopback), healthy; stopped on exit."""
     port = free_port("127.0.0.1")
     log = Path(tempfile.mkdtemp()) / "genserver.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ASYNCGRPO_API_KEY": "", "ASYNCGRPO_ADMIN_API_KEY": ""}
     srv = subprocess.Popen([sys.executable, "-m", "asyncgrpo.cli", "genserver", "--model", model, "--port", str(port),
-                            "--threads", "1"], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+                            "--threads", "1", *extra], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -103,6 +103,7 @@ def main() -> int:
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--max-batch-size", type=int, default=128, help="the genserver's --max-batch-size")
     ap.add_argument("--append", default=None)
     a = ap.parse_args()
 
@@ -115,7 +116,7 @@ def main() -> int:
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
     texts = [json.loads(line)["prompt"] for line in Path(a.data).read_text().splitlines()[: a.groups * (a.rounds + 1)]]
     res: dict[str, list[tuple[float, float, float]]] = {"per-completion": [], "parallel": [], "hf-generate": []}
-    with genserver(a.model) as (srv, url):
+    with genserver(a.model, "--max-batch-size", str(a.max_batch_size)) as (srv, url):
         async def run_all() -> None:
             async with SGLangClient(url) as client:
                 for r in range(a.rounds + 1):  # round 0 warms every path up and is not counted
@@ -147,7 +148,7 @@ def main() -> int:
             f.write(f"\n## Generation paths for GRPO groups ({dt.date.today()}, {os.cpu_count()}-core CPU ({cpu}), "
                     f"1 torch thread, fp32, {Path(a.model).name})\n\n{table}\n\n`python benchmarks/generation_paths.py "
                     f"--model {a.model} --data {a.data} --groups {a.groups} --group-size {a.group_size} --concurrency "
-                    f"{a.concurrency} --rounds {a.rounds}`; median of rounds, modes interleaved; hf-generate's client "
+                    f"{a.concurrency} --rounds {a.rounds} --max-batch-size {a.max_batch_size}`; median of rounds, modes interleaved; hf-generate's client "
                     "CPU is the generation itself.\n")
     return 0
 

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from asyncgrpo.genserver.app import version_spans
 from asyncgrpo.genserver.requests import MAX_SEED, GenerateReqInput, GenerateRequestError, expand_generate
 from asyncgrpo.genserver.sampling import (
-    ALL_TOKENS, SamplingError, SamplingParamError, filter_logprobs, parse_sampling_params, sample_row,
+    ALL_TOKENS, SamplingError, SamplingParamError, filter_logprobs, parse_sampling_params, sample_batch, sample_row,
     tempered_logprobs)
 from asyncgrpo.sglang.client import expand_token_versions, parse_generate_response
 
@@ -67,6 +67,37 @@ def test_sample_row_ignores_impossible_bans_and_refuses_to_draw_from_nothing() -
             sample_row(lp, spec, torch.Generator(), banned=[0, 1, 2, 3])
         with pytest.raises(SamplingError, match="no token can be sampled"):
             sample_row(torch.full((4,), float("nan")), spec, torch.Generator())
+
+
+def test_batched_sampling_draws_exactly_what_each_row_alone_draws() -> None:
+    """The engine samples a whole batch at once. A seeded row (its own generator) must get the token sample_row
+    gives it with the same generator state, whatever shares the batch, filters, bans and failures included;
+    unseeded rows (no generator) draw from the shared generator and follow their distribution."""
+    torch.manual_seed(0)
+    lps = torch.log_softmax(torch.randn(9, 50) * 3, -1)
+    lps[5] = float("nan")  # a row that cannot be sampled fails alone
+    specs = [parse_sampling_params(p) for p in ({}, {"temperature": 0}, {"top_k": 5}, {"top_p": 0.7}, {"min_p": 0.2},
+                                                {}, {"temperature": 1.0}, {}, {"top_k": 3})]
+    banned = [None, None, None, None, None, None, [int(lps[6].argmax())], None, None]
+    seeded = [0, 1, 2, 3, 4, 5, 6]  # rows 7 and 8 are unseeded
+    for step in range(30):
+        seeds = [100 * step + i for i in range(9)]
+        gens = [torch.Generator().manual_seed(seeds[i]) if i in seeded else None for i in range(9)]
+        batch = sample_batch(lps, specs, gens, banned, torch.Generator().manual_seed(step))
+        for i in seeded:
+            if i == 5:
+                assert isinstance(batch[i], SamplingError)
+                continue
+            alone = sample_row(lps[i], specs[i], torch.Generator().manual_seed(seeds[i]), banned[i])
+            assert batch[i] == alone, (step, i, batch[i], alone)
+        assert batch[8] in torch.topk(lps[8], 3).indices.tolist()  # the unseeded filtered row keeps its filter
+    assert batch[6] != banned[6][0]
+    # unseeded rows, many at once, follow the distribution
+    lp = torch.log_softmax(torch.tensor([1.0, 0.0, -1.0, 0.5]), -1)
+    n = 8000
+    toks = sample_batch(lp.expand(n, 4), [parse_sampling_params({})] * n, [None] * n, [None] * n, torch.Generator().manual_seed(1))
+    freq = torch.bincount(torch.tensor(toks), minlength=4).float() / n
+    assert torch.allclose(freq, lp.exp(), atol=0.02), (freq, lp.exp())
 
 
 def test_version_spans_round_trip_through_the_client() -> None:

@@ -69,3 +69,32 @@ def test_evaluate_command_prints_json(overfit: tuple[Path, Path], capsys: pytest
     assert main(["evaluate", "--model", str(model), "--data", str(data), "--n-samples", "2", "--max-new-tokens", "24"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["samples"] == 8 and set(out["reward"]) == {"gsm8k"} and out["greedy_reward"]["gsm8k"] == 1.0
+
+
+def test_solution_probability_is_the_product_of_the_token_probabilities(tiny_model_dir: Path) -> None:
+    """exp(-n x mean token cross-entropy) of the warm start's own loss (tested by hand in test_warm_start), for
+    each row alone and in a padded batch with rows of other lengths; and 256 distinct completions (each ended by
+    eos) have probabilities summing to at most 1."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from asyncgrpo.tiny.evaluate import solution_probabilities
+    from asyncgrpo.tiny.warm_start import collate, completion_loss, encode_pair
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    prompts, sols = ["Q: 1+2=?\nA:", "Q: 10-7=?\nA:", "Q: 5+5=?\nA:"], [" 1+2=3 #### 3", " 10-7=3", " 5+5=10 #### 10"]
+    batched = solution_probabilities(tiny_model_dir, prompts, sols)
+    for p, s, got in zip(prompts, sols, batched):
+        ids, labels = encode_pair(tok, p, s, tok.eos_token_id)
+        b = collate([(ids, labels)], pad_id=tok.eos_token_id)
+        with torch.no_grad():
+            loss = completion_loss(model(input_ids=b["input_ids"]).logits, b["labels"])
+        n = sum(1 for x in labels if x != -100)
+        want = math.exp(-float(loss) * n)
+        assert got == pytest.approx(want, rel=1e-4), (p, s, got, want)
+        assert solution_probabilities(tiny_model_dir, [p], [s])[0] == pytest.approx(got, rel=1e-4)
+    one_token = solution_probabilities(tiny_model_dir, ["Q: 1+2=?\nA:"] * 256, [bytes([i]).decode("latin-1") for i in range(256)])
+    assert 0 < sum(one_token) <= 1 + 1e-5

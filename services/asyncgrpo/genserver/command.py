@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "--model-path", dest="model", required=True, help="HF checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to serve other machines: needs a key)")
     p.add_argument("--port", type=int, default=30000, help="HTTP port (SGLang's default is 30000)")
-    p.add_argument("--max-batch-size", type=int, default=64, help="most requests decoded together (SGLang: max_running_requests)")
+    p.add_argument("--max-batch-size", type=int, default=128, help="most requests decoded together (SGLang: max_running_requests)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--weight-version", default="default", help="initial weight_version label")

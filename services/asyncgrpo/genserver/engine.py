@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from asyncgrpo.genserver.sampling import SamplingSpec, sample_row, tempered_logprobs
+from asyncgrpo.genserver.sampling import SamplingSpec, sample_batch, tempered_logprobs
 from asyncgrpo.genserver.weights import all_finite
 from asyncgrpo.utils.metrics import counter, gauge, histogram
 
@@ -64,12 +64,15 @@ class Request:
     versions: list[str] = field(default_factory=list)
     finish_reason: dict[str, Any] | None = None
     created: float = field(default_factory=time.time)
-    generator: torch.Generator = field(default_factory=torch.Generator)
+    # a seeded request draws from its own generator, so its tokens do not depend on what shares its batch;
+    # an unseeded one (None) draws from the engine's shared generator, all such rows in one call
+    generator: torch.Generator | None = None
     stop_text: str | None = None  # matched stop string, to trim the text
 
     def __post_init__(self) -> None:
-        seed = self.spec.sampling_seed if self.spec.sampling_seed is not None else random.getrandbits(63)
-        self.generator.manual_seed(int(seed))
+        if self.spec.sampling_seed is not None:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(int(self.spec.sampling_seed))
 
 
 class EngineError(RuntimeError):
@@ -95,7 +98,7 @@ def _failure(e: BaseException) -> dict[str, Any]:
 class Engine:
     """Owns model + tokenizer; `start()` runs the scheduler thread."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, model_path: str, max_batch_size: int = 64,
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, model_path: str, max_batch_size: int = 128,
                  weight_version: str = "default", max_context: int | None = None) -> None:
         self.model = model.eval()
         self.tok = tokenizer
@@ -121,6 +124,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.stats = {"steps": 0, "max_batch_seen": 0, "prefills": 0, "tokens": 0, "requests": 0}
         self._tps_window: deque[tuple[float, int]] = deque()
+        self._rng = torch.Generator().manual_seed(random.getrandbits(63))  # unseeded requests draw from it
         self._set_version_metric()
 
     # ---- thread plumbing ----
@@ -316,26 +320,35 @@ class Engine:
         temps = torch.tensor([r.spec.temperature for r in reqs], dtype=torch.float32, device=logits.device)
         # sampling runs on CPU with each request's own CPU generator (tiny [B, V] copy on GPU)
         lps = tempered_logprobs(logits, temps).cpu()
+        live = [k for k, r in enumerate(reqs) if r.finish_reason is None]
+        toks = sample_batch(lps[live] if len(live) < len(reqs) else lps, [reqs[k].spec for k in live],
+                            [reqs[k].generator for k in live], [self._banned(reqs[k]) for k in live], self._rng)
+        chosen = [t if isinstance(t, int) else 0 for t in toks]
+        picked = lps[torch.tensor(live, dtype=torch.long), torch.tensor(chosen, dtype=torch.long)].tolist() if live else []
         keep = [i for i in range(len(self.rows)) if i not in set(row_idx)]
-        for i, r, lp in zip(row_idx, reqs, lps):
-            if r.finish_reason is not None:
+        for k, tok, lp in zip(live, toks, picked):
+            r = reqs[k]
+            if isinstance(tok, Exception):  # this row fails alone; the others go on
+                self._fail(r, tok)
                 continue
             try:
-                if self._sample_one(r, lp):
-                    keep.append(i)
+                if self._record(r, tok, lp):
+                    keep.append(row_idx[k])
             except Exception as e:  # noqa: BLE001 - this row fails alone; the others go on
                 self._fail(r, e)
         self._count_tokens(len(reqs))
         self._keep(sorted(keep))
 
-    def _sample_one(self, r: Request, lp: torch.Tensor) -> bool:
-        """Draw and record one token of a row; True while the row goes on."""
-        banned = None
+    def _banned(self, r: Request) -> list[int] | None:
+        """Tokens a row may not draw yet: eos and stop ids until min_new_tokens are out."""
         if len(r.output_ids) < r.spec.min_new_tokens:
-            banned = sorted((set() if r.spec.ignore_eos else self.eos_ids) | set(r.spec.stop_token_ids))
-        tok = sample_row(lp, r.spec, r.generator, banned)
+            return sorted((set() if r.spec.ignore_eos else self.eos_ids) | set(r.spec.stop_token_ids))
+        return None
+
+    def _record(self, r: Request, tok: int, lp: float) -> bool:
+        """Record one drawn token of a row; True while the row goes on."""
         r.output_ids.append(tok)
-        r.logprobs.append(float(lp[tok]))
+        r.logprobs.append(lp)
         r.versions.append(self.weight_version)
         reason = self._check_finish(r, tok)
         if reason is not None:
