@@ -115,9 +115,13 @@ class ControlPlane:
 
     @staticmethod
     def _server_urls(cfg: dict[str, Any]) -> list[str]:
-        ws = (cfg.get("weight_sync") or {}).get("servers")
-        urls = ws if ws else (cfg.get("rollout") or {}).get("server_urls") or []
-        return [*urls, *[u for u in (cfg.get("weight_sync") or {}).get("disk_servers") or [] if u not in urls]]
+        """The run's generation servers as weight-sync resolves them (broadcast members, then disk servers)."""
+        from asyncgrpo.weight_sync.settings import synced_servers
+
+        ws = cfg.get("weight_sync") or {}
+        broadcast, disk = synced_servers(ws.get("servers"), (cfg.get("rollout") or {}).get("server_urls") or [],
+                                         ws.get("disk_servers") or [])
+        return [*broadcast, *disk]
 
     async def get_run(self, run_id: str) -> RunDetail:
         detail, urls = await self._io(self._detail_sync, run_id)

@@ -43,6 +43,14 @@ def _cuda() -> bool:
         return False
 
 
+def synced_servers(servers: list[str] | None, rollout_urls: list[str], disk_servers: list[str]) -> tuple[list[str], list[str]]:
+    """(broadcast servers, disk servers) of a run: weight_sync.servers, else the rollout's server_urls; a server
+    listed in both is a disk server (it said it cannot join the group). Trailing slashes dropped."""
+    disk = [u.rstrip("/") for u in disk_servers]
+    chosen = servers if servers is not None else rollout_urls
+    return [u.rstrip("/") for u in chosen if u.rstrip("/") not in disk], disk
+
+
 def resolve(cfg) -> SyncSettings:  # type: ignore[no-untyped-def]
     from asyncgrpo.utils.auth import resolve_keys
 
@@ -50,10 +58,7 @@ def resolve(cfg) -> SyncSettings:  # type: ignore[no-untyped-def]
     api_key, admin_api_key = resolve_keys(cfg.auth.api_key, cfg.auth.admin_api_key)
     backend = ws.backend if ws.backend != "auto" else ("nccl" if _cuda() else "gloo")
     dtype = ws.dtype if ws.dtype != "auto" else ("bfloat16" if backend == "nccl" else None)
-    servers = list(ws.servers) if ws.servers is not None else list(cfg.rollout.server_urls)
-    disk = [u.rstrip("/") for u in ws.disk_servers]
-    # A server listed in both is a disk server: it said it cannot join the group.
-    servers = [u.rstrip("/") for u in servers if u.rstrip("/") not in disk]
+    servers, disk = synced_servers(ws.servers, list(cfg.rollout.server_urls), list(ws.disk_servers))
     snap = Path(ws.snapshot_dir) if ws.snapshot_dir else Path("/dev/shm/asyncgrpo") / cfg.experiment_name / cfg.trial_name
     ckpt = Path(ws.checkpoint_dir) if ws.checkpoint_dir else Path(cfg.fileroot) / cfg.experiment_name / cfg.trial_name / "weight_sync"
     host = "127.0.0.1" if ws.host in ("0.0.0.0", "::") else ws.host
