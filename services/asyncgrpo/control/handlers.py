@@ -35,6 +35,9 @@ T = TypeVar("T")
 STALENESS_SCAN = 256  # undelivered groups decoded for the staleness histogram (the oldest; each may be ~100 KB)
 
 
+
+PROBE_TTL_S = 1.0  # seconds one probe of a generation server's state is reused
+
 class UnknownRun(LookupError):
     pass
 
@@ -67,6 +70,9 @@ class ControlPlane:
         self.r = client
         self.server_timeout_s = server_timeout_s
         self.api_key = api_key  # for asking the generation servers their state
+        # one probe per server serves every request within PROBE_TTL_S (the dashboard asks for a run's detail and
+        # its inspection at once, both with the servers): a task, so concurrent requests share one probe in flight
+        self._probes: dict[str, tuple[float, asyncio.Task[ServerState]]] = {}
 
     async def _io(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         try:
@@ -129,7 +135,17 @@ class ControlPlane:
         return detail
 
     async def servers(self, urls: list[str]) -> list[ServerState]:
-        return list(await asyncio.gather(*(self._server(u) for u in urls)))
+        # shielded: a request that goes away must not cancel a probe another request shares
+        return list(await asyncio.gather(*(asyncio.shield(self._probe(u)) for u in urls)))
+
+    def _probe(self, url: str) -> asyncio.Task[ServerState]:
+        loop = asyncio.get_running_loop()
+        now, key = loop.time(), f"{id(loop)} {url}"  # a task belongs to its event loop
+        hit = self._probes.get(key)
+        if hit is None or now - hit[0] > PROBE_TTL_S:
+            self._probes = {k: h for k, h in self._probes.items() if now - h[0] <= PROBE_TTL_S}  # forget old ones
+            hit = self._probes[key] = (now, loop.create_task(self._server(url)))
+        return hit[1]
 
     async def _server(self, url: str) -> ServerState:
         from asyncgrpo.sglang.client import SGLangClient, SGLangError
