@@ -16,7 +16,7 @@ def test_prepare_warm_starts_and_is_idempotent(tmp_path: Path, capsys: pytest.Ca
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "tiny"
-    # 1000 steps (the default is 1750). The warm-started model is a different one on every CPU: 1000 Adam steps
+    # 1000 steps (the default is 1500). The warm-started model is a different one on every CPU: 1000 Adam steps
     # amplify kernel rounding, so the learning outcome is a random draw around its mean. Measured loss 5.74 ->
     # 0.164 (AVX2 and non-vectorised kernels alike), sampled reward 0.00 -> 0.089 / 0.093 / ~0.10 and greedy
     # reward 0.00 -> 0.07 / 0.11 / ~0.14 (non-vectorised, AVX2, another machine). Thresholds keep a wide margin:

@@ -33,7 +33,7 @@ def _stderr(msg: str) -> None:
 
 @dataclass
 class WarmStartConfig:
-    steps: int = 1750
+    steps: int = 1500  # prepare.py: what each length gives, and why this one
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 0.0
