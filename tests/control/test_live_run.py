@@ -25,7 +25,8 @@ from control.browser import chromium_page
 from faults.system import System, fault_config, write_dataset
 
 pytestmark = pytest.mark.slow
-STEPS = 16  # the dashboard must catch the run while it trains (a tiny step takes well under a second)
+STEPS = 60  # the dashboard must catch the run while it trains: a tiny step takes ~0.2 s, and 16 steps were
+# over before a loaded machine's browser clicked Pause
 
 
 def _token(run: System) -> str:
