@@ -30,7 +30,8 @@ from asyncgrpo.launch.up import paired_gain
 from asyncgrpo.tasks.arithmetic import ArithmeticSpec, make_problems, to_record
 from asyncgrpo.tiny.evaluate import solution_probabilities
 
-pytestmark = pytest.mark.slow
+# prepare + 100 steps + the evaluations: about 3-6 minutes on 2 cores, more on a loaded machine than the default 600 s allow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny_arithmetic.yaml"
 STEPS = 100
