@@ -445,7 +445,7 @@ def _start_periodic_eval(plan: RunPlan, eval_data: Path | None) -> Any:
         start = RunState(client, cfg.run_id).get_version()  # a resumed run evaluates from its next point on
     except Exception:  # noqa: BLE001 - a fresh Redis: version 0
         start = 0
-    evals = PeriodicEval(cfg, cfg.rollout.server_urls[0], plan.env["ASYNCGRPO_API_KEY"], eval_data,
+    evals = PeriodicEval(cfg, cfg.rollout.server_urls[0], plan.env.get("ASYNCGRPO_API_KEY"), eval_data,
                          plan.run_dir / "evals.jsonl", record=ctl.record_eval, start_version=start)
     evals.start()
     return evals
