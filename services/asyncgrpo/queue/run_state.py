@@ -39,10 +39,21 @@ local function accepted(stream, trained, in_stream)
 end
 """
 
+# The cursor's next prompt (epoch, position) for a dataset of n prompts: past the last position, the next epoch.
+# Admission and the exhaustion check read it alike; only admission moves the cursor.
+_NEXT_PROMPT_LUA = """
+local function next_prompt(cursor, n)
+  local epoch = tonumber(redis.call('HGET', cursor, 'epoch') or '0')
+  local pos = tonumber(redis.call('HGET', cursor, 'position') or '0')
+  if pos >= n then epoch = epoch + 1; pos = 0 end
+  return epoch, pos
+end
+"""
+
 # KEYS: version paused leases requeue cursor counters stream trained trained_in_stream lease_owners mode knobs
 # ARGV: max_head_offpolicyness batch_groups dataset_size total_epochs lease_ttl_ms owner
 # -> {status, ref, version, started, capacity, knobs (flat HGETALL: the live knob values this admission used)}
-_ADMIT_LUA = _ACCEPTED_LUA + """
+_ADMIT_LUA = _ACCEPTED_LUA + _NEXT_PROMPT_LUA + """
 local knobs = redis.call('HGETALL', KEYS[12])
 local ofp = tonumber(redis.call('HGET', KEYS[12], '""" + KNOB_OFFPOLICYNESS + """') or ARGV[1])
 local bg = tonumber(ARGV[2]); local n = tonumber(ARGV[3])
@@ -66,9 +77,7 @@ end
 if used + 1 > cap then return {'over_budget', '', v, used, cap, knobs} end
 local ref = redis.call('LPOP', KEYS[4])
 if not ref then
-  local epoch = tonumber(redis.call('HGET', KEYS[5], 'epoch') or '0')
-  local pos = tonumber(redis.call('HGET', KEYS[5], 'position') or '0')
-  if pos >= n then epoch = epoch + 1; pos = 0 end
+  local epoch, pos = next_prompt(KEYS[5], n)
   if epoch >= epochs then return {'exhausted', '', v, used, cap, knobs} end
   redis.call('HSET', KEYS[5], 'epoch', epoch, 'position', pos + 1)
   ref = epoch .. ':' .. pos .. ':0'
@@ -140,13 +149,10 @@ return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 
 # KEYS: cursor requeue leases  ARGV: total_epochs -> 1 when no group can come any more: the cursor is past the
 # last epoch (as admission counts it), nothing is re-queued and no lease is held, live or expired
-_EXHAUSTED_LUA = """
+_EXHAUSTED_LUA = _NEXT_PROMPT_LUA + """
 local size = tonumber(redis.call('HGET', KEYS[1], 'size') or '0')
 if size < 1 then return 0 end
-local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
-local pos = tonumber(redis.call('HGET', KEYS[1], 'position') or '0')
-if pos >= size then epoch = epoch + 1 end
-if epoch < tonumber(ARGV[1]) then return 0 end
+if next_prompt(KEYS[1], size) < tonumber(ARGV[1]) then return 0 end
 if redis.call('LLEN', KEYS[2]) > 0 or redis.call('ZCARD', KEYS[3]) > 0 then return 0 end
 return 1
 """
