@@ -26,16 +26,22 @@ def _group(cfg, position: int, version: int, seed: int) -> Group:  # type: ignor
                  attempt=0, prompt_ids=[rng.randrange(256) for _ in range(4)], completions=comps)
 
 
-def test_loop_trains_drops_stale_acks_and_resumes(tiny_model_dir: Path, tmp_path: Path, redis_server) -> None:  # type: ignore[no-untyped-def]
-    cfg = make_config(tiny_model_dir)
-    cfg.redis.url = redis_server.url
-    cfg.train_dataset.batch_size = 2
-    cfg.rollout.max_head_offpolicyness = 0
+def _loop_setup(model_dir: Path, tmp_path: Path, redis_url: str, *, batch_size: int, checkpoint_interval: int,
+                poll_timeout_s: float):  # type: ignore[no-untyped-def]
+    """A trainer config on this Redis with its checkpoints under tmp_path, and the run's queue and state."""
+    cfg = make_config(model_dir)
+    cfg.redis.url = redis_url
+    cfg.train_dataset.batch_size = batch_size
     cfg.trainer.checkpoint_dir = str(tmp_path / "ckpt")
-    cfg.trainer.checkpoint_interval = 2
-    cfg.trainer.poll_timeout_s = 0.1
-    queue = GroupQueue.from_url(cfg.redis.url, cfg.run_id)
-    state = RunState.from_url(cfg.redis.url, cfg.run_id)
+    cfg.trainer.checkpoint_interval = checkpoint_interval
+    cfg.trainer.poll_timeout_s = poll_timeout_s
+    return cfg, GroupQueue.from_url(redis_url, cfg.run_id), RunState.from_url(redis_url, cfg.run_id)
+
+
+def test_loop_trains_drops_stale_acks_and_resumes(tiny_model_dir: Path, tmp_path: Path, redis_server) -> None:  # type: ignore[no-untyped-def]
+    cfg, queue, state = _loop_setup(tiny_model_dir, tmp_path, redis_server.url, batch_size=2, checkpoint_interval=2,
+                                    poll_timeout_s=0.1)
+    cfg.rollout.max_head_offpolicyness = 0
     published: list[tuple[int, list[str]]] = []
 
     def sink(it, version: int) -> None:  # type: ignore[no-untyped-def]
@@ -130,14 +136,8 @@ def test_control_plane_reaches_a_trainer_waiting_for_groups(tiny_model_dir: Path
 
     from asyncgrpo.queue.run_control import RunControl, redacted_config
 
-    cfg = make_config(tiny_model_dir)
-    cfg.redis.url = redis_server.url
-    cfg.train_dataset.batch_size = 4
-    cfg.trainer.checkpoint_dir = str(tmp_path / "ckpt")
-    cfg.trainer.checkpoint_interval = 0
-    cfg.trainer.poll_timeout_s = 0.2
-    queue = GroupQueue.from_url(cfg.redis.url, cfg.run_id)
-    state = RunState.from_url(cfg.redis.url, cfg.run_id)
+    cfg, queue, state = _loop_setup(tiny_model_dir, tmp_path, redis_server.url, batch_size=4, checkpoint_interval=0,
+                                    poll_timeout_s=0.2)
     control = RunControl(state.r, cfg.run_id)
     control.register(redacted_config(cfg))
     service = TrainerService(cfg, GRPOTrainer(cfg), queue, state, control=control)
@@ -176,15 +176,9 @@ def test_trainer_stops_when_the_prompts_ran_out(tiny_model_dir: Path, tmp_path: 
     or re-queued, ends its run (checkpoint and HF model saved) and says why, instead of waiting forever."""
     import logging
 
-    cfg = make_config(tiny_model_dir)
-    cfg.redis.url = redis_server.url
+    cfg, queue, state = _loop_setup(tiny_model_dir, tmp_path, redis_server.url, batch_size=2, checkpoint_interval=5,
+                                    poll_timeout_s=0.1)
     cfg.total_train_epochs = 1
-    cfg.train_dataset.batch_size = 2
-    cfg.trainer.checkpoint_dir = str(tmp_path / "ckpt")
-    cfg.trainer.checkpoint_interval = 5
-    cfg.trainer.poll_timeout_s = 0.1
-    queue = GroupQueue.from_url(cfg.redis.url, cfg.run_id)
-    state = RunState.from_url(cfg.redis.url, cfg.run_id)
     state.init_cursor(4, seed=0)
     refs = [state.admit(max_head_offpolicyness=5, batch_groups=2, dataset_size=4, total_epochs=1, lease_ttl_s=60).ref
             for _ in range(4)]
