@@ -121,6 +121,21 @@ class System:
                 raise AssertionError(f"version {v} after {timeout:.0f}s, waiting for {at_least}\n{self.logs()}")
             time.sleep(0.1)
 
+    def leases_held_by(self, worker_id: str) -> int:
+        """Leases held now (pushed or released ones are gone) whose owner is one of `worker_id`'s workers."""
+        held = self.state.leases()
+        return sum(1 for ref, owner in self.state.lease_owners().items()
+                   if ref in held and owner.startswith(f"{worker_id}#"))
+
+    def wait_for_lease(self, worker_id: str, timeout: float) -> None:
+        """Until a worker of `worker_id` holds a lease: a kill then leaves one behind for the restart to take back."""
+        deadline = time.monotonic() + timeout
+        while self.leases_held_by(worker_id) == 0:
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no lease held by {worker_id} within {timeout:.0f}s\n{self.logs()}")
+            time.sleep(0.02)
+
     def kill(self, name: str) -> None:
         s = self.svc(name)
         self.killed.add(name)

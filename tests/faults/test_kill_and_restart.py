@@ -34,7 +34,13 @@ def test_kill_one_process_and_restart_it(victim: str, tiny_model_dir: Path, tmp_
     try:
         run.start()
         killed_at = run.wait_version(at, 240)
+        rollout_id = run.cfg.rollout.worker_id
+        if victim == "rollout":
+            # killed while idle (waiting on the staleness budget) it would leave nothing to take back
+            run.wait_for_lease(rollout_id, 60)
         run.kill(victim)
+        # the dead process can neither push nor release them (Redis itself may be the victim: not read then)
+        left_behind = run.leases_held_by(rollout_id) if victim == "rollout" else 0
         time.sleep(down_s)
         run.restart(victim)
         run.finish(300)
@@ -47,22 +53,26 @@ def test_kill_one_process_and_restart_it(victim: str, tiny_model_dir: Path, tmp_
         assert not any(acc.overlaps.values()), acc.overlaps
         assert len(acc.trained) == steps * run.cfg.train_dataset.batch_size
         assert gap < MAX_STEP_GAP_S, f"longest gap between versions {gap:.1f}s"
-        _check_victim(run, victim)
+        _check_victim(run, victim, left_behind)
     finally:
         run.stop()
     problems = {k: v for k, v in run.log_problems().items() if k != victim}
     assert not problems, f"ERROR lines or tracebacks outside the killed process's log: {problems}"
 
 
-def _check_victim(run: System, victim: str) -> None:
+def _check_victim(run: System, victim: str, left_behind: int) -> None:
     """What the logs must say about the fault: each service noticed it and said so, once."""
     log = {s.name: s.log.read_text(errors="replace") for s in run.plan.services}
     if victim == "trainer":
         assert "resumed from" in log["trainer"] and "at version 6" in log["trainer"], log["trainer"][-3000:]
         assert "replaying" in log["trainer"], "the groups trained after the checkpoint are replayed"
     elif victim == "rollout":
-        # the restarted process takes its leases back at once instead of waiting lease_ttl_s (120 s)
-        assert "took back" in log["rollout"], log["rollout"][-3000:]
+        # the restarted process takes its leases back at once instead of waiting lease_ttl_s (120 s); the lease
+        # seen before the kill can, rarely, be pushed in the milliseconds before SIGKILL lands
+        if left_behind:
+            assert f"took back {left_behind} leases" in log["rollout"], log["rollout"][-3000:]
+        else:
+            assert "took back" not in log["rollout"], log["rollout"][-3000:]
     elif victim == "genserver":
         assert log["rollout"].count("generation on") >= 1 and "works again" in log["rollout"], log["rollout"][-3000:]
         assert "dropped" in log["weight-sync"], log["weight-sync"][-3000:]
