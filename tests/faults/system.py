@@ -27,10 +27,10 @@ def fault_config(model_dir: Path, dataset: Path, trial: str, steps: int, checkpo
     return load_config(overrides={
         "experiment_name": "faults", "trial_name": trial, "seed": 1,
         # a random tiny model scores 0: without filtering every group is pushed, which is what the accounting needs
-        "actor": {"path": str(model_dir), "group_size": 4, "dynamic_filtering": False, "micro_batch_size": 16},
+        "actor": {"path": str(model_dir), "group_size": 4, "micro_batch_size": 16},
         "optimizer": {"lr": 1e-4},
         "train_dataset": {"path": str(dataset), "batch_size": 4},
-        "rollout": {"max_new_tokens": 8, "max_concurrent_rollouts": 8, "max_head_offpolicyness": 1,
+        "rollout": {"dynamic_filtering": False, "max_new_tokens": 8, "max_concurrent_rollouts": 8, "max_head_offpolicyness": 1,
                     "worker_id": "faults-rollout", "log_interval_s": 2.0},
         "trainer": {"max_steps": steps, "checkpoint_interval": checkpoint_interval, "poll_timeout_s": 1.0},
         "weight_sync": {"resync_interval_s": 1.0, "group_timeout_s": 20.0, "collective_timeout_s": 20.0,

@@ -26,9 +26,9 @@ def _config(tmp: Path, model_dir: Path) -> Path:
     data = write_dataset(tmp / "train.jsonl", 200)
     write_dataset(tmp / "test.jsonl", 20)
     cfg = {"experiment_name": "up", "total_train_epochs": 20,  # 500 steps x 4 prompts: the runs that are stopped
-           "actor": {"path": str(model_dir), "group_size": 4, "dynamic_filtering": False},
+           "actor": {"path": str(model_dir), "group_size": 4},
            "train_dataset": {"path": str(data), "batch_size": 4},
-           "rollout": {"max_new_tokens": 8, "max_concurrent_rollouts": 8}, "trainer": {"checkpoint_interval": 2}}
+           "rollout": {"dynamic_filtering": False, "max_new_tokens": 8, "max_concurrent_rollouts": 8}, "trainer": {"checkpoint_interval": 2}}
     path = tmp / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -111,7 +111,7 @@ def test_a_run_whose_prompts_run_out_ends_and_says_why(tmp_path: Path, tiny_mode
     data = write_dataset(tmp_path / "twelve.jsonl", 12)
     run_dir = tmp_path / "run"
     p = _up("--config", str(cfg), "--steps", "2", "--run-dir", str(run_dir), "--evaluator.prompts=0",
-            f"--train_dataset.path={data}", "--total_train_epochs=1", "--actor.dynamic_filtering=true")
+            f"--train_dataset.path={data}", "--total_train_epochs=1", "--rollout.dynamic_filtering=true")
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 1, out
     assert "the run ended at version 0 of 2: the prompts ran out at version 0" in out, out

@@ -1,4 +1,5 @@
-"""TP=1, TP=2 and DP=2 (gloo, spawned processes) give HF's logits and the same training step."""
+"""TP=1, TP=2 and DP=2 (gloo, spawned processes) give HF's logits and the same training step (with the KL to
+another model in the rewards, which each DP rank computes for its own groups only)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,15 @@ CONFIGS = {"tp1": (1, 1, 3), "tp2": (2, 2, 8), "dp2": (2, 1, 2)}
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    from asyncgrpo.tiny import build_tiny_model
+
     out = tmp_path_factory.mktemp("parallel_runs")
+    ref = build_tiny_model(out / "ref", preset="tiny", arch="qwen2", seed=1)  # another random model: KL ~ 1 per token
     results = {}
     for name, (world, tp, mbs) in CONFIGS.items():
         path = out / f"{name}.pt"
-        mp.spawn(step_worker, args=(world, tp, mbs, free_port(), str(tiny_model_dir), str(path)), nprocs=world, join=True)
+        mp.spawn(step_worker, args=(world, tp, mbs, free_port(), str(tiny_model_dir), str(path), str(ref)), nprocs=world,
+                 join=True)
         results[name] = torch.load(path, weights_only=False)
     return results
 
@@ -55,6 +60,12 @@ def test_step_matches_tp1(runs: dict, name: str, tiny_model_dir: Path) -> None:
     """The same step as TP=1 on what it defines: loss, statistics and gradients within fp32 rounding
     (tolerances argued in trainer/numerics.py), and an Adam update that is Adam's of that gradient."""
     ref, got = runs["tp1"], runs[name]
+    # the KL really shapes the rewards (k1 of two random models: |KL| ~ 1e-2 per completion, x kl_ctl 1)
+    assert abs(ref["stats"]["kl_reward_mean"]) > 1e-3, ref["stats"]["kl_reward_mean"]
+    # a completion's KL sums <= 8 token log-prob differences, each off by fp32 rounding across TP (~1e-6): 1e-5
+    for key in ("kl_reward_mean", "adv_max", "adv_min"):
+        d = abs(got["stats"][key] - ref["stats"][key])
+        assert d <= 1e-5, f"{name}: {key} {got['stats'][key]!r} vs tp1 {ref['stats'][key]!r}: |diff| {d:.2e}"
     diffs = numerics.assert_stats_close(got["stats"], ref["stats"], name)
     grad_rel = numerics.assert_grads_close(got["grads"], ref["grads"], name)
     opt = make_config(tiny_model_dir).optimizer

@@ -65,20 +65,22 @@ def _with_behav(trainer: GRPOTrainer, batch: Batch, offset: float) -> Batch:
     return Batch(out)
 
 
-@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean"])
-def test_behav_equal_prox_is_plain_grpo(tiny_model_dir: Path, agg: str) -> None:
+@pytest.mark.parametrize(("agg", "loss"), [("seq-mean-token-mean", "ppo"), ("token-mean", "ppo"), ("seq-mean-token-mean", "gspo")])
+def test_behav_equal_prox_is_plain_grpo(tiny_model_dir: Path, agg: str, loss: str) -> None:
     """First step: pi_theta = pi_prox so ratio = 1 and the loss is -(aggregate of A). With behav = prox the
     behaviour weight is 1 (plain GRPO); with behav = prox - 0.1 every token is weighted by e^0.1.
 
     behav is prox from a pass over the whole batch, the trainer's prox one over micro-batches of another
     padded length: the two differ by kernel rounding, a few ulp(6) = 4.8e-7 (plus the fp32 rounding of
     prox + offset), observed <= 4e-8. That moves w = exp(prox - behav) ~ 1 and the loss ~ 1 relatively by
-    the same amount; 1e-5 (20 ulp(6)) bounds it and is 4 orders below the e^0.1 effect under test."""
+    the same amount; 1e-5 (20 ulp(6)) bounds it and is 4 orders below the e^0.1 effect under test. GSPO's
+    sequence ratio is 1 too at the first step (its clip range 3e-4 is 3 orders above the rounding)."""
     from asyncgrpo.trainer.train_step import batch_advantages
 
     results = {}
     for offset in (0.0, -0.1):
-        cfg = make_config(tiny_model_dir, loss_agg_mode=agg, behav_imp_weight_cap=None)
+        cfg = make_config(tiny_model_dir, loss_agg_mode=agg, behav_imp_weight_cap=None, eps_clip=3e-4 if loss == "gspo" else 0.2,
+                          eps_clip_higher=4e-4 if loss == "gspo" else None, policy_loss=loss)
         cfg.actor.adv_norm.mean_level = "none"  # uncentred advantages, so the plain loss is not 0
         trainer = GRPOTrainer(cfg)
         batch = _with_behav(trainer, make_batch(7), offset)
@@ -105,6 +107,24 @@ def test_kl_to_reference_is_zero_at_first_step(tiny_model_dir: Path) -> None:
     # token, so 1e-6 bounds the noise. One Adam step (lr 1e-3) gives ~6e-4, far above it.
     assert abs(first["kl_ref"]) <= 1e-6, f"kl_ref at the first step {first['kl_ref']!r}"
     assert second["kl_ref"] > 1e-5, f"kl_ref after one step {second['kl_ref']!r}: the policy did not move from the reference"
+
+
+def test_kl_in_reward_shapes_the_advantages_not_the_loss(tiny_model_dir: Path) -> None:
+    """use_kl_in_reward: no KL term in the loss; each completion's reward less kl_ctl x its summed KL. At the first
+    step policy = reference (KL exactly 0, see above); after one step (lr 1e-3) the KL is ~6e-4 per token, and
+    with kl_ctl 10 over 2-8 tokens the rewards move by ~1e-2, so the advantages (fp32, ~1e-7) differ visibly."""
+    from asyncgrpo.trainer.train_step import batch_advantages
+
+    trainer = GRPOTrainer(make_config(tiny_model_dir, kl_ctl=10.0, use_kl_in_reward=True))
+    assert trainer.ref is not None and trainer.loss_params.kl_ctl == 0.0
+    first = trainer.train_step(make_batch(2))
+    assert "kl_loss" not in first and abs(first["kl_reward_mean"]) <= 1e-6, first.get("kl_reward_mean")
+    batch = make_batch(3)
+    raw = batch_advantages(batch, trainer.cfg)
+    second = trainer.train_step(batch)
+    assert second["kl_reward_mean"] > 1e-5, f"kl_reward_mean after one step {second['kl_reward_mean']!r}"
+    moved = max(abs(second["adv_max"] - float(raw.max())), abs(second["adv_min"] - float(raw.min())))
+    assert moved > 1e-4, f"the advantages did not change with the KL in the reward (moved {moved:.2e})"
 
 
 @pytest.mark.parametrize("dist_opt", [False, True], ids=["optimizer", "distributed_optimizer"])

@@ -71,9 +71,11 @@ def capture_grads(trainer: Any) -> dict[str, torch.Tensor]:
     return grads
 
 
-def step_worker(rank: int, world: int, tp: int, mbs: int, port: int, model_dir: str, out_path: str) -> None:
+def step_worker(rank: int, world: int, tp: int, mbs: int, port: int, model_dir: str, out_path: str,
+                ref_dir: str | None = None) -> None:
     """Build the trainer at (world, tp), check logits against HF, export round trip, run one step (recording
-    the gradients it applies); rank 0 saves the results to out_path."""
+    the gradients it applies); rank 0 saves the results to out_path. With `ref_dir` the step puts the KL to that
+    reference into the rewards (each DP rank holds the log-probs of its own groups only)."""
     init_env(rank, world, port)
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -82,7 +84,11 @@ def step_worker(rank: int, world: int, tp: int, mbs: int, port: int, model_dir: 
     from asyncgrpo.trainer.logprobs import forward_logits
     from asyncgrpo.trainer.train_step import GRPOTrainer
 
-    trainer = GRPOTrainer(make_config(model_dir, tp=tp, mbs=mbs))
+    cfg = make_config(model_dir, tp=tp, mbs=mbs)
+    if ref_dir is not None:
+        cfg.ref.path = ref_dir
+        cfg.actor.kl_ctl, cfg.actor.kl_estimator, cfg.actor.use_kl_in_reward = 1.0, "k1", True
+    trainer = GRPOTrainer(cfg)
     # Logits equal HF's (fp32): gather the vocab-parallel shards.
     ids = torch.randint(0, 384, (2, 11), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():

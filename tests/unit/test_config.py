@@ -18,7 +18,7 @@ def test_defaults_are_valid_and_documented() -> None:
     for key in ["actor.path", "ref.path", "actor.group_size", "actor.adv_norm.mean_level", "actor.adv_norm.std_level",
                 "actor.eps_clip", "actor.eps_clip_higher", "actor.c_clip", "actor.behav_imp_weight_cap",
                 "actor.behav_imp_weight_mode", "actor.loss_agg_mode", "actor.kl_ctl", "actor.kl_estimator",
-                "rollout.max_head_offpolicyness", "actor.dynamic_filtering", "actor.overlong_penalty.enabled",
+                "rollout.max_head_offpolicyness", "rollout.dynamic_filtering", "actor.adv_estimator", "actor.policy_loss", "actor.overlong_penalty.enabled",
                 "optimizer.lr", "total_train_epochs", "train_dataset.batch_size"]:
         assert key in keys, key
     assert all(doc for _, _, doc in rows), [k for k, _, d in rows if not d]
@@ -84,3 +84,29 @@ def test_override_syntax_errors() -> None:
 def test_missing_file_is_clear() -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(["/nonexistent/run.yaml"])
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    (["--actor.adv_estimator=ppo"], "actor.adv_estimator='ppo' is not a registered advantage estimator; choose one of ['dr_grpo', 'grpo'"),
+    (["--actor.policy_loss=trpo"], "actor.policy_loss='trpo' is not a registered policy loss; choose one of ['gspo', 'ppo']"),
+    (["--actor.adv_estimator=rloo", "--actor.adv_norm.std_level=batch"], "actor.adv_norm.std_level applies to adv_estimator=grpo only"),
+    (["--actor.policy_loss=gspo"], "set actor.eps_clip (GSPO uses 3e-4)"),
+    (["--actor.policy_loss=gspo", "--actor.eps_clip=3e-4", "--actor.loss_agg_mode=token-mean"], "needs actor.loss_agg_mode=seq-mean-token-mean"),
+    (["--actor.use_kl_in_reward=true"], "needs actor.kl_ctl > 0"),
+    (["--actor.dynamic_filtering=true"], "'actor.dynamic_filtering' moved to 'rollout.dynamic_filtering'"),
+])
+def test_algorithm_choices_are_checked_against_the_registries(overrides: list[str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=overrides)
+    assert fragment in str(e.value), str(e.value)
+
+
+def test_algorithm_choices_that_fit_together_load() -> None:
+    cfg = load_config(overrides=["--actor.policy_loss=gspo", "--actor.eps_clip=3e-4", "--actor.eps_clip_higher=4e-4",
+                                 "--actor.adv_estimator=reinforce_plus_plus", "--actor.adv_norm.std_unbiased=false",
+                                 "--actor.behav_imp_weight_level=geometric", "--actor.kl_ctl=0.01",
+                                 "--actor.use_kl_in_reward=true", "--rollout.dynamic_filtering=true"])
+    a = cfg.actor
+    assert (a.policy_loss, a.adv_estimator, a.behav_imp_weight_level, a.use_kl_in_reward) == \
+        ("gspo", "reinforce_plus_plus", "geometric", True)
+    assert cfg.rollout.dynamic_filtering

@@ -1,4 +1,4 @@
-"""Advantage estimators and group filters against numbers worked out by hand.
+"""Advantage estimators (and their registry) against numbers worked out by hand.
 
 Shared fixture batch (two groups of G=4):
   g1 = [1, 0, 0, 1]: mean 0.5, deviations +-0.5, sum sq 1 -> unbiased var 1/3, std 0.5773503; biased std 0.5
@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from asyncgrpo.core import (
-    compute_advantages,
+    ADV_ESTIMATORS,
+    AdvNorm,
     dr_grpo_advantages,
     group_advantages,
     rloo_advantages,
-    zero_variance_mask,
 )
 
 R = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 4.0]])
@@ -136,22 +136,54 @@ def test_dr_grpo() -> None:
     close(dr_grpo_advantages(R), [[0.5, -0.5, -0.5, 0.5], [-1.0, -1.0, -1.0, 3.0]])
 
 
-def test_compute_advantages_dispatch() -> None:
-    close(compute_advantages(R, "grpo", std_unbiased=False)[0], [1.0, -1.0, -1.0, 1.0])
-    close(compute_advantages(R, "rloo")[1], [-4 / 3, -4 / 3, -4 / 3, 4.0])
-    # norm knobs are ignored by the estimators that fix their own normalisation
-    close(compute_advantages(R, "dr_grpo", mean_level="batch", std_level="batch")[1], [-1.0, -1.0, -1.0, 3.0])
-    with pytest.raises(ValueError, match=r"'ppo'.*\['grpo', 'rloo', 'dr_grpo'\]"):
-        compute_advantages(R, "ppo")
-    with pytest.raises(TypeError, match="std_level_typo"):
-        compute_advantages(R, "grpo", std_level_typo="group")
+NORM = AdvNorm(mean_level="group", std_level="group", mean_leave1out=False, std_unbiased=True, eps=1e-6)
 
 
-def test_zero_variance_mask() -> None:
-    r = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0], [0.5, 0.5, 0.5001]])
-    assert zero_variance_mask(r).tolist() == [False, True, True]
-    assert zero_variance_mask(r, atol=1e-3).tolist() == [False, True, False]
-    # a group of one has no variance: dropped
-    assert zero_variance_mask(torch.tensor([[1.0], [0.0]])).tolist() == [False, False]
-    with pytest.raises(ValueError, match="n_groups"):
-        zero_variance_mask(torch.tensor([1.0, 0.0]))
+def by_name(name: str, rewards: torch.Tensor = R, norm: AdvNorm = NORM) -> torch.Tensor:
+    return ADV_ESTIMATORS.get(name)(rewards, norm)
+
+
+def test_reinforce_plus_plus_whitens_over_the_batch() -> None:
+    # batch mean 0.75, unbiased std 1.3887301 (module doc): (r - 0.75) / 1.3887301
+    close(by_name("reinforce_plus_plus"), [[0.1800206, -0.5400617, -0.5400617, 0.1800206],
+                                           [-0.5400617, -0.5400617, -0.5400617, 2.3402674]])
+    # baseline variant: centred by the group mean, g1 [.5,-.5,-.5,.5], g2 [-1,-1,-1,3]; batch mean 0,
+    # sum sq 1 + 12 = 13 -> unbiased std sqrt(13/7) = 1.3627703 (GRPO would divide g1 by its own 0.577)
+    close(by_name("reinforce_plus_plus_baseline"), [[0.3668997, -0.3668997, -0.3668997, 0.3668997],
+                                                    [-0.7337994, -0.7337994, -0.7337994, 2.2013982]])
+    # std_unbiased=False: biased batch std sqrt(13.5/8) = 1.2990381 -> 0.25 / 1.2990381 = 0.1924501
+    biased = AdvNorm("group", "group", False, False, 1e-6)
+    close(by_name("reinforce_plus_plus", norm=biased)[0, :1], [0.1924501])
+
+
+def test_registered_estimators_match_their_functions() -> None:
+    assert ADV_ESTIMATORS.names() == ["dr_grpo", "grpo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "rloo"]
+    close(by_name("grpo", norm=AdvNorm("group", "group", False, False, 1e-6))[0], [1.0, -1.0, -1.0, 1.0])
+    close(by_name("grpo", norm=AdvNorm("batch", "batch", False, True, 1e-6)), group_advantages(R, "batch", "batch").tolist())
+    close(by_name("rloo")[1], [-4 / 3, -4 / 3, -4 / 3, 4.0])
+    # the estimators that fix their own normalisation ignore the levels
+    close(by_name("dr_grpo", norm=AdvNorm("batch", "batch", False, True, 1e-6))[1], [-1.0, -1.0, -1.0, 3.0])
+
+
+def test_registry_rejects_unknown_and_duplicate_names() -> None:
+    with pytest.raises(ValueError, match=r"actor.adv_estimator='ppo' is not a registered advantage estimator; "
+                                         r"choose one of \['dr_grpo', 'grpo'"):
+        ADV_ESTIMATORS.get("ppo")
+    with pytest.raises(ValueError, match="registered twice"):
+        ADV_ESTIMATORS.register("grpo")(lambda r, n: r)
+    with pytest.raises(ValueError, match="mean_level='prompt'"):
+        AdvNorm("prompt", "group", False, True, 1e-6)
+
+
+def test_a_new_estimator_is_one_registered_function() -> None:
+    @ADV_ESTIMATORS.register("test_sign")
+    def sign_estimator(rewards: torch.Tensor, norm: AdvNorm) -> torch.Tensor:
+        return torch.sign(rewards - rewards.mean(dim=1, keepdim=True))
+
+    try:
+        close(by_name("test_sign"), [[1.0, -1.0, -1.0, 1.0], [-1.0, -1.0, -1.0, 1.0]])
+        from asyncgrpo.config import load_config
+
+        assert load_config(overrides={"actor": {"adv_estimator": "test_sign"}}).actor.adv_estimator == "test_sign"
+    finally:
+        ADV_ESTIMATORS._fns.pop("test_sign")

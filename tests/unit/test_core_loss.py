@@ -1,4 +1,4 @@
-"""PPO clip, dual clip, behaviour weight, decoupled and GRPO losses, and their statistics, hand-worked.
+"""PPO clip, dual clip, behaviour weight, the policy objective (decoupled PPO + KL) and its statistics, hand-worked.
 
 Log-probs are built as prox = 0 and logp = log(ratio), so ratio = exp(logp - prox) is the number in the table.
 d L / d logp = d L / d ratio * ratio, so an unclipped token has gradient -A * ratio and a clipped one 0.
@@ -12,18 +12,40 @@ import pytest
 import torch
 
 from asyncgrpo.core import (
+    LossParams,
+    Stat,
     aggregate_loss,
     behaviour_weight,
+    broadcast_advantages,
     count_seqs,
     count_tokens,
-    decoupled_ppo_loss,
-    grpo_loss,
+    effective_mask,
+    finish_stats,
     loss_stats,
     masked_mean,
+    policy_objective,
     ppo_clip_loss,
+    stat_sums,
 )
 
 TOL = dict(atol=1e-5, rtol=1e-5)
+BASE = dict(policy_loss="ppo", eps_clip=0.2, eps_clip_higher=None, c_clip=None, behav_imp_weight_cap=None,
+            behav_imp_weight_mode="clamp", behav_imp_weight_level="token", loss_agg_mode="token-mean",
+            loss_agg_norm_len=None, kl_ctl=0.0, kl_estimator="k3")
+
+
+def P(**over: object) -> LossParams:
+    return LossParams(**{**BASE, **over})
+
+
+def ppo(logp: torch.Tensor, prox: torch.Tensor, adv: torch.Tensor, **over: object):
+    return ppo_clip_loss(logp, prox, broadcast_advantages(adv, logp), torch.ones_like(logp, dtype=torch.bool), P(**over))
+
+
+def objective(logp, prox, behav, adv, mask, *, ref_logp=None, global_token_count=None, global_seq_count=None, **over):
+    loss, stats = policy_objective(logp, prox, behav, adv, mask, P(**over), ref_logp=ref_logp,
+                                   global_token_count=global_token_count, global_seq_count=global_seq_count)
+    return loss, {k: v.value for k, v in stats.items()}
 
 
 def _logp(ratios: list[float]) -> torch.Tensor:
@@ -51,7 +73,7 @@ RATIOS = [1.5, 1.25, 0.5, 0.5, 0.75, 1.5, 1.0]
 
 def test_ppo_clip_asymmetric_values_flags_and_grads() -> None:
     logp = _logp(RATIOS)
-    loss, info = ppo_clip_loss(logp, torch.zeros_like(logp), torch.tensor([ADV]), eps_clip=0.2, eps_clip_higher=0.28)
+    loss, info = ppo(logp, torch.zeros_like(logp), torch.tensor([ADV]), eps_clip_higher=0.28)
     close(loss, [[-1.28, -1.25, -0.5, 0.8, 0.8, 1.5, -2.0]])
     assert info["clipped"].tolist() == [[True, False, False, True, True, False, False]]
     assert not info["dual_clipped"].any()
@@ -64,7 +86,7 @@ def test_ppo_clip_asymmetric_values_flags_and_grads() -> None:
 def test_ppo_clip_symmetric_default() -> None:
     # eps_clip_higher None -> 0.2 both sides: (+1, 1.25) is now clipped to 1.2 -> L = -1.2, gradient 0
     logp = _logp([1.25, 0.75])
-    loss, info = ppo_clip_loss(logp, torch.zeros_like(logp), torch.tensor([[1.0, -1.0]]), eps_clip=0.2)
+    loss, info = ppo(logp, torch.zeros_like(logp), torch.tensor([[1.0, -1.0]]))
     close(loss, [[-1.2, 0.8]])
     assert info["clipped"].tolist() == [[True, True]]
     loss.sum().backward()
@@ -79,7 +101,7 @@ def test_ppo_dual_clip() -> None:
     #  (-1, 0.5): 0.8 (lower clip), bound 3 not active
     ratios, adv = [5.0, 2.0, 5.0, 0.5], torch.tensor([[-1.0, -2.0, 1.0, -1.0]])
     logp = _logp(ratios)
-    loss, info = ppo_clip_loss(logp, torch.zeros_like(logp), adv, eps_clip=0.2, eps_clip_higher=0.28, c_clip=3.0)
+    loss, info = ppo(logp, torch.zeros_like(logp), adv, eps_clip_higher=0.28, c_clip=3.0)
     close(loss, [[3.0, 4.0, -1.28, 0.8]])
     assert info["dual_clipped"].tolist() == [[True, False, False, False]]
     assert info["clipped"].tolist() == [[False, False, True, True]]
@@ -87,7 +109,7 @@ def test_ppo_dual_clip() -> None:
     close(logp.grad, [[0.0, 4.0, 0.0, 0.0]])
     # without the dual clip the first token is unbounded: 5, gradient 5
     logp2 = _logp(ratios)
-    loss2, _ = ppo_clip_loss(logp2, torch.zeros_like(logp2), adv, eps_clip=0.2, eps_clip_higher=0.28)
+    loss2, _ = ppo(logp2, torch.zeros_like(logp2), adv, eps_clip_higher=0.28)
     close(loss2[0, 0], 5.0)
 
 
@@ -95,58 +117,63 @@ def test_ppo_clip_per_sequence_advantages_broadcast() -> None:
     # advantages [B] -> per token; ratio 1 -> L = -A on every token
     logp = torch.zeros(2, 3)
     for adv in (torch.tensor([1.0, -2.0]), torch.tensor([[1.0], [-2.0]])):
-        loss, _ = ppo_clip_loss(logp, logp, adv, eps_clip=0.2)
+        loss, _ = ppo(logp, logp, adv)
         close(loss, [[-1.0, -1.0, -1.0], [2.0, 2.0, 2.0]])
     with pytest.raises(ValueError, match="broadcast"):
-        ppo_clip_loss(logp, logp, torch.tensor([1.0, 2.0, 3.0, 4.0]), eps_clip=0.2)
+        broadcast_advantages(torch.tensor([1.0, 2.0, 3.0, 4.0]), logp)
 
 
-def test_ppo_clip_validation() -> None:
-    x = torch.zeros(1, 2)
+def test_loss_params_validation() -> None:
     with pytest.raises(ValueError, match="c_clip=1.0 must be > 1"):
-        ppo_clip_loss(x, x, x, eps_clip=0.2, c_clip=1.0)
+        P(c_clip=1.0)
     with pytest.raises(ValueError, match="c_clip"):
-        ppo_clip_loss(x, x, x, eps_clip=0.2, c_clip=0.5)
+        P(c_clip=0.5)
     with pytest.raises(ValueError, match="eps_clip"):
-        ppo_clip_loss(x, x, x, eps_clip=1.0)
-    with pytest.raises(ValueError, match="same shape"):
-        ppo_clip_loss(x, torch.zeros(1, 3), x, eps_clip=0.2)
+        P(eps_clip=1.0)
+    with pytest.raises(ValueError, match=r"actor.policy_loss='trpo' is not a registered policy loss; choose one of \['gspo', 'ppo'"):
+        P(policy_loss="trpo")
+    with pytest.raises(ValueError, match="behav_imp_weight_level"):
+        P(behav_imp_weight_level="tokens")
+    x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="shape"):
+        policy_objective(x, torch.zeros(1, 3), x, x, x.bool(), P())
 
 
 # ------------------------------------------------------------------------------------------- behaviour_weight
 
 # prox = 0, behav = [0, -log 2, -log 10, log 2] -> w = exp(prox - behav) = [1, 2, 10, 0.5]
 BEHAV = [0.0, -math.log(2.0), -math.log(10.0), math.log(2.0)]
+ALL4 = torch.ones(1, 4, dtype=torch.bool)
 
 
 def test_behaviour_weight_modes() -> None:
     prox = torch.zeros(1, 4, requires_grad=True)
     behav = torch.tensor([BEHAV], requires_grad=True)
-    w, keep, capped = behaviour_weight(prox, behav)
+    w, keep, capped = behaviour_weight(prox, behav, ALL4, None)
     close(w, [[1.0, 2.0, 10.0, 0.5]])
     assert keep.all() and not capped.any()
     assert not w.requires_grad  # never carries gradient
 
-    w, keep, capped = behaviour_weight(prox, behav, cap=5.0, mode="clamp")
+    w, keep, capped = behaviour_weight(prox, behav, ALL4, cap=5.0, mode="clamp")
     close(w, [[1.0, 2.0, 5.0, 0.5]])
     assert keep.tolist() == [[True] * 4] and capped.tolist() == [[False, False, True, False]]
 
-    w, keep, capped = behaviour_weight(prox, behav, cap=5.0, mode="mask")
+    w, keep, capped = behaviour_weight(prox, behav, ALL4, cap=5.0, mode="mask")
     close(w, [[1.0, 2.0, 0.0, 0.5]])
     assert keep.tolist() == [[True, True, False, True]] and capped.tolist() == [[False, False, True, False]]
 
     # the cap is exclusive: w == cap is neither capped nor dropped (w = exp(0) = 1 exactly, cap 1)
-    w, keep, capped = behaviour_weight(torch.zeros(1, 2), torch.tensor([[0.0, -0.1]]), cap=1.0, mode="mask")
+    w, keep, capped = behaviour_weight(torch.zeros(1, 2), torch.tensor([[0.0, -0.1]]), torch.ones(1, 2, dtype=torch.bool), cap=1.0, mode="mask")
     assert keep.tolist() == [[True, False]] and capped.tolist() == [[False, True]]
     close(w, [[1.0, 0.0]])
 
     with pytest.raises(ValueError, match=r"'drop'.*clamp"):
-        behaviour_weight(prox, behav, cap=5.0, mode="drop")
+        behaviour_weight(prox, behav, ALL4, cap=5.0, mode="drop")
     with pytest.raises(ValueError, match="behav_imp_weight_cap"):
-        behaviour_weight(prox, behav, cap=0.0)
+        behaviour_weight(prox, behav, ALL4, cap=0.0)
 
 
-# ------------------------------------------------------------------------------------------ decoupled_ppo_loss
+# ------------------------------------------------------------------------------------ policy_objective (decoupled)
 
 
 def test_on_policy_gradient_is_minus_advantage_over_count() -> None:
@@ -157,7 +184,7 @@ def test_on_policy_gradient_is_minus_advantage_over_count() -> None:
     adv = torch.tensor([1.0, -0.5])
     logp = torch.zeros(2, 2, requires_grad=True)
     # prox and behav passed as the very tensor being optimised: they must act as constants anyway
-    loss, stats = decoupled_ppo_loss(logp, logp, logp, adv, mask, eps_clip=0.2)
+    loss, stats = objective(logp, logp, logp, adv, mask)
     close(loss, -0.5)
     loss.backward()
     close(logp.grad, [[-1 / 3, -1 / 3], [1 / 6, 0.0]])
@@ -165,7 +192,7 @@ def test_on_policy_gradient_is_minus_advantage_over_count() -> None:
 
     # seq-mean-token-mean: mean(-1, 0.5) = -0.25; row 0 tokens -1/(2 seqs * 2 tokens), row 1 0.5/(2 * 1)
     logp = torch.zeros(2, 2, requires_grad=True)
-    loss, _ = decoupled_ppo_loss(logp, logp, logp, adv, mask, eps_clip=0.2, loss_agg_mode="seq-mean-token-mean")
+    loss, _ = objective(logp, logp, logp, adv, mask, loss_agg_mode="seq-mean-token-mean")
     close(loss, -0.25)
     loss.backward()
     close(logp.grad, [[-0.25, -0.25], [0.25, 0.0]])
@@ -178,12 +205,12 @@ def test_decoupled_with_behav_equal_prox_is_plain_ppo(mode: str) -> None:
     prox = torch.randn(3, 5, generator=gen) * 0.3
     adv = torch.randn(3, generator=gen)
     mask = torch.arange(5)[None, :] < torch.tensor([[5], [2], [4]])
-    loss, _ = decoupled_ppo_loss(
-        logp, prox, prox.clone(), adv, mask, eps_clip=0.2, eps_clip_higher=0.28, c_clip=3.0,
+    loss, _ = objective(
+        logp, prox, prox.clone(), adv, mask, eps_clip_higher=0.28, c_clip=3.0,
         behav_imp_weight_cap=5.0, behav_imp_weight_mode="mask", loss_agg_mode=mode, loss_agg_norm_len=5,
     )
     (g,) = torch.autograd.grad(loss, logp)
-    per_token, _ = ppo_clip_loss(logp, prox, adv, eps_clip=0.2, eps_clip_higher=0.28, c_clip=3.0)
+    per_token, _ = ppo(logp, prox, adv, eps_clip_higher=0.28, c_clip=3.0)
     plain = aggregate_loss(per_token, mask, mode, norm_len=5)
     (g_plain,) = torch.autograd.grad(plain, logp)
     assert torch.equal(loss, plain)
@@ -200,9 +227,7 @@ def test_decoupled_weight_scales_loss_and_gets_no_gradient() -> None:
     prox = torch.zeros(1, 2, requires_grad=True)
     behav = torch.tensor([[-math.log(2.0), math.log(2.0)]], requires_grad=True)
     mask = torch.ones(1, 2, dtype=torch.bool)
-    loss, stats = decoupled_ppo_loss(
-        logp, prox, behav, torch.tensor([1.0]), mask, eps_clip=0.2, eps_clip_higher=0.28, behav_imp_weight_cap=5.0
-    )
+    loss, stats = objective(logp, prox, behav, torch.tensor([1.0]), mask, eps_clip_higher=0.28, behav_imp_weight_cap=5.0)
     close(loss, -1.53)
     loss.backward()
     close(logp.grad, [[0.0, -0.25]])
@@ -224,10 +249,8 @@ def test_decoupled_weight_scales_loss_and_gets_no_gradient() -> None:
 def test_decoupled_cap_modes(cap: float | None, mode: str, loss: float, grad: list, n_tokens: float) -> None:
     logp = torch.zeros(1, 3, requires_grad=True)
     behav = torch.tensor([BEHAV[:3]])
-    out, stats = decoupled_ppo_loss(
-        logp, torch.zeros(1, 3), behav, torch.tensor([1.0]), torch.ones(1, 3, dtype=torch.bool),
-        eps_clip=0.2, behav_imp_weight_cap=cap, behav_imp_weight_mode=mode,
-    )
+    out, stats = objective(logp, torch.zeros(1, 3), behav, torch.tensor([1.0]), torch.ones(1, 3, dtype=torch.bool),
+                           behav_imp_weight_cap=cap, behav_imp_weight_mode=mode)
     close(out, loss)
     out.backward()
     close(logp.grad, [grad])
@@ -242,18 +265,14 @@ def test_decoupled_stats() -> None:
     #  clipped over the mask: tokens 0, 2 -> 2/4 (the masked clipped token must not count: 3/5 = 0.6)
     #  dual clipped: token 3 -> 1/4; ratio mean (1.5 + 1.25 + 0.5 + 5) / 4 = 2.0625
     #  approx KL k3(log r) = 1/r - 1 + log r: 0.0721318, 0.0231436, 0.3068528, 0.8094379 -> mean 0.3028915
-    #  advantages over the mask [1, 1, -1, -1]: mean 0, population std 1, min -1, max 1
     logp = _logp([1.5, 1.25, 0.5, 5.0, 1.5])
     prox = torch.zeros_like(logp)
     adv = torch.tensor([[1.0, 1.0, -1.0, -1.0, 1.0]])
     mask = torch.tensor([[1, 1, 1, 1, 0]], dtype=torch.bool)
-    loss, s = decoupled_ppo_loss(
-        logp, prox, prox, adv, mask, eps_clip=0.2, eps_clip_higher=0.28, c_clip=3.0, behav_imp_weight_cap=5.0
-    )
+    loss, s = objective(logp, prox, prox, adv, mask, eps_clip_higher=0.28, c_clip=3.0, behav_imp_weight_cap=5.0)
     close(loss, 0.3175)
     expected = {
         "clip_frac": 0.5, "dual_clip_frac": 0.25, "ratio_mean": 2.0625, "approx_kl": 0.3028915,
-        "adv_mean": 0.0, "adv_std": 1.0, "adv_min": -1.0, "adv_max": 1.0,
         "behav_weight_mean": 1.0, "behav_cap_frac": 0.0, "n_tokens": 4.0, "n_seqs": 1.0,
         "policy_loss": 0.3175, "loss": 0.3175,
     }
@@ -262,19 +281,31 @@ def test_decoupled_stats() -> None:
     assert all(not v.requires_grad and v.dim() == 0 for v in s.values())
 
 
-def test_loss_stats_entropy_rewards_and_empty_mask() -> None:
+def test_stats_reduce_by_their_own_rule_across_micro_batches() -> None:
+    # two micro-batches: 3 kept tokens with clip_frac 1/3, then 1 token with clip_frac 1 -> step value 2/4 = 0.5
+    # (the mean of the two means would be 2/3); loss shares add: 0.25 + 0.5 = 0.75
+    a = {"clip_frac": Stat.mean(torch.tensor(1 / 3), torch.tensor(3.0)), "loss": Stat.total(torch.tensor(0.25))}
+    b = {"clip_frac": Stat.mean(torch.tensor(1.0), torch.tensor(1.0)), "loss": Stat.total(torch.tensor(0.5))}
+    sums = stat_sums([a, b])
+    out = finish_stats(sums)
+    assert out == pytest.approx({"clip_frac": 0.5, "loss": 0.75}), out
+    # two ranks (all-reduce SUM of the same sums): means unchanged, totals doubled
+    out2 = finish_stats({k: v * 2 for k, v in sums.items()})
+    assert out2 == pytest.approx({"clip_frac": 0.5, "loss": 1.5}), out2
+
+
+def test_loss_stats_entropy_and_empty_mask() -> None:
     mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
-    s = loss_stats(mask, entropy=torch.tensor([[1.0, 2.0, 30.0]]), rewards=torch.tensor([[1.0, 0.0, 0.0, 1.0]]))
-    close(s["entropy_mean"], 1.5)  # (1 + 2) / 2, the masked 30 excluded
-    close(s["reward_mean"], 0.5)
-    close(s["reward_std"], 0.5)  # population std of [1, 0, 0, 1]
+    s = loss_stats(mask, entropy=torch.tensor([[1.0, 2.0, 30.0]]))
+    close(s["entropy"].value, 1.5)  # (1 + 2) / 2, the masked 30 excluded
+    close(s["entropy"].weight, 2.0)  # a mean over the 2 kept tokens
     empty = torch.zeros(1, 3, dtype=torch.bool)
-    s = loss_stats(empty, ratio=torch.ones(1, 3), clipped=torch.ones(1, 3, dtype=torch.bool), advantages=torch.ones(1, 3))
-    assert all(torch.isfinite(v) and v.item() == 0.0 for v in s.values())
+    s = loss_stats(empty, ratio=torch.ones(1, 3), clipped=torch.ones(1, 3, dtype=torch.bool))
+    assert all(torch.isfinite(v.value) and v.value.item() == 0.0 for v in s.values())
     close(masked_mean(torch.tensor([1.0, float("nan"), 3.0]), torch.tensor([True, False, True])), 2.0)
 
 
-# --------------------------------------------------------------------------------------------------- grpo_loss
+# ------------------------------------------------------------------------------------ policy_objective (KL)
 
 
 def test_grpo_loss_kl_weighted_by_kl_ctl() -> None:
@@ -284,27 +315,27 @@ def test_grpo_loss_kl_weighted_by_kl_ctl() -> None:
     ref = torch.tensor([[-1.0, 0.0]])
     mask = torch.ones(1, 2, dtype=torch.bool)
     zero_adv = torch.tensor([0.0])
-    kw = dict(eps_clip=0.2, ref_logp=ref, kl_ctl=0.1)
-    loss, s = grpo_loss(logp, logp, logp, zero_adv, mask, **kw)
+    kw = dict(ref_logp=ref, kl_ctl=0.1)
+    loss, s = objective(logp, logp, logp, zero_adv, mask, **kw)
     close(loss, 0.0183940)
     close(s["kl_ref"], 0.1839397)
     close(s["kl_loss"], 0.0183940)
     loss.backward()
     close(logp.grad, [[0.0316060, 0.0]])
     # k1: mean [1, 0] = 0.5 -> 0.05
-    close(grpo_loss(logp, logp, logp, zero_adv, mask, kl_estimator="k1", **kw)[0], 0.05)
+    close(objective(logp, logp, logp, zero_adv, mask, kl_estimator="k1", **kw)[0], 0.05)
     # same aggregation as the policy term: seq-mean-token-sum -> 0.1 * 0.3678794
-    close(grpo_loss(logp, logp, logp, zero_adv, mask, loss_agg_mode="seq-mean-token-sum", **kw)[0], 0.0367879)
+    close(objective(logp, logp, logp, zero_adv, mask, loss_agg_mode="seq-mean-token-sum", **kw)[0], 0.0367879)
     # with A = 1: policy -1 (token-mean), total -1 + 0.0183940
-    loss, s = grpo_loss(logp, logp, logp, torch.tensor([1.0]), mask, **kw)
+    loss, s = objective(logp, logp, logp, torch.tensor([1.0]), mask, **kw)
     close(loss, -0.981606)
     close(s["policy_loss"], -1.0)
     # kl_ctl 0: reported, not added
-    loss, s = grpo_loss(logp, logp, logp, torch.tensor([1.0]), mask, eps_clip=0.2, ref_logp=ref, kl_ctl=0.0)
+    loss, s = objective(logp, logp, logp, torch.tensor([1.0]), mask, ref_logp=ref, kl_ctl=0.0)
     close(loss, -1.0)
     close(s["kl_ref"], 0.1839397)
     with pytest.raises(ValueError, match="ref_logp"):
-        grpo_loss(logp, logp, logp, zero_adv, mask, eps_clip=0.2, kl_ctl=0.1)
+        objective(logp, logp, logp, zero_adv, mask, kl_ctl=0.1)
 
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
@@ -318,21 +349,22 @@ def test_grpo_loss_micro_batches_with_global_counts(mode: str) -> None:
     ref = torch.randn(B, T, generator=gen, dtype=torch.float64) * 0.3
     adv = torch.randn(B, generator=gen, dtype=torch.float64)
     mask = torch.arange(T)[None, :] < torch.tensor([[5], [1], [3], [0], [4], [2]])
-    kw = dict(eps_clip=0.2, eps_clip_higher=0.28, c_clip=3.0, behav_imp_weight_cap=2.0, behav_imp_weight_mode="mask",
+    kw = dict(eps_clip_higher=0.28, c_clip=3.0, behav_imp_weight_cap=2.0, behav_imp_weight_mode="mask",
               loss_agg_mode=mode, loss_agg_norm_len=T, kl_ctl=0.05)
 
-    _, keep, capped = behaviour_weight(prox, behav, cap=2.0, mode="mask")
+    _, keep, capped = behaviour_weight(prox, behav, mask, cap=2.0, mode="mask")
     assert capped[mask].any() and (mask & keep).any()
-    eff = mask & keep
+    eff = effective_mask(prox, behav, mask, P(**kw))
+    assert torch.equal(eff, mask & keep)
     n_tok, n_seq = count_tokens(eff), count_seqs(eff)
 
     full_v = base.clone().requires_grad_()
-    full, _ = grpo_loss(full_v, prox, behav, adv, mask, ref_logp=ref, **kw)
+    full, _ = objective(full_v, prox, behav, adv, mask, ref_logp=ref, **kw)
     full.backward()
     micro_v = base.clone().requires_grad_()
     total = torch.zeros((), dtype=torch.float64)
     for rows in ([0, 1], [2, 3, 4], [5]):
-        part, _ = grpo_loss(micro_v[rows], prox[rows], behav[rows], adv[rows], mask[rows], ref_logp=ref[rows],
+        part, _ = objective(micro_v[rows], prox[rows], behav[rows], adv[rows], mask[rows], ref_logp=ref[rows],
                             global_token_count=n_tok, global_seq_count=n_seq, **kw)
         part.backward()
         total = total + part.detach()

@@ -33,12 +33,18 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+# Keys that moved to another section: an old config gets the new place in its error, not a near-miss guess.
+MOVED_KEYS = {"actor.dynamic_filtering": "rollout.dynamic_filtering"}
+
+
 def check_keys(model: type[BaseModel], data: Mapping[str, Any], prefix: str = "") -> None:
     """Raise ConfigError for the first key in `data` that `model` does not define (recursively)."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {type(data).__name__} {data!r}")
     fields = model.model_fields
     for key, value in data.items():
+        if f"{prefix}{key}" in MOVED_KEYS:
+            raise ConfigError(f"config key '{prefix}{key}' moved to '{MOVED_KEYS[prefix + key]}'; rename it there")
         if key not in fields:
             where = prefix.rstrip(".") or "the top level"
             close = difflib.get_close_matches(str(key), list(fields), n=1)

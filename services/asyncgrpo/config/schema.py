@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NormLevel = Literal["group", "batch", "none"]
 LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
@@ -36,31 +36,69 @@ class OverlongPenaltyConfig(Section):
     factor: float = Field(1.0, ge=0, description="Penalty reached at L_max (reward -= factor at full length).")
 
 
+def _registered(registry_name: str, value: str) -> str:
+    """`value` must be a name of asyncgrpo.core's registry (imported here, not at module level: loading a config
+    must not pay for torch)."""
+    from asyncgrpo import core
+
+    getattr(core, registry_name).get(value)  # ValueError naming the knob and the registered names
+    return value
+
+
 class ActorConfig(Section):
     path: str = Field("", description="HF checkpoint directory of the policy (config.json, safetensors, tokenizer).")
     group_size: int = Field(8, ge=1, description="G: completions sampled per prompt.")
-    adv_norm: AdvNormConfig = Field(default_factory=AdvNormConfig, description="Advantage normalisation.")
-    eps_clip: float = Field(0.2, gt=0, lt=1, description="Lower PPO clip: ratio clipped to [1 - eps_clip, ...].")
-    eps_clip_higher: float | None = Field(None, gt=0, description="Upper PPO clip (DAPO clip-higher); null means eps_clip.")
-    c_clip: float | None = Field(None, gt=1, description="Dual clip constant c > 1 for negative advantages; null disables.")
-    behav_imp_weight_cap: float | None = Field(5.0, gt=1, description="Cap on the behaviour weight pi_prox/pi_behave; null disables.")
-    behav_imp_weight_mode: Literal["clamp", "mask"] = Field("clamp", description="clamp: w = min(w, cap); mask: drop tokens with w > cap.")
+    adv_estimator: str = Field("grpo", description="Advantage estimator by registered name (asyncgrpo.core.ADV_ESTIMATORS, see docs/algorithms.md): grpo uses adv_norm; the others fix their own normalisation.")
+    adv_norm: AdvNormConfig = Field(default_factory=AdvNormConfig, description="Advantage normalisation of adv_estimator=grpo (REINFORCE++ uses its std_unbiased and eps).")
+    policy_loss: str = Field("ppo", description="Policy loss by registered name (asyncgrpo.core.POLICY_LOSSES, see docs/algorithms.md): ppo clips the token ratio, gspo the sequence ratio.")
+    eps_clip: float = Field(0.2, gt=0, lt=1, description="Lower clip: ratio clipped to [1 - eps_clip, ...] (GSPO uses 3e-4).")
+    eps_clip_higher: float | None = Field(None, gt=0, description="Upper clip (DAPO clip-higher); null means eps_clip (GSPO uses 4e-4).")
+    c_clip: float | None = Field(None, gt=1, description="Dual clip constant c > 1 for negative advantages (ppo only); null disables.")
+    behav_imp_weight_cap: float | None = Field(5.0, gt=1, description="Cap on the behaviour weight pi_prox/pi_behave (staleness and engine mismatch); null disables.")
+    behav_imp_weight_mode: Literal["clamp", "mask"] = Field("clamp", description="clamp: w = min(w, cap) (truncated IS); mask: drop what has w > cap (masked IS).")
+    behav_imp_weight_level: Literal["token", "sequence", "geometric"] = Field("token", description="Behaviour weight per token, per sequence (product of token ratios) or geometric (their length-normalised mean); mask mode drops a whole sequence at the sequence levels.")
     loss_agg_mode: LossAggMode = Field("seq-mean-token-mean", description="How per-token losses become one number (verl's loss_agg_mode).")
     loss_agg_norm_len: int | None = Field(None, gt=0, description="Constant length for seq-mean-token-sum-norm; null means rollout.max_new_tokens.")
     kl_ctl: float = Field(0.0, ge=0, description="Weight beta of the KL to the reference policy; 0 disables the reference model.")
     kl_estimator: KLEstimator = Field("k3", description="KL estimator: k1 = logp - ref, k2 = 0.5 (logp - ref)^2, k3 = exp(ref - logp) - (ref - logp) - 1.")
+    use_kl_in_reward: bool = Field(False, description="Subtract kl_ctl x the completion's summed KL from its reward (before advantages) instead of adding the KL to the loss.")
     temperature: float = Field(1.0, ge=0.01, le=100.0, description="Sampling temperature in [0.01, 100]; the trainer recomputes log-probs of logits / temperature (greedy decoding has no log-probs to correct).")
-    dynamic_filtering: bool = Field(False, description="Drop groups whose rewards are all equal (zero advantage) before training.")
     overlong_penalty: OverlongPenaltyConfig = Field(default_factory=OverlongPenaltyConfig, description="DAPO overlong reward shaping.")
     micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward micro-batch (gradient accumulation).")
 
+    @field_validator("adv_estimator")
+    @classmethod
+    def _known_estimator(cls, v: str) -> str:
+        return _registered("ADV_ESTIMATORS", v)
+
+    @field_validator("policy_loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        return _registered("POLICY_LOSSES", v)
+
     @model_validator(mode="after")
-    def _clip_higher_default(self) -> "ActorConfig":
+    def _consistent(self) -> "ActorConfig":
         if self.eps_clip_higher is not None and self.eps_clip_higher < self.eps_clip:
             raise ValueError(
                 f"actor.eps_clip_higher ({self.eps_clip_higher}) is below actor.eps_clip ({self.eps_clip}); "
                 "set it >= eps_clip or null"
             )
+        grpo_only = sorted(self.adv_norm.model_fields_set & {"mean_level", "std_level", "mean_leave1out"})
+        if grpo_only and self.adv_estimator != "grpo":
+            raise ValueError(f"actor.adv_norm.{grpo_only[0]} applies to adv_estimator=grpo only; adv_estimator="
+                             f"{self.adv_estimator} fixes its own normalisation: remove the key or use grpo")
+        if self.policy_loss == "gspo":
+            if "eps_clip" not in self.model_fields_set:
+                raise ValueError("actor.policy_loss=gspo clips the SEQUENCE ratio, which moves ~1e-3 a step, so the "
+                                 "default eps_clip 0.2 would never clip: set actor.eps_clip (GSPO uses 3e-4) and "
+                                 "actor.eps_clip_higher (4e-4)")
+            if self.loss_agg_mode != "seq-mean-token-mean":
+                raise ValueError(f"actor.policy_loss=gspo needs actor.loss_agg_mode=seq-mean-token-mean (its gradient "
+                                 f"is the mean over a sequence's tokens), not {self.loss_agg_mode}")
+            if self.c_clip is not None:
+                raise ValueError("actor.c_clip (dual clip) is defined for policy_loss=ppo only; set it to null")
+        if self.use_kl_in_reward and self.kl_ctl == 0:
+            raise ValueError("actor.use_kl_in_reward needs actor.kl_ctl > 0 (the weight of the KL in the reward)")
         return self
 
 
@@ -121,6 +159,7 @@ class RolloutConfig(Section):
     reward_executor: Literal["thread", "process"] = Field("thread", description="Where reward functions run: a thread pool, or a process pool (isolates hangs).")
     reward_workers: int = Field(4, ge=1, description="Size of the reward thread/process pool.")
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Size limit of one encoded group message in the queue.")
+    dynamic_filtering: bool = Field(False, description="Drop groups whose rewards are all equal (zero advantage) instead of pushing them (DAPO dynamic sampling); counted as filtered.")
     exit_when_exhausted: bool = Field(False, description="Exit once every epoch's prompts are done and none is leased or re-queued (else wait for re-queued prompts).")
     metrics_port: int = Field(0, ge=0, description="Port of the rollout service's Prometheus /metrics (0 disables).")
     log_interval_s: float = Field(10.0, gt=0, description="Seconds between progress log lines (groups/s, tokens/s, reward mean).")

@@ -1,44 +1,59 @@
-"""GRPO math as pure tensor functions: advantages, KL, policy loss, aggregation, reward shaping, filters, stats.
+"""GRPO math as pure tensor functions: advantages, importance weights, policy losses, KL, aggregation, reward
+shaping, stats.
 
-No I/O and no config objects: the trainer reads ``RunConfig.actor`` and passes plain arguments.
+No I/O and no config objects: the trainer builds the frozen parameter objects (AdvNorm, LossParams) from
+``RunConfig.actor`` once. Estimators and losses are registered by name (ADV_ESTIMATORS, POLICY_LOSSES); the config
+takes its allowed values from the registries.
 """
 
 from asyncgrpo.core.advantages import (
-    ESTIMATORS,
+    ADV_ESTIMATORS,
     NORM_LEVELS,
-    compute_advantages,
+    AdvNorm,
     dr_grpo_advantages,
     group_advantages,
     rloo_advantages,
+    whiten,
 )
 from asyncgrpo.core.aggregation import LOSS_AGG_MODES, aggregate_loss, count_seqs, count_tokens
-from asyncgrpo.core.filters import zero_variance_mask
-from asyncgrpo.core.kl import KL_ESTIMATORS, kl_k1, kl_k2, kl_k3, kl_penalty
+from asyncgrpo.core.importance import BEHAV_WEIGHT_LEVELS, BEHAV_WEIGHT_MODES, behaviour_weight
+from asyncgrpo.core.kl import KL_ESTIMATORS, kl_in_reward, kl_k1, kl_k2, kl_k3, kl_penalty
 from asyncgrpo.core.policy_loss import (
-    BEHAV_WEIGHT_MODES,
-    behaviour_weight,
-    decoupled_ppo_loss,
-    grpo_loss,
+    POLICY_LOSSES,
+    LossParams,
+    broadcast_advantages,
+    effective_mask,
+    gspo_loss,
+    policy_objective,
     ppo_clip_loss,
 )
+from asyncgrpo.core.registry import Registry
 from asyncgrpo.core.reward_shaping import overlong_penalty
-from asyncgrpo.core.stats import loss_stats, masked_mean, masked_std, masked_sum
+from asyncgrpo.core.stats import Stat, finish_stats, loss_stats, masked_mean, masked_std, masked_sum, stat_sums
 
 __all__ = [
+    "ADV_ESTIMATORS",
+    "BEHAV_WEIGHT_LEVELS",
     "BEHAV_WEIGHT_MODES",
-    "ESTIMATORS",
     "KL_ESTIMATORS",
     "LOSS_AGG_MODES",
     "NORM_LEVELS",
+    "POLICY_LOSSES",
+    "AdvNorm",
+    "LossParams",
+    "Registry",
+    "Stat",
     "aggregate_loss",
     "behaviour_weight",
-    "compute_advantages",
+    "broadcast_advantages",
     "count_seqs",
     "count_tokens",
-    "decoupled_ppo_loss",
     "dr_grpo_advantages",
+    "effective_mask",
+    "finish_stats",
     "group_advantages",
-    "grpo_loss",
+    "gspo_loss",
+    "kl_in_reward",
     "kl_k1",
     "kl_k2",
     "kl_k3",
@@ -48,7 +63,9 @@ __all__ = [
     "masked_std",
     "masked_sum",
     "overlong_penalty",
+    "policy_objective",
     "ppo_clip_loss",
     "rloo_advantages",
-    "zero_variance_mask",
+    "stat_sums",
+    "whiten",
 ]

@@ -1,8 +1,8 @@
 """Advantage estimators: one reward per completion in, one advantage per completion out.
 
-Rewards arrive as a ``[n_groups, G]`` tensor (G completions of the same prompt per row). Each estimator is a small
-pure function; ``compute_advantages`` dispatches by name. The trainer broadcasts the result over a completion's
-tokens.
+Rewards arrive as a ``[n_groups, G]`` tensor (G completions of the same prompt per row). Each estimator is one
+small pure function ``fn(rewards, norm) -> advantages`` registered by name in :data:`ADV_ESTIMATORS`
+(``actor.adv_estimator``); the trainer broadcasts the result over a completion's tokens.
 
 Conventions that the anchors leave implicit, fixed here:
 
@@ -15,14 +15,37 @@ Conventions that the anchors leave implicit, fixed here:
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from asyncgrpo.core.registry import Registry
+
 NORM_LEVELS = ("group", "batch", "none")
-ESTIMATORS = ("grpo", "rloo", "dr_grpo")
-_NORM_KWARGS = frozenset({"mean_level", "std_level", "mean_leave1out", "std_unbiased", "eps"})
+
+
+@dataclass(frozen=True)
+class AdvNorm:
+    """The normalisation knobs (``actor.adv_norm``); ``grpo`` uses them all, REINFORCE++ only ``std_unbiased`` and
+    ``eps``, the others none (they fix their own normalisation)."""
+
+    mean_level: str
+    std_level: str
+    mean_leave1out: bool
+    std_unbiased: bool
+    eps: float
+
+    def __post_init__(self) -> None:
+        _check_level("mean_level", self.mean_level)
+        _check_level("std_level", self.std_level)
+        if self.eps < 0:
+            raise ValueError(f"eps={self.eps} must be >= 0 (it keeps all-equal rewards from dividing by zero)")
+
+
+AdvEstimator = Callable[[Tensor, AdvNorm], Tensor]
+ADV_ESTIMATORS: Registry[AdvEstimator] = Registry("advantage estimator", "actor.adv_estimator")
 
 
 def _as_float_rewards(rewards: Tensor) -> Tensor:
@@ -82,10 +105,7 @@ def group_advantages(
     elements of the same population, ``(sum - r_i) / (n - 1)``. ``std_unbiased`` picks the ``n - 1`` denominator
     (verl, torch.std) over ``n``. The std is always of the raw rewards at ``std_level``, independent of centering.
     """
-    _check_level("mean_level", mean_level)
-    _check_level("std_level", std_level)
-    if eps < 0:
-        raise ValueError(f"eps={eps} must be >= 0 (it keeps all-equal rewards from dividing by zero)")
+    AdvNorm(mean_level, std_level, mean_leave1out, std_unbiased, eps)  # validates
     r = _as_float_rewards(rewards)
     if r.numel() == 0:
         return r.clone()
@@ -113,20 +133,40 @@ def dr_grpo_advantages(rewards: Tensor) -> Tensor:
     return r - _mean(r, 1, leave1out=False)
 
 
-def compute_advantages(rewards: Tensor, estimator: str = "grpo", **norm_kwargs: Any) -> Tensor:
-    """Dispatch by estimator name.
+def whiten(x: Tensor, unbiased: bool, eps: float) -> Tensor:
+    """``(x - mean) / (std + eps)`` over every element (the batch): REINFORCE++'s global normalisation."""
+    return (x - _mean(x, None, leave1out=False)) / (_std(x, None, unbiased) + eps)
 
-    ``norm_kwargs`` are :func:`group_advantages`'s normalisation knobs (mean_level, std_level, mean_leave1out,
-    std_unbiased, eps). They apply to ``grpo`` only: ``rloo`` and ``dr_grpo`` fix their own normalisation, so the
-    knobs are accepted (the trainer passes the config section as is) and ignored for them.
+
+@ADV_ESTIMATORS.register("grpo")
+def grpo_estimator(rewards: Tensor, norm: AdvNorm) -> Tensor:
+    """GRPO with every ``actor.adv_norm`` knob; the defaults (group mean, group std) are DeepSeekMath's."""
+    return group_advantages(rewards, norm.mean_level, norm.std_level, norm.mean_leave1out, norm.std_unbiased, norm.eps)
+
+
+@ADV_ESTIMATORS.register("dr_grpo")
+def dr_grpo_estimator(rewards: Tensor, norm: AdvNorm) -> Tensor:
+    return dr_grpo_advantages(rewards)
+
+
+@ADV_ESTIMATORS.register("rloo")
+def rloo_estimator(rewards: Tensor, norm: AdvNorm) -> Tensor:
+    return rloo_advantages(rewards)
+
+
+@ADV_ESTIMATORS.register("reinforce_plus_plus")
+def reinforce_plus_plus_estimator(rewards: Tensor, norm: AdvNorm) -> Tensor:
+    """REINFORCE++ (Hu 2025) for outcome rewards: no per-prompt baseline, the rewards whitened over the whole batch.
+
+    Whitened over completions (each counts once), not over tokens as verl's masked_whiten does: a long completion
+    carries no more information about its prompt's reward than a short one.
     """
-    unknown = set(norm_kwargs) - _NORM_KWARGS
-    if unknown:
-        raise TypeError(f"compute_advantages got unknown keyword(s) {sorted(unknown)}; valid: {sorted(_NORM_KWARGS)}")
-    if estimator == "grpo":
-        return group_advantages(rewards, **norm_kwargs)
-    if estimator == "rloo":
-        return rloo_advantages(rewards)
-    if estimator == "dr_grpo":
-        return dr_grpo_advantages(rewards)
-    raise ValueError(f"advantage estimator {estimator!r} is not known; choose one of {list(ESTIMATORS)}")
+    return whiten(_as_float_rewards(rewards), norm.std_unbiased, norm.eps)
+
+
+@ADV_ESTIMATORS.register("reinforce_plus_plus_baseline")
+def reinforce_plus_plus_baseline_estimator(rewards: Tensor, norm: AdvNorm) -> Tensor:
+    """REINFORCE++-baseline: the group mean as baseline, then whitened over the batch (the std of the batch, not the
+    group's, so a group with a small spread is not blown up as GRPO's group std does)."""
+    r = _as_float_rewards(rewards)
+    return whiten(r - _mean(r, 1, leave1out=False), norm.std_unbiased, norm.eps)

@@ -8,6 +8,10 @@ With ``delta = logp - ref_logp`` for tokens sampled from the policy:
 
 ``delta`` is clamped to ``+-clamp`` first (AReaL uses 10) so that one token the reference finds absurd cannot
 blow up k3's exponential. Gradients flow through ``logp`` only; the reference is detached.
+
+The KL can regularise the policy in two places: as a term of the loss (core.policy_loss, ``actor.kl_ctl``) or,
+with ``actor.use_kl_in_reward``, subtracted from each completion's reward before the advantages
+(:func:`kl_in_reward`, verl's apply_kl_penalty for outcome rewards).
 """
 
 from __future__ import annotations
@@ -51,3 +55,23 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3", clamp: flo
             raise ValueError(f"kl clamp={clamp} must be > 0 or None")
         delta = delta.clamp(-clamp, clamp)
     return fn(delta)
+
+
+def kl_in_reward(
+    rewards: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, kl_ctl: float, estimator: str = "k1",
+    clamp: float | None = 10.0,
+) -> tuple[Tensor, Tensor]:
+    """``(r_i - kl_ctl * KL_i, KL_i)`` with ``KL_i = sum over the completion's tokens of the per-token estimate``.
+
+    The per-token penalty ``-kl_ctl * KL_t`` of verl's token-level rewards, summed as an outcome reward is; no
+    gradient (``logp`` is the sampling-side policy, the trainer's pi_prox). ``rewards`` ``[B]``, the rest ``[B, T]``.
+    """
+    if kl_ctl < 0:
+        raise ValueError(f"kl_ctl={kl_ctl} must be >= 0")
+    if rewards.shape != logp.shape[:-1] or mask.shape != logp.shape:
+        raise ValueError(f"rewards {tuple(rewards.shape)} must be [B] and mask {tuple(mask.shape)} [B, T] for log-probs "
+                         f"{tuple(logp.shape)}")
+    with torch.no_grad():
+        kl = kl_penalty(logp.detach(), ref_logp, estimator, clamp)
+        seq = torch.where(mask.bool(), kl, torch.zeros_like(kl)).sum(dim=-1)
+    return rewards - kl_ctl * seq.to(rewards.dtype), seq

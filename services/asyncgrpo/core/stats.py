@@ -1,16 +1,62 @@
 """Reported statistics of a loss computation: masked, detached 0-dim tensors (no host sync until logged).
 
-All token statistics are over the given mask of one micro-batch; ``n_tokens`` / ``n_seqs`` are included so that a
-caller can combine micro-batches with token-weighted means. Stds here are population (biased) stds: they describe
-the numbers at hand, they do not estimate anything.
+Each statistic of one micro-batch is a :class:`Stat` that says how it combines with the same statistic of the other
+micro-batches and ranks of a step: summed (a loss share, a count) or a mean weighted by the tokens it is a mean over.
+The trainer reduces every statistic the same way (:func:`reduce_stats`), whatever loss produced it. Stds here are
+population (biased) stds: they describe the numbers at hand, they do not estimate anything.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from asyncgrpo.core.kl import kl_k3
+
+
+@dataclass(frozen=True)
+class Stat:
+    """One micro-batch's value; ``weight`` None: summed across micro-batches and ranks, else the step's value is
+    ``sum(value * weight) / sum(weight)`` (a mean over ``weight`` tokens or sequences)."""
+
+    value: Tensor
+    weight: Tensor | None = None
+
+    @staticmethod
+    def total(value: Tensor) -> "Stat":
+        return Stat(value.detach().float().reshape(()), None)
+
+    @staticmethod
+    def mean(value: Tensor, over: Tensor) -> "Stat":
+        return Stat(value.detach().float().reshape(()), over.detach().float().reshape(()))
+
+
+def stat_sums(stats: Iterable[Mapping[str, Stat]]) -> dict[str, Tensor]:
+    """Per key, ``[numerator, denominator]`` in float64 summed over micro-batches (denominator -1 marks a sum): add
+    these across ranks (all-reduce SUM) and finish with :func:`finish_stats`."""
+    out: dict[str, Tensor] = {}
+    for st in stats:
+        for k, s in st.items():
+            acc = out.setdefault(k, torch.zeros(2, dtype=torch.float64))
+            if s.weight is None:
+                acc[0] += s.value.double()
+                acc[1] = -1.0
+            else:
+                acc[0] += s.value.double() * s.weight.double()
+                acc[1] += s.weight.double()
+    return out
+
+
+def finish_stats(sums: Mapping[str, Tensor]) -> dict[str, float]:
+    """Scalars from :func:`stat_sums`, after they were added across ranks (a sum's denominator is then -ranks)."""
+    out = {}
+    for k, (num, den) in sums.items():
+        num, den = float(num), float(den)
+        out[k] = num if den < 0 else (num / den if den > 0 else 0.0)
+    return out
 
 
 def masked_sum(x: Tensor, mask: Tensor) -> Tensor:
@@ -36,13 +82,6 @@ def masked_std(x: Tensor, mask: Tensor) -> Tensor:
     return var.clamp_min(0).sqrt()
 
 
-def _masked_extreme(x: Tensor, mask: Tensor, largest: bool) -> Tensor:
-    sel = x[mask.bool()]
-    if sel.numel() == 0:
-        return torch.zeros((), dtype=torch.float32, device=x.device)
-    return (sel.max() if largest else sel.min()).to(torch.float32)
-
-
 @torch.no_grad()
 def loss_stats(
     mask: Tensor,
@@ -55,44 +94,33 @@ def loss_stats(
     behav_weight: Tensor | None = None,
     capped: Tensor | None = None,
     cap_mask: Tensor | None = None,
-    advantages: Tensor | None = None,
     entropy: Tensor | None = None,
-    rewards: Tensor | None = None,
-) -> dict[str, Tensor]:
+) -> dict[str, Stat]:
     """Statistics over the tokens in ``mask`` (the tokens that enter the loss); only the given inputs are reported.
 
-    Keys: ``n_tokens``, ``n_seqs``, ``clip_frac``, ``dual_clip_frac``, ``ratio_mean``, ``approx_kl`` (k3 of
-    ``logp`` vs ``prox_logp``), ``behav_weight_mean``, ``behav_cap_frac`` (over ``cap_mask``, default ``mask``: the
-    tokens before cap masking removed any), ``adv_mean/std/min/max`` (per token), ``entropy_mean``,
-    ``reward_mean/std`` (over the given per-sequence rewards).
+    Keys: ``n_tokens``, ``n_seqs`` (sums), and means over the kept tokens: ``clip_frac``, ``dual_clip_frac``,
+    ``ratio_mean``, ``approx_kl`` (k3 of ``logp`` vs ``prox_logp``), ``behav_weight_mean``, ``entropy``; and
+    ``behav_cap_frac``, a mean over ``cap_mask`` (default ``mask``: the tokens before cap masking removed any).
     """
     mask = mask.bool()
-    out: dict[str, Tensor] = {
-        "n_tokens": mask.sum().to(torch.float32),
-        "n_seqs": (mask.sum(dim=-1) > 0).sum().to(torch.float32) if mask.dim() > 0 else mask.to(torch.float32),
+    n = mask.sum().float()
+    out: dict[str, Stat] = {
+        "n_tokens": Stat.total(n),
+        "n_seqs": Stat.total((mask.sum(dim=-1) > 0).sum().float() if mask.dim() > 0 else mask.float()),
     }
-    if clipped is not None:
-        out["clip_frac"] = masked_mean(clipped.float(), mask)
-    if dual_clipped is not None:
-        out["dual_clip_frac"] = masked_mean(dual_clipped.float(), mask)
-    if ratio is not None:
-        out["ratio_mean"] = masked_mean(ratio.detach().float(), mask)
+
+    def kept_mean(name: str, x: Tensor | None) -> None:
+        if x is not None:
+            out[name] = Stat.mean(masked_mean(x.detach().float(), mask), n)
+
+    kept_mean("clip_frac", clipped)
+    kept_mean("dual_clip_frac", dual_clipped)
+    kept_mean("ratio_mean", ratio)
     if logp is not None and prox_logp is not None:
-        out["approx_kl"] = masked_mean(kl_k3((logp.detach() - prox_logp.detach()).float()), mask)
-    if behav_weight is not None:
-        out["behav_weight_mean"] = masked_mean(behav_weight.detach().float(), mask)
+        kept_mean("approx_kl", kl_k3((logp.detach() - prox_logp.detach()).float()))
+    kept_mean("behav_weight_mean", behav_weight)
+    kept_mean("entropy", entropy)
     if capped is not None:
-        out["behav_cap_frac"] = masked_mean(capped.float(), mask if cap_mask is None else cap_mask.bool())
-    if advantages is not None:
-        adv = torch.broadcast_to(advantages.detach().float(), mask.shape)
-        out["adv_mean"] = masked_mean(adv, mask)
-        out["adv_std"] = masked_std(adv, mask)
-        out["adv_min"] = _masked_extreme(adv, mask, largest=False)
-        out["adv_max"] = _masked_extreme(adv, mask, largest=True)
-    if entropy is not None:
-        out["entropy_mean"] = masked_mean(entropy.detach().float(), mask)
-    if rewards is not None:
-        r = rewards.detach().float().reshape(-1)
-        out["reward_mean"] = r.mean() if r.numel() else torch.zeros((), device=r.device)
-        out["reward_std"] = r.std(correction=0) if r.numel() else torch.zeros((), device=r.device)
-    return {k: v.detach() for k, v in out.items()}
+        cm = mask if cap_mask is None else cap_mask.bool()
+        out["behav_cap_frac"] = Stat.mean(masked_mean(capped.float(), cm), cm.sum().float())
+    return out

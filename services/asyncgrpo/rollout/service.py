@@ -74,7 +74,7 @@ class RolloutParams:
                    temperature=cfg.actor.temperature, top_p=r.top_p, top_k=r.top_k,
                    max_head_offpolicyness=r.max_head_offpolicyness, batch_groups=cfg.train_dataset.batch_size,
                    total_epochs=cfg.total_train_epochs, lease_ttl_s=r.lease_ttl_s,
-                   dynamic_filtering=cfg.actor.dynamic_filtering, max_resubmits=r.max_resubmits,
+                   dynamic_filtering=cfg.rollout.dynamic_filtering, max_resubmits=r.max_resubmits,
                    num_workers=r.max_concurrent_rollouts, exit_when_exhausted=r.exit_when_exhausted,
                    log_interval_s=r.log_interval_s, worker_id=r.worker_id or socket.gethostname())
 

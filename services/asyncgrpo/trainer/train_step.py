@@ -24,10 +24,6 @@ from asyncgrpo.trainer.hf_mapping import ModelArch
 from asyncgrpo.trainer.logprobs import token_logprobs
 from asyncgrpo.trainer.model import DTYPES, build_gpt_model, init_parallel, load_hf_weights
 
-# Loss statistics that are means over the tokens the loss keeps (core.loss_stats' mask).
-KEPT_TOKEN_MEANS = ("clip_frac", "dual_clip_frac", "behav_weight_mean", "ratio_mean", "approx_kl")
-
-
 @dataclass
 class Sample:
     """One completion of a prompt, as the rollout side scored it."""
@@ -91,19 +87,39 @@ def pack(samples: Sequence[Sample], pad_id: int) -> dict[str, Tensor]:
     return {"input_ids": ids, "loss_mask": mask, "behav_logp": behav}
 
 
-def batch_advantages(batch: Batch, cfg: RunConfig) -> Tensor:
-    """Per-sample advantages [N] from the (shaped) rewards of the whole batch."""
+def loss_params(cfg: RunConfig) -> core.LossParams:
+    """The loss's settings, built once: the KL weight goes to the loss unless it goes into the reward."""
+    a = cfg.actor
+    return core.LossParams(
+        policy_loss=a.policy_loss, eps_clip=a.eps_clip, eps_clip_higher=a.eps_clip_higher, c_clip=a.c_clip,
+        behav_imp_weight_cap=a.behav_imp_weight_cap, behav_imp_weight_mode=a.behav_imp_weight_mode,
+        behav_imp_weight_level=a.behav_imp_weight_level, loss_agg_mode=a.loss_agg_mode,
+        loss_agg_norm_len=a.loss_agg_norm_len or cfg.rollout.max_new_tokens,
+        kl_ctl=0.0 if a.use_kl_in_reward else a.kl_ctl, kl_estimator=a.kl_estimator,
+    )
+
+
+def adv_norm(cfg: RunConfig) -> core.AdvNorm:
+    n = cfg.actor.adv_norm
+    return core.AdvNorm(n.mean_level, n.std_level, n.mean_leave1out, n.std_unbiased, n.eps)
+
+
+def batch_rewards(batch: Batch, cfg: RunConfig) -> Tensor:
+    """Per-sample rewards [N] as scored, shaped by DAPO's overlong penalty when enabled."""
     a = cfg.actor
     rewards = torch.tensor([s.reward for s in batch.samples], dtype=torch.float32)
     if a.overlong_penalty.enabled:
         lengths = torch.tensor([len(s.completion_ids) for s in batch.samples], dtype=torch.float32)
         max_len = a.overlong_penalty.max_len or cfg.rollout.max_new_tokens
         rewards = core.overlong_penalty(rewards, lengths, max_len, a.overlong_penalty.buffer_len, a.overlong_penalty.factor)
-    n = a.adv_norm
-    adv = core.group_advantages(
-        rewards.view(batch.n_groups, batch.group_size), n.mean_level, n.std_level, n.mean_leave1out, n.std_unbiased, n.eps
-    )
-    return adv.reshape(-1)
+    return rewards
+
+
+def batch_advantages(batch: Batch, cfg: RunConfig, rewards: Tensor | None = None) -> Tensor:
+    """Per-sample advantages [N] of the whole batch by actor.adv_estimator (rewards: batch_rewards by default)."""
+    r = batch_rewards(batch, cfg) if rewards is None else rewards
+    estimator = core.ADV_ESTIMATORS.get(cfg.actor.adv_estimator)
+    return estimator(r.view(batch.n_groups, batch.group_size), adv_norm(cfg)).reshape(-1)
 
 
 class GRPOTrainer:
@@ -168,6 +184,7 @@ class GRPOTrainer:
             self.ref.eval().requires_grad_(False)
         self.version = 0  # policy version = optimizer steps taken
         self.pad_id = 0
+        self.loss_params = loss_params(cfg)
 
     # -- helpers -------------------------------------------------------------------------------------------------
 
@@ -188,31 +205,55 @@ class GRPOTrainer:
         sl = slice(self.dp_rank * per, (self.dp_rank + 1) * per)
         return batch.samples[sl], sl
 
+    def _kl_in_reward(self, rewards: Tensor, micro: list[dict[str, Tensor]], sl: slice) -> tuple[Tensor, float]:
+        """Rewards less kl_ctl x each completion's KL (pi_prox vs pi_ref), for the whole batch: each DP rank has the
+        log-probs of its own slice only, so the shaped slices are summed into the full vector across ranks."""
+        a = self.cfg.actor
+        shaped, kls = [], []
+        local = rewards[sl]
+        i = 0
+        for mb in micro:
+            n = mb["input_ids"].shape[0]
+            r, kl = core.kl_in_reward(local[i : i + n], mb["prox_logp"], mb["ref_logp"], mb["loss_mask"], a.kl_ctl,
+                                      a.kl_estimator)
+            shaped.append(r)
+            kls.append(kl)
+            i += n
+        full = torch.zeros(len(rewards) + 1, dtype=torch.float64)
+        full[: len(rewards)][sl] = torch.cat(shaped).double()
+        full[-1] = torch.cat(kls).double().sum()
+        full = self._all_reduce(full)
+        return full[:-1].to(rewards.dtype), float(full[-1]) / max(len(rewards), 1)
+
     # -- the step ------------------------------------------------------------------------------------------------
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         """One optimizer step on `batch`; returns scalar metrics (identical on every rank)."""
         t0 = time.perf_counter()
-        a = self.cfg.actor
-        adv_all = batch_advantages(batch, self.cfg)
+        a, lp = self.cfg.actor, self.loss_params
         samples, sl = self.local_samples(batch)
-        adv_local = adv_all[sl]
         mbs = a.micro_batch_size
         micro = []
         self.model.eval()  # dropout is 0 anyway; eval only documents that the prox pass is a pure evaluation
         with torch.no_grad():
             for i in range(0, len(samples), mbs):
                 mb = pack(samples[i : i + mbs], self.pad_id)
-                mb["adv"] = adv_local[i : i + mbs]
                 mb["prox_logp"] = self._logp(self.model, mb["input_ids"])[0]
                 if self.ref is not None:
                     mb["ref_logp"] = self._logp(self.ref, mb["input_ids"])[0]
                 micro.append(mb)
+        rewards = batch_rewards(batch, self.cfg)
+        extra: dict[str, float] = {}
+        if a.use_kl_in_reward:
+            rewards, extra["kl_reward_mean"] = self._kl_in_reward(rewards, micro, sl)
+        adv_all = batch_advantages(batch, self.cfg, rewards)
+        adv_local = adv_all[sl]
+        for j, mb in enumerate(micro):
+            mb["adv"] = adv_local[j * mbs : (j + 1) * mbs]
         # Global normalisers: tokens that enter the loss (cap-masked tokens leave it in mask mode) and sequences.
         counts = torch.zeros(2, dtype=torch.float64)
         for mb in micro:
-            _, keep, _ = core.behaviour_weight(mb["prox_logp"], mb["behav_logp"], a.behav_imp_weight_cap, a.behav_imp_weight_mode)
-            eff = mb["loss_mask"] & keep
+            eff = core.effective_mask(mb["prox_logp"], mb["behav_logp"], mb["loss_mask"], lp)
             counts += torch.stack([core.count_tokens(eff), core.count_seqs(eff)]).double()
         counts = self._all_reduce(counts)
         g_tokens, g_seqs = float(counts[0]), float(counts[1])
@@ -220,35 +261,16 @@ class GRPOTrainer:
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        sums: dict[str, Tensor] = {}
-        # Token-weighted means over the global batch, each weighted by the tokens its per-micro-batch mean is
-        # over: the tokens the loss keeps (cap masking removes some in mask mode), or all completion tokens.
-        weights = {"tokens": torch.zeros((), dtype=torch.float64), "kept": torch.zeros((), dtype=torch.float64)}
+        micro_stats = []
         for mb in micro:
             logp, ent = self._logp(self.model, mb["input_ids"], entropy=True)
-            loss, stats = core.grpo_loss(
-                logp, mb["prox_logp"], mb["behav_logp"], mb["adv"], mb["loss_mask"],
-                eps_clip=a.eps_clip, eps_clip_higher=a.eps_clip_higher, c_clip=a.c_clip,
-                behav_imp_weight_cap=a.behav_imp_weight_cap, behav_imp_weight_mode=a.behav_imp_weight_mode,
-                loss_agg_mode=a.loss_agg_mode,
-                loss_agg_norm_len=a.loss_agg_norm_len or self.cfg.rollout.max_new_tokens,
-                global_token_count=g_tokens, global_seq_count=g_seqs,
-                ref_logp=mb.get("ref_logp"), kl_ctl=a.kl_ctl, kl_estimator=a.kl_estimator,
+            loss, stats = core.policy_objective(
+                logp, mb["prox_logp"], mb["behav_logp"], mb["adv"], mb["loss_mask"], lp,
+                global_token_count=g_tokens, global_seq_count=g_seqs, ref_logp=mb.get("ref_logp"), entropy=ent,
             )
             loss.backward()
-            n_tok, n_kept = mb["loss_mask"].sum().double(), stats["n_tokens"].double()
-            weights["tokens"] += n_tok
-            weights["kept"] += n_kept
-            for k in ("loss", "policy_loss", "kl_ref"):
-                if k in stats:
-                    sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + stats[k].double()
-            for k in KEPT_TOKEN_MEANS:
-                if k in stats:
-                    sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + stats[k].double() * n_kept
-            if "behav_cap_frac" in stats:  # over every completion token: the share the cap acted on
-                sums["behav_cap_frac"] = sums.get("behav_cap_frac", torch.zeros((), dtype=torch.float64)) + stats["behav_cap_frac"].double() * n_tok
-            if ent is not None:
-                sums["entropy"] = sums.get("entropy", torch.zeros((), dtype=torch.float64)) + (ent * mb["loss_mask"]).sum().double()
+            stats["n_completion_tokens"] = core.Stat.total(mb["loss_mask"].sum())
+            micro_stats.append(stats)
 
         lr = float(self.optimizer.param_groups[0]["lr"])
         with megatron_compat.cuda_on_cpu():
@@ -257,15 +279,15 @@ class GRPOTrainer:
         self.scheduler.step(increment=1)
         self.version += 1
 
+        # every statistic says how it is reduced (core.Stat): one generic all-reduce of [numerator, denominator]
+        sums = core.stat_sums(micro_stats)
         keys = sorted(sums)
-        vec = self._all_reduce(torch.stack([sums[k] for k in keys] + [weights["tokens"], weights["kept"]]))
-        tot_tokens, tot_kept = float(vec[-2]), float(vec[-1])
-        out: dict[str, float] = {}
-        for k, v in zip(keys, vec[:-2].tolist()):
-            if k in ("loss", "policy_loss", "kl_ref"):
-                out[k] = v
-            else:
-                out[k] = v / max(tot_kept if k in KEPT_TOKEN_MEANS else tot_tokens, 1.0)
+        vec = self._all_reduce(torch.stack([sums[k] for k in keys]))
+        out = core.finish_stats(dict(zip(keys, vec)))
+        out["n_kept_tokens"] = out.pop("n_tokens")
+        tot_tokens = out.pop("n_completion_tokens")
+        out.pop("n_seqs")
+        out.update(extra)
         rewards = torch.tensor([s.reward for s in batch.samples])
         out.update(
             reward_mean=float(rewards.mean()), reward_std=float(rewards.std()) if rewards.numel() > 1 else 0.0,
