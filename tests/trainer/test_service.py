@@ -196,3 +196,26 @@ def test_trainer_stops_when_the_prompts_ran_out(tiny_model_dir: Path, tmp_path: 
     assert "the prompts ran out at version 1" in caplog.text and "1 groups filtered" in caplog.text, caplog.text
     assert "batch is 1 groups short" in caplog.text and "total_train_epochs" in caplog.text
     assert (checkpoint_dir(cfg) / "latest").read_text() == "step_00000001"  # the clean end checkpoints
+
+
+def test_resumed_at_its_last_step_the_final_hf_model_is_written(tiny_model_dir: Path, tmp_path: Path, redis_server) -> None:  # type: ignore[no-untyped-def]
+    """A run killed after its last checkpoint but before that step's HF model (seen in CI: `up` killed mid-run
+    while the trainer finished) resumes with nothing to train and still leaves its final model."""
+    import shutil
+
+    cfg, queue, state = _loop_setup(tiny_model_dir, tmp_path, redis_server.url, batch_size=2, checkpoint_interval=2,
+                                    poll_timeout_s=0.1)
+    cfg.trainer.hf_save_interval = 1000  # only the end-of-run model
+    hf = checkpoint_dir(cfg).parent / "hf"
+    idle = TrainerService(cfg, GRPOTrainer(cfg), queue, state)
+    assert idle.resume() == 0 and idle.run(max_steps=0).steps == 0
+    assert not hf.exists()  # no step taken, no model: version 0 is the initial one
+    for p in range(4):
+        queue.push(_group(cfg, p, version=0, seed=p))
+    service = TrainerService(cfg, GRPOTrainer(cfg), queue, state)
+    assert service.resume() == 0 and service.run(max_steps=2).steps == 2
+    assert (hf / "version_2" / "config.json").exists()
+    shutil.rmtree(hf)  # the kill came between the checkpoint and the HF model
+    restarted = TrainerService(cfg, GRPOTrainer(cfg), queue, state)
+    assert restarted.resume() == 2 and restarted.run(max_steps=0).steps == 0
+    assert (hf / "version_2" / "model.safetensors").exists(), sorted(hf.rglob("*")) if hf.exists() else "no hf dir"

@@ -448,9 +448,17 @@ class TrainerService:
     def _save_hf(self) -> None:
         from asyncgrpo.trainer.model import save_hf_checkpoint
 
-        save_hf_checkpoint(self.trainer.model, self.trainer.arch, self.cfg.actor.path,
-                           checkpoint_dir(self.cfg).parent / "hf" / f"version_{self.trainer.version}")
+        save_hf_checkpoint(self.trainer.model, self.trainer.arch, self.cfg.actor.path, self._hf_dir(self.trainer.version))
         self._hf_version = self.trainer.version
+
+    def _hf_dir(self, version: int) -> Path:
+        return checkpoint_dir(self.cfg).parent / "hf" / f"version_{version}"
+
+    def _hf_missing(self) -> bool:
+        """A resumed run whose checkpoint is already its last step, killed before it wrote that step's HF model:
+        the model is written now, from the checkpoint, instead of the run ending with no final model."""
+        v = self.trainer.version
+        return v > 0 and self._hf_version != v and not (self._hf_dir(v) / "config.json").exists()
 
     def _checkpoint(self) -> None:
         """Save (collective), then acknowledge the groups the checkpoint now holds."""
@@ -537,7 +545,8 @@ class TrainerService:
         fenced = self._broadcast(self.fenced if self.rank == 0 else None)
         if t.checkpoint_interval and self.stats.steps and self._saved_version != self.trainer.version and not fenced:
             self._checkpoint()
-        if t.hf_save_interval and self.stats.steps and self._hf_version != self.trainer.version and not fenced:
+        if t.hf_save_interval and not fenced and (
+                (self.stats.steps and self._hf_version != self.trainer.version) or self._broadcast(self._hf_missing() if self.rank == 0 else None)):
             self._save_hf()
         if self.rank == 0 and self._pending:
             log.info("%d consumed groups left pending; a restart replays them", len(self._pending))
