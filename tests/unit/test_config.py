@@ -110,3 +110,10 @@ def test_algorithm_choices_that_fit_together_load() -> None:
     assert (a.policy_loss, a.adv_estimator, a.behav_imp_weight_level, a.use_kl_in_reward) == \
         ("gspo", "reinforce_plus_plus", "geometric", True)
     assert cfg.rollout.dynamic_filtering
+
+
+def test_an_example_config_takes_another_estimator_by_override() -> None:
+    # the example spells out adv_norm's defaults; that must not block switching the estimator on the command line
+    example = Path(__file__).resolve().parents[2] / "examples" / "tiny_arithmetic.yaml"
+    cfg = load_config([example], ["--actor.adv_estimator=reinforce_plus_plus"])
+    assert cfg.actor.adv_estimator == "reinforce_plus_plus"

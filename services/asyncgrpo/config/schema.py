@@ -83,7 +83,9 @@ class ActorConfig(Section):
                 f"actor.eps_clip_higher ({self.eps_clip_higher}) is below actor.eps_clip ({self.eps_clip}); "
                 "set it >= eps_clip or null"
             )
-        grpo_only = sorted(self.adv_norm.model_fields_set & {"mean_level", "std_level", "mean_leave1out"})
+        # a knob set to its default (as an example config spells it out) changes nothing: only a real choice clashes
+        grpo_only = sorted(k for k in self.adv_norm.model_fields_set & {"mean_level", "std_level", "mean_leave1out"}
+                           if getattr(self.adv_norm, k) != AdvNormConfig.model_fields[k].default)
         if grpo_only and self.adv_estimator != "grpo":
             raise ValueError(f"actor.adv_norm.{grpo_only[0]} applies to adv_estimator=grpo only; adv_estimator="
                              f"{self.adv_estimator} fixes its own normalisation: remove the key or use grpo")
