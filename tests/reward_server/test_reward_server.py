@@ -11,28 +11,9 @@ import httpx
 import pytest
 import torch
 
-from service_procs import free_port, start_http_service
-
-KEY = "rm-key-123"
+from reward_server.conftest import KEY
+from service_procs import free_port
 TEXTS = ["Q: 2+3=?\nA: 2+3=5 #### 5", "Q: 2+3=?\nA: 2+3=6 #### 6", "Q: 10-4=?\nA:"]
-
-
-@pytest.fixture(scope="module")
-def reward_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from asyncgrpo.tiny.reward_model import build_reward_model
-
-    return build_reward_model(tiny_model_dir, tmp_path_factory.mktemp("tiny_orm"), seed=3)
-
-
-@pytest.fixture(scope="module")
-def server(reward_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    port = free_port()
-    log = tmp_path_factory.mktemp("rm_logs") / "reward_server.log"
-    proc = start_http_service([sys.executable, "-m", "asyncgrpo.cli", "reward-server", "--model", str(reward_model_dir),
-                               "--port", str(port), "--api-key", KEY, "--max-batch-size", "16", "--batch-wait-ms", "50"],
-                              f"http://127.0.0.1:{port}/health", log)
-    yield f"http://127.0.0.1:{port}", proc
-    proc.stop()
 
 
 def _auth() -> dict[str, str]:

@@ -61,7 +61,7 @@ class _FakeServer:
 def test_served_evaluation_scores_per_prompt_and_asks_again_after_an_abort() -> None:
     server = _FakeServer(aborts=2)
     prompts, answers = [[0], [1], [2], [3]], ["1", "1", "1", "1"]  # right on even prompts only
-    async def score(outputs: list[list[int]], answer: str) -> list[float]:
+    async def score(prompt_ids: list[int], outputs: list[list[int]], answer: str) -> list[float]:
         return [float(ids == [int(answer)]) for ids in outputs]
 
     res = asyncio.run(evaluate_served(server, prompts, answers, score, temperature=1.0, samples=3, max_new_tokens=4,
@@ -78,7 +78,7 @@ def test_served_evaluation_scores_per_prompt_and_asks_again_after_an_abort() -> 
 
 
 def test_served_evaluation_gives_up_on_a_server_that_keeps_aborting() -> None:
-    async def score(outputs: list[list[int]], answer: str) -> list[float]:
+    async def score(prompt_ids: list[int], outputs: list[list[int]], answer: str) -> list[float]:
         return [1.0] * len(outputs)
 
     with pytest.raises(RuntimeError, match="aborted 4 times"):
@@ -101,7 +101,7 @@ def test_a_failed_evaluation_stops_its_other_requests() -> None:
                 raise
             return []
 
-    async def score(outputs: list[list[int]], answer: str) -> list[float]:
+    async def score(prompt_ids: list[int], outputs: list[list[int]], answer: str) -> list[float]:
         return [0.0] * len(outputs)
 
     async def go() -> None:
@@ -143,7 +143,7 @@ def test_served_evaluation_matches_the_model(tiny_model_dir: Path, tmp_path: Pat
     try:
         async def go() -> Any:
             async with SGLangClient(srv.url) as client:
-                async def score(outputs: list[list[int]], answer: str) -> list[float]:
+                async def score(prompt_ids: list[int], outputs: list[list[int]], answer: str) -> list[float]:
                     return [float(ids[:1] == [int(answer)]) for ids in outputs]
 
                 return await evaluate_served(client, prompts, answers, score, temperature=T, samples=8,

@@ -8,42 +8,73 @@ import threading
 
 import pytest
 
-from asyncgrpo.rewards import REWARD_FNS
 from asyncgrpo.rollout.dataset import PromptDataset, load_records
-from asyncgrpo.rollout.rewards import RewardRunner, score_one
+from asyncgrpo.rollout.rewards import RewardRunner
 from asyncgrpo.tasks.jsonl import TaskDataError
+from reward_plugins import sample_rewards
+
+PLUG = "reward_plugins.sample_rewards:"
 
 
-def test_score_one_weights_and_details() -> None:
-    s = score_one(["gsm8k", "exact"], [2.0, 1.0], "so #### 42", "42")
+def score(runner: RewardRunner, completions: list[str], answer: str = "x", prompt: str = "Q?", metadata=None) -> list:
+    return asyncio.run(runner.score(prompt, completions, answer, metadata))
+
+
+def test_weights_and_details() -> None:
+    runner = RewardRunner(["gsm8k", "exact"], [2.0, 1.0])
+    (s,) = score(runner, ["so #### 42"], "42")
     assert s.reward == 2.0 and s.details == {"gsm8k": 1.0, "exact": 0.0} and s.error is None
+    runner.close()
 
 
-def test_crashing_reward_scores_zero_and_is_counted(monkeypatch) -> None:
-    def boom(completion: str, answer: str) -> float:
-        if "crash" in completion:
-            raise RuntimeError("bad input")
-        return 1.0
+def test_a_plugin_by_import_path_sees_prompt_answer_and_metadata() -> None:
+    sample_rewards.SEEN.clear()
+    runner = RewardRunner([PLUG + "seen", PLUG + "length_bonus"], [1.0, 2.0])
+    (s,) = score(runner, ["abcd"], "42", prompt="Q: 40+2=?", metadata={"difficulty": 3, "source": "test"})
+    x = sample_rewards.SEEN[-1]
+    assert (x.prompt, x.completion, x.answer, dict(x.metadata)) == ("Q: 40+2=?", "abcd", "42", {"difficulty": 3, "source": "test"})
+    assert s.details == {PLUG + "seen": 3.0, PLUG + "length_bonus": pytest.approx(0.4)}
+    assert s.reward == pytest.approx(3.0 + 2 * 0.4) and s.error is None
+    runner.close()
 
-    monkeypatch.setitem(REWARD_FNS, "boom", boom)
-    runner = RewardRunner(["boom"], timeout_s=5)
-    scores = asyncio.run(runner.score(["ok", "crash", "ok"], "x"))
+
+def test_async_and_sync_functions_mix() -> None:
+    runner = RewardRunner([PLUG + "async_echo", "exact"], [1.0, 10.0])
+    scores = score(runner, ["42", "41"], "42", prompt="12345")
+    assert [s.reward for s in scores] == [5.0 + 10.0, 5.0]  # len(prompt) + 10 x exact
+    assert runner.async_fns and runner.sync_specs == ["exact"]
+    runner.close()
+
+
+def test_a_slow_async_function_times_out_and_scores_zero() -> None:
+    runner = RewardRunner([PLUG + "async_slow", "exact"], timeout_s=0.2)
+    (s,) = score(runner, ["x"], "x")
+    assert s.reward == 0.0 and f"{PLUG}async_slow: timeout after 0.2s" in (s.error or "")
+    assert s.details["exact"] == 1.0 and runner.errors == 1
+    runner.close()
+
+
+@pytest.mark.parametrize(("fn", "fragment"), [("returns_text", "returned '1.0', not a finite number"),
+                                              ("returns_nan", "returned nan, not a finite number")])
+def test_a_non_number_is_that_functions_error(fn: str, fragment: str) -> None:
+    runner = RewardRunner([PLUG + fn])
+    (s,) = score(runner, ["x"])
+    assert s.reward == 0.0 and f"{PLUG}{fn}: TypeError: {fragment}" in (s.error or ""), s.error
+    runner.close()
+
+
+def test_crashing_reward_scores_zero_and_is_counted() -> None:
+    runner = RewardRunner([PLUG + "crash_on_word"], timeout_s=5)
+    scores = score(runner, ["ok", "crash", "ok"])
     assert [s.reward for s in scores] == [1.0, 0.0, 1.0]
     assert "RuntimeError: bad input" in (scores[1].error or "")
     assert runner.errors == 1
     runner.close()
 
 
-def test_hanging_reward_times_out_off_the_loop(monkeypatch) -> None:
-    release = threading.Event()
-
-    def hang(completion: str, answer: str) -> float:
-        if completion == "hang":
-            release.wait(10)
-        return 1.0
-
-    monkeypatch.setitem(REWARD_FNS, "hang", hang)
-    runner = RewardRunner(["hang"], timeout_s=0.2, max_workers=1)
+def test_hanging_reward_times_out_off_the_loop() -> None:
+    sample_rewards.RELEASE.clear()
+    runner = RewardRunner([PLUG + "hang"], timeout_s=0.2, max_workers=1)
 
     async def main() -> tuple[list, int]:
         ticks = 0
@@ -55,30 +86,41 @@ def test_hanging_reward_times_out_off_the_loop(monkeypatch) -> None:
                 await asyncio.sleep(0.01)
 
         t = asyncio.create_task(ticker())
-        scores = await runner.score(["hang"], "x")
+        scores = await runner.score("", ["hang"], "x")
         t.cancel()
         # the only pool thread is still stuck: the next call must run on a fresh pool, not time out
-        scores += await runner.score(["fine"], "x")
+        scores += await runner.score("", ["fine"], "x")
         return scores, ticks
 
     scores, ticks = asyncio.run(main())
-    release.set()
+    sample_rewards.RELEASE.set()
     assert scores[0].reward == 0.0 and "timeout" in (scores[0].error or "")
     assert scores[1].reward == 1.0 and scores[1].error is None
     assert runner.errors == 1 and ticks > 2
     runner.close()
 
 
-def test_process_executor_scores_registry_fns() -> None:
-    runner = RewardRunner(["gsm8k"], executor="process", max_workers=1, timeout_s=60)
-    scores = asyncio.run(runner.score(["#### 7", "#### 8"], "7"))
+def test_process_executor_runs_builtins_and_plugins_in_other_processes() -> None:
+    import os
+
+    runner = RewardRunner(["gsm8k", PLUG + "pid"], [1.0, 0.0], executor="process", max_workers=1, timeout_s=60)
+    scores = score(runner, ["#### 7", "#### 8"], "7")
     assert [s.reward for s in scores] == [1.0, 0.0]
+    assert all(s.details[PLUG + "pid"] != os.getpid() for s in scores)  # scored in a spawned worker
     runner.close()
 
 
-def test_unknown_reward_fn() -> None:
-    with pytest.raises(ValueError, match="unknown reward function"):
-        RewardRunner(["nope"])
+@pytest.mark.parametrize(("spec", "fragment"), [
+    ("nope", "reward.fns: 'nope' is not a built-in reward function (boxed, exact, gsm8k, orm); for your own function give its import path"),
+    ("no_such_pkg.mod:f", "reward.fns: 'no_such_pkg.mod:f': cannot import module 'no_such_pkg.mod' (ModuleNotFoundError"),
+    (PLUG + "missing", "module 'reward_plugins.sample_rewards' has no 'missing'"),
+    (PLUG + "NOT_CALLABLE", "is a int, not a function taking a RewardInput"),
+    ("a b:c", "is not an import path; write package.module:function"),
+])
+def test_bad_reward_specs_fail_at_start_up_naming_the_fix(spec: str, fragment: str) -> None:
+    with pytest.raises(ValueError) as e:
+        RewardRunner([spec])
+    assert fragment in str(e.value), str(e.value)
 
 
 def _write(tmp_path, recs):
@@ -129,7 +171,7 @@ def test_gsm8k_style_file(tmp_path) -> None:
                        prompt_key="question", shuffle=False)
     pr = ds.get(0, 0)
     assert pr.prompt_id == "0" and pr.text == "Question: Tom has 3 apples and buys 4. How many?\nAnswer:"
-    scores = asyncio.run(RewardRunner(["gsm8k"]).score(["3 plus 4 is 7 #### 7", "#### 8"], pr.answer))
+    scores = asyncio.run(RewardRunner(["gsm8k"]).score(pr.text, ["3 plus 4 is 7 #### 7", "#### 8"], pr.answer, pr.metadata))
     assert [s.reward for s in scores] == [1.0, 0.0]
 
 

@@ -38,14 +38,15 @@ def dataset(tmp_path) -> PromptDataset:
 HANG_S = 120  # a hang guard only: these tests take a second or two, more under load
 
 
-def make_service(url: str, dataset: PromptDataset, client: FakeGenClient, **kw) -> RolloutService:
+def make_service(url: str, dataset: PromptDataset, client: FakeGenClient, rewards: RewardRunner | None = None,
+                 **kw) -> RolloutService:
     params = RolloutParams(run_id=RUN, group_size=4, max_new_tokens=32, num_workers=3, batch_groups=2,
                            max_head_offpolicyness=100, lease_ttl_s=30, exit_when_exhausted=True, log_interval_s=60)
     for k, v in kw.items():
         setattr(params, k, v)
     r = redis.Redis.from_url(url)
     return RolloutService(params, state=RunState(r, RUN), queue=GroupQueue(r, RUN), dataset=dataset, decode=byte_decode,
-                          clients=[client], rewards=RewardRunner(["gsm8k"], timeout_s=10), redis_url=url,
+                          clients=[client], rewards=rewards or RewardRunner(["gsm8k"], timeout_s=10), redis_url=url,
                           guard=RedisGuard(url, deadline_s=30))
 
 
@@ -117,6 +118,22 @@ def test_a_group_is_one_parallel_request_and_aborted_completions_resume_alone() 
     with pytest.raises(PartialRolloutError, match="max_resubmits"):
         asyncio.run(sample_group(FakeGenClient(abort_every_first=True), prompt, {}, 2, max_new_tokens=32, rid="r:i",
                                  max_resubmits=0))
+
+
+def test_a_reward_plugin_by_import_path_scores_the_queued_groups(redis_server, dataset) -> None:
+    """reward.fns = [gsm8k, reward_plugins.sample_rewards:length_bonus] with weights [1, 2]: every completion in the
+    queue carries both functions' values and their weighted sum, computed from its own decoded text."""
+    plug = "reward_plugins.sample_rewards:length_bonus"
+    svc = make_service(redis_server.url, dataset, FakeGenClient(), RewardRunner(["gsm8k", plug], [1.0, 2.0]))
+    stats = asyncio.run(asyncio.wait_for(svc.run(), HANG_S))
+    groups = drain(redis_server.url)
+    assert stats.groups_pushed == len(groups) == 6
+    for g in groups:
+        for c in g.completions:
+            text = byte_decode(c.output_ids)
+            assert c.reward_details[plug] == pytest.approx(0.1 * len(text)), (text, c.reward_details)
+            assert c.reward == pytest.approx(c.reward_details["gsm8k"] + 2 * 0.1 * len(text))
+    assert {c.reward_details["gsm8k"] for g in groups for c in g.completions} == {0.0, 1.0}  # both kinds scored
 
 
 def test_dynamic_filtering_drops_all_equal_groups(redis_server, dataset) -> None:

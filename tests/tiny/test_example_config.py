@@ -8,7 +8,7 @@ import pytest
 
 from asyncgrpo.cli import main
 from asyncgrpo.config import load_config
-from asyncgrpo.rewards import REWARD_FNS
+from asyncgrpo.rewards import REWARD_FNS, RewardInput
 from asyncgrpo.tasks.arithmetic import make_split
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny_arithmetic.yaml"
@@ -24,7 +24,7 @@ def test_example_loads_with_the_task_settings() -> None:
     prompt = cfg.train_dataset.prompt_template.format(**rec)
     assert prompt == rec["prompt"] and prompt.endswith("=?\nA:")
     answer = rec[cfg.train_dataset.answer_key]
-    assert all(REWARD_FNS[f](rec["solution"], answer) == 1.0 for f in cfg.reward.fns)
+    assert all(REWARD_FNS[f](RewardInput(prompt, rec["solution"], answer)) == 1.0 for f in cfg.reward.fns)
     assert cfg.rollout.max_new_tokens >= len(rec["solution"]) + 1  # one token per byte, plus eos
 
 

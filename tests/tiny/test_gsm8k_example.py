@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from asyncgrpo.config import load_config
-from asyncgrpo.rewards import REWARD_FNS
+from asyncgrpo.rewards import REWARD_FNS, RewardInput
 from asyncgrpo.rollout.dataset import PromptDataset
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "gsm8k_qwen2.5.yaml"
@@ -34,9 +34,9 @@ def test_prompt_is_qwen_chatml_and_the_reward_reads_gsm8k_answers(tiny_model_dir
     messages = [{"role": "system", "content": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."},
                 {"role": "user", "content": RECORD["question"] + ' Let\'s think step by step and output the final answer after "####".'}]
     assert prompt == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    score = REWARD_FNS[cfg.reward.fns[0]]
-    assert score("She sold 24 in May, so 48+24=72.\n#### 72", RECORD[cfg.train_dataset.answer_key]) == 1.0
-    assert score("#### 71", RECORD["answer"]) == 0.0
+    fn = REWARD_FNS[cfg.reward.fns[0]]
+    assert fn(RewardInput(prompt, "She sold 24 in May, so 48+24=72.\n#### 72", RECORD[cfg.train_dataset.answer_key])) == 1.0
+    assert fn(RewardInput(prompt, "#### 71", RECORD["answer"])) == 0.0
     assert cfg.trainer.dtype == "bfloat16" and cfg.launch.engine == "sglang"
 
 

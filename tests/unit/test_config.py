@@ -117,3 +117,22 @@ def test_an_example_config_takes_another_estimator_by_override() -> None:
     example = Path(__file__).resolve().parents[2] / "examples" / "tiny_arithmetic.yaml"
     cfg = load_config([example], ["--actor.adv_estimator=reinforce_plus_plus"])
     assert cfg.actor.adv_estimator == "reinforce_plus_plus"
+
+
+@pytest.mark.parametrize(("fns", "fragment"), [
+    ("[gsm9k]", "reward.fns: 'gsm9k' is not a built-in reward function (boxed, exact, gsm8k, orm)"),
+    ("['a b:c']", "is not an import path; write package.module:function"),
+    ("[orm]", "reward.fns has 'orm' but reward.orm.url is not set"),
+])
+def test_reward_fns_are_checked_when_the_config_loads(fns: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[f"--reward.fns={fns}"])
+    assert fragment in str(e.value), str(e.value)
+
+
+def test_a_plugin_path_is_not_imported_by_loading_a_config() -> None:
+    # a trainer node need not have the rollout's reward modules: only the form is checked here
+    cfg = load_config(overrides=["--reward.fns=[no_such_package.rewards:score, gsm8k]", "--reward.weights=[0.5, 1.0]"])
+    assert cfg.reward.fns == ["no_such_package.rewards:score", "gsm8k"]
+    cfg = load_config(overrides=["--reward.fns=[orm]", "--reward.orm.url=http://127.0.0.1:30010"])
+    assert cfg.reward.orm.url == "http://127.0.0.1:30010"

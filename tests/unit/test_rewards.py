@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from asyncgrpo.rewards import REWARD_FNS, get_reward_fn
+from asyncgrpo.rewards import REWARD_FNS, RewardInput, get_reward_fn
 from asyncgrpo.rewards.boxed import last_boxed
 from asyncgrpo.rewards.extract import extract_gsm8k_answer, normalize_number
 
@@ -59,17 +59,17 @@ EXACT = [
 
 @pytest.mark.parametrize(("completion", "answer", "expected"), GSM8K)
 def test_gsm8k(completion: str, answer: str, expected: float) -> None:
-    assert REWARD_FNS["gsm8k"](completion, answer) == expected
+    assert REWARD_FNS["gsm8k"](RewardInput("", completion, answer)) == expected
 
 
 @pytest.mark.parametrize(("completion", "answer", "expected"), BOXED)
 def test_boxed(completion: str, answer: str, expected: float) -> None:
-    assert REWARD_FNS["boxed"](completion, answer) == expected
+    assert REWARD_FNS["boxed"](RewardInput("", completion, answer)) == expected
 
 
 @pytest.mark.parametrize(("completion", "answer", "expected"), EXACT)
 def test_exact(completion: str, answer: str, expected: float) -> None:
-    assert REWARD_FNS["exact"](completion, answer) == expected
+    assert REWARD_FNS["exact"](RewardInput("", completion, answer)) == expected
 
 
 def test_last_boxed_balances_braces() -> None:
@@ -88,7 +88,7 @@ def test_number_helpers() -> None:
 
 
 def test_unknown_reward_fn_names_the_choices() -> None:
-    with pytest.raises(ValueError, match="unknown reward function 'gsm9k'.*gsm8k"):
+    with pytest.raises(ValueError, match="reward.fns: 'gsm9k' is not a built-in reward function .*gsm8k"):
         get_reward_fn("gsm9k")
 
 
@@ -99,4 +99,4 @@ def test_task_solutions_score_one_with_their_reward_fn() -> None:
     for fmt in ("gsm8k", "boxed"):
         train, test = make_split(50, 10, seed=3, spec=ArithmeticSpec(ops=("+", "-", "*"), answer_format=fmt))
         for rec in train + test:
-            assert REWARD_FNS[fmt](rec["solution"], rec["answer"]) == 1.0, rec
+            assert REWARD_FNS[fmt](RewardInput(rec["prompt"], rec["solution"], rec["answer"])) == 1.0, rec

@@ -130,20 +130,28 @@ class DatasetConfig(Section):
     prompt_template: str = Field("{prompt}", description="Python format string applied to a record to build the prompt text.")
 
 
+class OrmConfig(Section):
+    url: str | None = Field(None, description="Reward-model server of the built-in 'orm' reward (asyncgrpo reward-server, or SGLang --is-embedding): its /classify scores prompt + completion.")
+    api_key: str | None = Field(None, description="Its bearer token; null: env ASYNCGRPO_REWARD_API_KEY, unset means none.")
+    timeout_s: float = Field(30.0, gt=0, description="Timeout of one scoring request to it.")
+
+
 class RewardConfig(Section):
-    fns: list[str] = Field(default_factory=lambda: ["gsm8k"], description="Reward functions by name (exact, gsm8k, boxed); weights below.")
+    fns: list[str] = Field(default_factory=lambda: ["gsm8k"], min_length=1, description="Reward functions: built-in names (exact, gsm8k, boxed, orm) or your own as package.module:function (docs/rewards.md); weights below.")
     weights: list[float] | None = Field(None, description="Per-function weights; null means all 1.")
     timeout_s: float = Field(10.0, gt=0, description="A reward call running longer scores 0 and is counted.")
+    orm: OrmConfig = Field(default_factory=OrmConfig, description="The reward-model server of the 'orm' reward function.")
 
     @model_validator(mode="after")
     def _weights_match(self) -> "RewardConfig":
-        from asyncgrpo.rewards import REWARD_FNS
+        from asyncgrpo.rewards import check_reward_spec
 
-        unknown = [f for f in self.fns if f not in REWARD_FNS]
-        if unknown:
-            raise ValueError(f"reward.fns: unknown {unknown}; choose from {sorted(REWARD_FNS)}")
+        for spec in self.fns:
+            check_reward_spec(spec)  # the form only: the rollout imports plug-ins at start-up (`up` before it starts)
         if self.weights is not None and len(self.weights) != len(self.fns):
             raise ValueError(f"reward.weights has {len(self.weights)} entries but reward.fns has {len(self.fns)}; give one weight per function")
+        if "orm" in self.fns and not self.orm.url:
+            raise ValueError("reward.fns has 'orm' but reward.orm.url is not set: give the reward-model server's URL")
         return self
 
 

@@ -106,12 +106,12 @@ class PeriodicEval(threading.Thread):
         if not prompts:
             return
         # the accuracy `up` reports before -> after: the first reward function, in the rollout's pool with its timeout
-        runner = RewardRunner([cfg.reward.fns[0]], timeout_s=cfg.reward.timeout_s, executor=cfg.rollout.reward_executor,
-                              max_workers=cfg.rollout.reward_workers)
+        runner = RewardRunner.from_config(cfg, fns=[cfg.reward.fns[0]])
 
-        async def score(outputs: list[list[int]], answer: str) -> list[float]:
+        async def score(prompt_ids: list[int], outputs: list[list[int]], answer: str) -> list[float]:
             texts = [tok.decode(ids, skip_special_tokens=True) for ids in outputs]
-            return [s.reward for s in await runner.score(texts, answer)]
+            prompt = tok.decode(prompt_ids, skip_special_tokens=True)
+            return [s.reward for s in await runner.score(prompt, texts, answer)]
 
         try:
             async with SGLangClient(self.server_url, timeout_s=cfg.rollout.request_timeout_s, api_key=self.api_key) as client:

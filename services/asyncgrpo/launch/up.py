@@ -177,6 +177,13 @@ def _check_inputs(cfg: Any, args: argparse.Namespace) -> None:
                           f"{-(-need // len(records))} or more (dynamic filtering uses up prompts too)")
     if args.redis_url is None and shutil.which("redis-server") is None:
         raise ConfigError("redis-server not found on PATH: apt-get install -y redis-server, or pass --redis-url")
+    from asyncgrpo.rewards import resolve_reward_fn
+
+    for spec in cfg.reward.fns:  # a plug-in that does not import would stop the rollout after everything started
+        try:
+            resolve_reward_fn(spec)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     _check_launch(cfg.launch, cfg.rollout.server_urls, probe=not args.dry_run)
 
 

@@ -36,6 +36,12 @@ async def serve(cfg) -> int:  # type: ignore[no-untyped-def]
 
         raise ConfigError(f"actor.path {cfg.actor.path!r} is not a directory; set it to the policy's HF directory "
                           "(its tokenizer encodes the prompts)")
+    try:  # the reward plug-ins import now, before anything starts: a bad import path is one line, not a traceback
+        rewards = RewardRunner.from_config(cfg)
+    except ValueError as e:
+        from asyncgrpo.config import ConfigError
+
+        raise ConfigError(str(e)) from None
     ds_cfg = cfg.train_dataset
     records = load_records(ds_cfg.path, ds_cfg.prompt_key, ds_cfg.answer_key)
     encode, decode = tokenizer_encoder(cfg.actor.path)
@@ -54,8 +60,6 @@ async def serve(cfg) -> int:  # type: ignore[no-untyped-def]
 
     state = RunState(client, cfg.run_id)
     queue = GroupQueue(client, cfg.run_id, max_message_bytes=r.max_message_bytes)
-    rewards = RewardRunner(cfg.reward.fns, cfg.reward.weights, timeout_s=cfg.reward.timeout_s,
-                           executor=r.reward_executor, max_workers=r.reward_workers)
     serve_metrics(r.metrics_port, cfg.bind_host)
     async with contextlib.AsyncExitStack() as stack:
         api_key, admin_key = resolve_keys(cfg.auth.api_key, cfg.auth.admin_api_key)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,8 @@ class Prompt:
     text: str
     answer: str
     input_ids: list[int]
+    # the record's other fields, for reward functions (RewardInput.metadata); not part of the prompt's identity
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:
@@ -97,7 +99,8 @@ class PromptDataset:
         row = self.order(epoch)[position]
         rec = self.records[row]
         text = self.render(row)
-        return Prompt(str(rec.get("id", row)), text, str(rec[self.answer_key]), list(self.encode(text)))
+        meta = {k: v for k, v in rec.items() if k not in (self.prompt_key, self.answer_key)}
+        return Prompt(str(rec.get("id", row)), text, str(rec[self.answer_key]), list(self.encode(text)), meta)
 
 
 def tokenizer_encoder(model_path: str) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:

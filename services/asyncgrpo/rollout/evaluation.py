@@ -69,10 +69,10 @@ async def _complete(client: Any, ids: list[int], params: dict[str, Any], n: int,
 
 
 async def evaluate_served(client: Any, prompts: Sequence[list[int]], answers: Sequence[str],
-                          score: Callable[[list[list[int]], str], Awaitable[list[float]]], *, temperature: float, samples: int,
+                          score: Callable[[list[int], list[list[int]], str], Awaitable[list[float]]], *, temperature: float, samples: int,
                           max_new_tokens: int, seed: int = 0, greedy: bool = True, concurrency: int = 16) -> HeldOutResult:
     """Accuracy of the server's current policy on held-out prompts (token ids) with reference answers.
-    `await score([completion ids, ...], answer)` gives the task's reward of each completion (the rollout's
+    `await score(prompt ids, [completion ids, ...], answer)` gives the task's reward of each completion (the rollout's
     RewardRunner: a pool with a timeout, a failing function scoring 0)."""
     if len(prompts) != len(answers) or not prompts:
         raise ValueError(f"need as many answers as prompts and at least one prompt (got {len(prompts)} and {len(answers)})")
@@ -92,7 +92,7 @@ async def evaluate_served(client: Any, prompts: Sequence[list[int]], answers: Se
         for r in [*sampled, *([g] if g is not None else [])]:
             with contextlib.suppress(ValueError):  # a server reporting no integer version: not counted
                 versions[version_number(r.weight_version)] += 1
-        scores = await score([r.output_ids for r in [*sampled, *([g] if g is not None else [])]], answer)
+        scores = await score(ids, [r.output_ids for r in [*sampled, *([g] if g is not None else [])]], answer)
         return sum(scores[:samples]) / samples, (scores[samples] if g is not None else None)
 
     # a failure cancels the other prompts' requests: a failed evaluation stops generating at once

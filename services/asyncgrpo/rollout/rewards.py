@@ -1,8 +1,9 @@
 """Scoring completions off the event loop, with a timeout, without letting a bad reward function hurt the
 worker: a call that raises or runs past the timeout scores 0 for that completion and is counted.
 
-Thread mode (default) suits the registry's functions (pure Python regex/Decimal work, short). A timed-out
-call cannot be stopped in a thread, so the pool is replaced and the stuck thread left to finish on its own;
+Async reward functions (e.g. the `orm` reward calling a reward-model server) are awaited on the event loop
+instead, with the same timeout. Thread mode (default) suits the built-in rule functions (pure Python
+regex/Decimal work, short). A timed-out call cannot be stopped in a thread, so the pool is replaced and the stuck thread left to finish on its own;
 later groups never queue behind it. Process mode isolates functions that may hang or leak (math-verify on
 adversarial input): there the old pool's processes are killed.
 """
@@ -11,14 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import functools
 import logging
 import math
 import multiprocessing as mp
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from asyncgrpo.rewards import get_reward_fn
+from asyncgrpo.rewards import RewardInput, is_async, resolve_reward_fn
 
 log = logging.getLogger(__name__)
 
@@ -32,39 +34,60 @@ class Score:
     error: str | None = None  # "<fn>: <ExceptionType>: msg" or "timeout after Ns"
 
 
-def score_one(fn_names: Sequence[str], weights: Sequence[float], completion: str, answer: str) -> Score:
-    """Weighted sum of the named reward functions. Runs in the worker thread or process. One function
-    failing scores 0 for itself only; its error is reported."""
-    details: dict[str, float] = {}
-    errors: list[str] = []
-    total = 0.0
-    for name, w in zip(fn_names, weights, strict=True):
+def _value(spec: str, v: object) -> float:
+    """A reward's return value as a float; anything but a finite real number is that function's error."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise TypeError(f"returned {v!r}, not a finite number")
+    return float(v)
+
+
+@functools.lru_cache(maxsize=None)
+def _resolved(spec: str):  # type: ignore[no-untyped-def]
+    return resolve_reward_fn(spec)  # once per worker process (spawned workers import plug-ins by their path)
+
+
+def score_sync(specs: Sequence[str], inp: RewardInput) -> dict[str, tuple[float, str | None]]:
+    """The sync reward functions on one completion; runs in the worker thread or process. One failing scores 0
+    for itself and reports its error."""
+    out: dict[str, tuple[float, str | None]] = {}
+    for spec in specs:
         try:
-            value = float(get_reward_fn(name)(completion, answer))
-        except Exception as e:  # a reward function is user code: any failure scores 0
-            value = 0.0
-            errors.append(f"{name}: {type(e).__name__}: {e}")
-        details[name] = value
-        total += w * value
-    return Score(total, details, "; ".join(errors) or None)
+            out[spec] = (_value(spec, _resolved(spec)(inp)), None)
+        except Exception as e:  # noqa: BLE001 - a reward function is user code: any failure scores 0
+            out[spec] = (0.0, f"{spec}: {type(e).__name__}: {e}")
+    return out
 
 
 class RewardRunner:
-    """Score completions concurrently in a pool; `await runner.score(texts, answer)` -> list[Score]."""
+    """Score completions: `await runner.score(prompt, texts, answer, metadata)` -> one Score per completion.
+
+    Sync functions run concurrently in a pool, async ones on the event loop, each with timeout_s; the weighted
+    sum is the reward. A function that raises, times out or returns no finite number scores the whole completion
+    0, counted and logged with its name."""
 
     def __init__(self, fns: Sequence[str], weights: Sequence[float] | None = None, *, timeout_s: float = 10.0,
                  executor: ExecutorKind = "thread", max_workers: int = 4) -> None:
-        for f in fns:
-            get_reward_fn(f)  # unknown names fail here, at start-up
+        resolved = {f: resolve_reward_fn(f) for f in fns}  # unknown names and bad import paths fail here, at start-up
         if weights is not None and len(weights) != len(fns):
             raise ValueError(f"reward weights: {len(weights)} given for {len(fns)} functions")
         self.fns = list(fns)
         self.weights = list(weights) if weights is not None else [1.0] * len(fns)
+        self.async_fns = {f: fn for f, fn in resolved.items() if is_async(fn)}
+        self.sync_specs = [f for f in self.fns if f not in self.async_fns]
         self.timeout_s = timeout_s
         self.kind = executor
         self.max_workers = max_workers
         self.errors = 0  # completions that scored 0 because of a crash or timeout
         self._pool = self._new_pool()
+    @classmethod
+    def from_config(cls, cfg: Any, fns: Sequence[str] | None = None, weights: Sequence[float] | None = None) -> "RewardRunner":
+        """The runner of a RunConfig's reward section (`fns`: a subset, e.g. the evaluator's first function)."""
+        from asyncgrpo.rewards import orm
+
+        r = cfg.reward
+        orm.configure(r.orm.url, r.orm.api_key, r.orm.timeout_s)
+        return cls(r.fns if fns is None else fns, r.weights if fns is None else weights, timeout_s=r.timeout_s,
+                   executor=cfg.rollout.reward_executor, max_workers=cfg.rollout.reward_workers)
 
     def _new_pool(self) -> cf.Executor:
         if self.kind == "thread":
@@ -81,28 +104,40 @@ class RewardRunner:
                 p.kill()
         old.shutdown(wait=False, cancel_futures=True)  # a hung thread finishes (or not) on its own
 
-    async def score(self, completions: Sequence[str], answer: str) -> list[Score]:
-        """One Score per completion. Calls queue for the pool's workers, so the deadline of the batch is
-        timeout_s per round of max_workers calls; whatever is not done by then scores 0 as a timeout."""
-        loop = asyncio.get_running_loop()
-        futs = [loop.run_in_executor(self._pool, score_one, self.fns, self.weights, c, answer) for c in completions]
-        if not futs:
+    async def score(self, prompt: str, completions: Sequence[str], answer: str,
+                    metadata: Mapping[str, Any] | None = None) -> list[Score]:
+        """One Score per completion. Sync calls queue for the pool's workers, so their deadline is timeout_s per
+        round of max_workers calls; whatever is not done by then scores 0 as a timeout."""
+        if not completions:
             return []
-        rounds = math.ceil(len(futs) / self.max_workers)
-        await asyncio.wait(futs, timeout=self.timeout_s * rounds)
+        meta = dict(metadata or {})
+        inputs = [RewardInput(prompt, c, answer, meta) for c in completions]
+        loop = asyncio.get_running_loop()
+        futs = [loop.run_in_executor(self._pool, score_sync, self.sync_specs, x) for x in inputs] if self.sync_specs else []
+        tasks = [[asyncio.ensure_future(self._call_async(spec, fn, x)) for spec, fn in self.async_fns.items()]
+                 for x in inputs]
+        if futs:
+            await asyncio.wait(futs, timeout=self.timeout_s * math.ceil(len(futs) / self.max_workers))
+        async_results = [await asyncio.gather(*row) for row in tasks]  # each bounded by its own wait_for
         out: list[Score] = []
         recycle = False
-        for fut in futs:
-            if not fut.done():
-                fut.cancel()  # a queued call never starts; a running thread cannot be stopped, see _recycle_pool
-                s = Score(0.0, {n: 0.0 for n in self.fns}, f"timeout after {self.timeout_s}s")
-                recycle = True
-            elif fut.exception() is not None:  # e.g. a process pool broken by a crashed (segfaulted) worker
-                e = fut.exception()
-                s = Score(0.0, {n: 0.0 for n in self.fns}, f"{type(e).__name__}: {e}")
-                recycle = recycle or isinstance(e, cf.BrokenExecutor)
-            else:
-                s = fut.result()
+        for i in range(len(inputs)):
+            results: dict[str, tuple[float, str | None]] = dict(zip(self.async_fns, async_results[i]))
+            if futs:
+                fut = futs[i]
+                if not fut.done():
+                    fut.cancel()  # a queued call never starts; a running thread cannot be stopped, see _recycle_pool
+                    results.update({f: (0.0, f"{f}: timeout after {self.timeout_s}s") for f in self.sync_specs})
+                    recycle = True
+                elif fut.exception() is not None:  # e.g. a process pool broken by a crashed (segfaulted) worker
+                    e = fut.exception()
+                    results.update({f: (0.0, f"{f}: {type(e).__name__}: {e}") for f in self.sync_specs})
+                    recycle = recycle or isinstance(e, cf.BrokenExecutor)
+                else:
+                    results.update(fut.result())
+            details = {f: results[f][0] for f in self.fns}
+            errors = [results[f][1] for f in self.fns if results[f][1] is not None]
+            s = Score(sum(w * details[f] for f, w in zip(self.fns, self.weights)), details, "; ".join(errors) or None)  # type: ignore[arg-type]
             if s.error is not None:
                 s.reward = 0.0  # a crash anywhere in the weighted sum scores the whole completion 0
                 self.errors += 1
@@ -112,6 +147,14 @@ class RewardRunner:
             # the hung calls keep their workers busy: later groups get a fresh pool instead of waiting behind them
             self._recycle_pool()
         return out
+
+    async def _call_async(self, spec: str, fn: Any, x: RewardInput) -> tuple[float, str | None]:
+        try:
+            return _value(spec, await asyncio.wait_for(fn(x), self.timeout_s)), None
+        except asyncio.TimeoutError:
+            return 0.0, f"{spec}: timeout after {self.timeout_s}s"
+        except Exception as e:  # noqa: BLE001 - user code (or a reward server) failing scores 0, as a sync one
+            return 0.0, f"{spec}: {type(e).__name__}: {e}"
 
     def close(self) -> None:
         old = self._pool

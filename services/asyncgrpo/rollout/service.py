@@ -349,7 +349,7 @@ class RolloutService:
         except ExceptionGroup as eg:  # report the first real error, not "unhandled errors in a TaskGroup"
             raise eg.exceptions[0] from eg
         texts = [self.decode(s.output_ids) for s in samples]
-        scores = await self.rewards.score(texts, prompt.answer)
+        scores = await self.rewards.score(prompt.text, texts, prompt.answer, prompt.metadata)
         completions = [
             Completion(output_ids=s.output_ids, logprobs=s.logprobs, version_spans=spans_from_versions(s.token_versions),
                        finish_reason=s.finish_reason, reward=sc.reward, reward_details=sc.details, reward_error=sc.error,

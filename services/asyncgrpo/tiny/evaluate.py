@@ -88,13 +88,17 @@ def evaluate(model_dir: str | Path, data: str | Path, cfg: EvalConfig | None = N
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from asyncgrpo.rewards import get_reward_fn
+    from asyncgrpo.rewards import RewardInput, is_async, resolve_reward_fn
     from asyncgrpo.rollout.dataset import PromptDataset, load_records
 
     cfg = cfg or EvalConfig()
     if cfg.temperature <= 0:
         raise ValueError(f"temperature must be > 0 (got {cfg.temperature}); greedy accuracy is reported separately")
-    fns = {name: get_reward_fn(name) for name in cfg.reward_fns}
+    fns = {name: resolve_reward_fn(name) for name in cfg.reward_fns}
+    served = [n for n, fn in fns.items() if is_async(fn)]
+    if served:
+        raise ValueError(f"reward {served[0]!r} is async (a served reward model): the offline evaluation takes rule "
+                         "rewards only; evaluate with a rule reward such as gsm8k")
     records = load_records(data, cfg.prompt_key, cfg.answer_key)  # JSONL or parquet, as the rollout reads them
     if cfg.max_prompts is not None:
         records = records[: cfg.max_prompts]
@@ -112,15 +116,20 @@ def evaluate(model_dir: str | Path, data: str | Path, cfg: EvalConfig | None = N
     sampled = generate(model, tok, prompts, n=cfg.n_samples, temperature=cfg.temperature,
                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     flat = [(c, a) for rows, a in zip(sampled, answers) for c in rows]
+
+    def r(fn: Any, prompt: str, completion: str, answer: str) -> float:
+        return float(fn(RewardInput(prompt, completion, answer)))
+
     # per prompt, so that two models evaluated on the same prompts compare pairwise (paired intervals)
-    per_prompt = {name: [sum(fn(c[0], a) for c in rows) / len(rows) for rows, a in zip(sampled, answers)]
+    per_prompt = {name: [sum(r(fn, p, c[0], a) for c in rows) / len(rows) for p, rows, a in zip(prompts, sampled, answers)]
                   for name, fn in fns.items()}
-    reward = {name: sum(fn(c[0], a) for c, a in flat) / len(flat) for name, fn in fns.items()}
+    reward = {name: sum(v) / len(v) for name, v in per_prompt.items()}
     greedy_reward: dict[str, float] = {}
     greedy_per_prompt: dict[str, list[float]] = {}
     if cfg.greedy:
         greedy = generate(model, tok, prompts, n=1, temperature=None, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-        greedy_per_prompt = {name: [float(fn(rows[0][0], a)) for rows, a in zip(greedy, answers)] for name, fn in fns.items()}
+        greedy_per_prompt = {name: [r(fn, p, rows[0][0], a) for p, rows, a in zip(prompts, greedy, answers)]
+                             for name, fn in fns.items()}
         greedy_reward = {name: sum(v) / len(v) for name, v in greedy_per_prompt.items()}
     examples = [{"prompt": p, "answer": a, "completion": rows[0][0]} for p, a, rows in list(zip(prompts, answers, sampled))[:n_examples]]
     return EvalResult(
