@@ -26,6 +26,7 @@ def _config(**over):
     return load_config(overrides={"experiment_name": "exp", "trial_name": "t1",
                                   "redis": {"url": "redis://:secret-pw@127.0.0.1:6379/0"},
                                   "auth": {"api_key": "gen-key"}, "control": {"token": "tok"},
+                                  "reward": {"fns": ["gsm8k"], "orm": {"url": "http://127.0.0.1:9", "api_key": "orm-key"}},
                                   # nothing listens on port 9: a server that cannot be asked
                                   "rollout": {"server_urls": ["http://127.0.0.1:9"], "max_head_offpolicyness": 2},
                                   "trainer": {"max_steps": 40}, **over})
@@ -58,7 +59,7 @@ def test_list_get_and_secrets_redacted(client) -> None:
                              "running_requests": None, "waiting_requests": None,
                              "error": "GET /health did not answer 200"}]
     text = json.dumps(d)
-    assert "secret-pw" not in text and "gen-key" not in text and '"tok"' not in text, text
+    assert "secret-pw" not in text and "gen-key" not in text and '"tok"' not in text and "orm-key" not in text, text
 
 
 def test_pause_resume_drain_stop_with_audit(client) -> None:

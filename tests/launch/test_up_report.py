@@ -31,3 +31,16 @@ def test_early_end_reason_reads_only_this_runs_lines(tmp_path: Path) -> None:
     assert _early_end_reason(log, since) == "the prompts ran out at version 3."
     assert _early_end_reason(log, {log: log.stat().st_size}) == f"see {log}"
     assert _early_end_reason(tmp_path / "missing.log", {}) == f"see {tmp_path / 'missing.log'}"
+
+
+def test_the_final_evaluation_uses_rule_rewards_and_skips_served_ones(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # reward.fns = [orm] only: the reward server may be gone when up evaluates, so there is nothing to evaluate
+    # offline, and up says so instead of failing after the whole run
+    from asyncgrpo.config import load_config
+    from asyncgrpo.launch.up import _evaluate
+
+    cfg = load_config(overrides={"reward": {"fns": ["orm"], "orm": {"url": "http://127.0.0.1:9"}}})
+    _evaluate(cfg, tmp_path / "missing-before", tmp_path / "missing-after", tmp_path / "test.jsonl", tmp_path)
+    out = capsys.readouterr().out
+    assert "no before -> after evaluation" in out and "has no rule reward" in out, out
+    assert not (tmp_path / "eval.json").exists()

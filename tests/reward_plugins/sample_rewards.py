@@ -58,3 +58,13 @@ def pid(x: RewardInput) -> float:
 
 
 NOT_CALLABLE = 3
+
+
+def numpy_scalar(x: RewardInput) -> float:
+    import numpy as np
+
+    return np.float32(0.5)  # type: ignore[return-value]
+
+
+def a_bool(x: RewardInput) -> float:
+    return x.completion == x.answer  # type: ignore[return-value]

@@ -54,6 +54,19 @@ def test_a_slow_async_function_times_out_and_scores_zero() -> None:
     runner.close()
 
 
+def test_numpy_scalars_and_bools_are_numbers() -> None:
+    runner = RewardRunner([PLUG + "numpy_scalar", PLUG + "a_bool"])
+    (s,) = score(runner, ["7"], "7")
+    assert s.error is None and s.details == {PLUG + "numpy_scalar": 0.5, PLUG + "a_bool": 1.0} and s.reward == 1.5
+    runner.close()
+
+
+def test_the_dataset_gives_each_prompt_its_records_other_fields(tmp_path) -> None:
+    p = _write(tmp_path, [{"id": "a", "prompt": "Q: 1+1=?", "answer": "2", "difficulty": 3, "tests": ["x"]}])
+    pr = PromptDataset(load_records(p, "prompt", "answer"), byte_encode, shuffle=False).get(0, 0)
+    assert pr.metadata == {"id": "a", "difficulty": 3, "tests": ["x"]}
+
+
 @pytest.mark.parametrize(("fn", "fragment"), [("returns_text", "returned '1.0', not a finite number"),
                                               ("returns_nan", "returned nan, not a finite number")])
 def test_a_non_number_is_that_functions_error(fn: str, fragment: str) -> None:

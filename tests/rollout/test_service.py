@@ -136,6 +136,20 @@ def test_a_reward_plugin_by_import_path_scores_the_queued_groups(redis_server, d
     assert {c.reward_details["gsm8k"] for g in groups for c in g.completions} == {0.0, 1.0}  # both kinds scored
 
 
+def test_the_rollout_hands_reward_functions_the_prompt_and_metadata(redis_server, dataset) -> None:
+    from reward_plugins import sample_rewards
+
+    sample_rewards.SEEN.clear()
+    svc = make_service(redis_server.url, dataset, FakeGenClient(), RewardRunner(["reward_plugins.sample_rewards:seen"]))
+    asyncio.run(asyncio.wait_for(svc.run(), HANG_S))
+    seen = sample_rewards.SEEN
+    assert len(seen) == 6 * 4
+    prompts = {dataset.get(0, i).text: dataset.get(0, i) for i in range(len(dataset))}
+    for x in seen:
+        p = prompts[x.prompt]  # the exact prompt text that was sent
+        assert x.answer == p.answer and dict(x.metadata) == p.metadata and "id" in x.metadata, x
+
+
 def test_dynamic_filtering_drops_all_equal_groups(redis_server, dataset) -> None:
     svc = make_service(redis_server.url, dataset, FakeGenClient(all_correct=True), dynamic_filtering=True)
     stats = asyncio.run(asyncio.wait_for(svc.run(), HANG_S))

@@ -93,7 +93,8 @@ def test_missing_file_is_clear() -> None:
     (["--actor.policy_loss=gspo"], "set actor.eps_clip (GSPO uses 3e-4)"),
     (["--actor.policy_loss=gspo", "--actor.eps_clip=3e-4", "--actor.loss_agg_mode=token-mean"], "needs actor.loss_agg_mode=seq-mean-token-mean"),
     (["--actor.use_kl_in_reward=true"], "needs actor.kl_ctl > 0"),
-    (["--actor.dynamic_filtering=true"], "'actor.dynamic_filtering' moved to 'rollout.dynamic_filtering'"),
+    (["--actor.dynamic_filtering=true", "--rollout.dynamic_filtering=false"],
+     "config key 'actor.dynamic_filtering' moved to 'rollout.dynamic_filtering', and both are given"),
 ])
 def test_algorithm_choices_are_checked_against_the_registries(overrides: list[str], fragment: str) -> None:
     with pytest.raises(ConfigError) as e:
@@ -136,3 +137,11 @@ def test_a_plugin_path_is_not_imported_by_loading_a_config() -> None:
     assert cfg.reward.fns == ["no_such_package.rewards:score", "gsm8k"]
     cfg = load_config(overrides=["--reward.fns=[orm]", "--reward.orm.url=http://127.0.0.1:30010"])
     assert cfg.reward.orm.url == "http://127.0.0.1:30010"
+
+
+def test_a_moved_key_is_read_in_its_new_place(tmp_path: Path) -> None:
+    # a run directory's config.yaml written before the move (a full dump) still loads, so `up --resume` works
+    f = tmp_path / "config.yaml"
+    f.write_text("actor:\n  dynamic_filtering: true\n  group_size: 4\n")
+    cfg = load_config([f])
+    assert cfg.rollout.dynamic_filtering is True and cfg.actor.group_size == 4

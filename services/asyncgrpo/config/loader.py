@@ -37,13 +37,37 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
 MOVED_KEYS = {"actor.dynamic_filtering": "rollout.dynamic_filtering"}
 
 
+def migrate_moved_keys(data: Mapping[str, Any]) -> dict[str, Any]:
+    """An old key moves to its new place with a warning (a run directory's config.yaml from before the move still
+    resumes); both given with different values is an error naming both."""
+    import copy
+    import logging
+
+    out = copy.deepcopy(dict(data))
+    for old, new in MOVED_KEYS.items():
+        (osec, okey), (nsec, nkey) = old.split("."), new.split(".")
+        src = out.get(osec)
+        if not isinstance(src, dict) or okey not in src:
+            continue
+        dst = out.setdefault(nsec, {})
+        if not isinstance(dst, dict):
+            continue
+        value = src.pop(okey)
+        if nkey in dst and dst[nkey] != value:
+            raise ConfigError(f"config key '{old}' moved to '{new}', and both are given ({value!r} and {dst[nkey]!r}); "
+                              f"keep only '{new}'")
+        dst[nkey] = value
+        logging.getLogger(__name__).warning("config key '%s' moved to '%s'; read it there (rename it in your file)", old, new)
+    return out
+
+
 def check_keys(model: type[BaseModel], data: Mapping[str, Any], prefix: str = "") -> None:
     """Raise ConfigError for the first key in `data` that `model` does not define (recursively)."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {type(data).__name__} {data!r}")
     fields = model.model_fields
     for key, value in data.items():
-        if f"{prefix}{key}" in MOVED_KEYS:
+        if f"{prefix}{key}" in MOVED_KEYS:  # only reached when migrate_moved_keys met a clash
             raise ConfigError(f"config key '{prefix}{key}' moved to '{MOVED_KEYS[prefix + key]}'; rename it there")
         if key not in fields:
             where = prefix.rstrip(".") or "the top level"
@@ -117,6 +141,8 @@ def _format_validation_error(err: ValidationError) -> str:
 
 def build(model: type[M], data: Mapping[str, Any]) -> M:
     """Validate `data` against `model`, raising ConfigError with dotted keys on any problem."""
+    if model is RunConfig:
+        data = migrate_moved_keys(data)
     check_keys(model, data)
     try:
         return model.model_validate(data)

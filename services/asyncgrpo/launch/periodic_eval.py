@@ -28,8 +28,8 @@ def next_point(version: int, freq: int) -> int:
     return -(-version // freq) * freq
 
 
-def load_held_out(cfg: Any, data: Path, encode: Any) -> tuple[list[list[int]], list[str]]:
-    """(prompt token ids, answers) of the first evaluator.prompts records, rendered exactly as the rollout
+def load_held_out_prompts(cfg: Any, data: Path, encode: Any) -> tuple[list[list[int]], list[str], list[Any]]:
+    """(prompt token ids, answers, Prompts) of the first evaluator.prompts records, rendered exactly as the rollout
     renders training prompts (train_dataset's template and keys)."""
     from asyncgrpo.rollout.dataset import PromptDataset, load_records
 
@@ -38,7 +38,7 @@ def load_held_out(cfg: Any, data: Path, encode: Any) -> tuple[list[list[int]], l
     ds = PromptDataset(records, encode, template=d.prompt_template, prompt_key=d.prompt_key, answer_key=d.answer_key,
                        shuffle=False)
     prompts = [ds.get(0, i) for i in range(len(ds))]
-    return [p.input_ids for p in prompts], [p.answer for p in prompts]
+    return [p.input_ids for p in prompts], [p.answer for p in prompts], prompts
 
 
 class PeriodicEval(threading.Thread):
@@ -102,7 +102,8 @@ class PeriodicEval(threading.Thread):
 
         cfg, ev, freq = self.cfg, self.cfg.evaluator, self.cfg.evaluator.freq_steps
         tok = AutoTokenizer.from_pretrained(cfg.actor.path)
-        prompts, answers = load_held_out(cfg, self.data, lambda t: list(tok.encode(t, add_special_tokens=False)))
+        prompts, answers, records = load_held_out_prompts(cfg, self.data, lambda t: list(tok.encode(t, add_special_tokens=False)))
+        by_ids = {tuple(p.input_ids): p for p in records}  # the reward sees the prompt text and metadata as in training
         if not prompts:
             return
         # the accuracy `up` reports before -> after: the first reward function, in the rollout's pool with its timeout
@@ -110,8 +111,9 @@ class PeriodicEval(threading.Thread):
 
         async def score(prompt_ids: list[int], outputs: list[list[int]], answer: str) -> list[float]:
             texts = [tok.decode(ids, skip_special_tokens=True) for ids in outputs]
-            prompt = tok.decode(prompt_ids, skip_special_tokens=True)
-            return [s.reward for s in await runner.score(prompt, texts, answer)]
+            p = by_ids.get(tuple(prompt_ids))
+            prompt, meta = (p.text, p.metadata) if p is not None else (tok.decode(prompt_ids), {})
+            return [s.reward for s in await runner.score(prompt, texts, answer, meta)]
 
         try:
             async with SGLangClient(self.server_url, timeout_s=cfg.rollout.request_timeout_s, api_key=self.api_key) as client:

@@ -351,9 +351,12 @@ def plan_run(cfg: Any, run_dir: Path, *, redis_url: str | None = None) -> RunPla
     api_key = cfg.auth.api_key or os.environ.get("ASYNCGRPO_API_KEY") or (secrets.token_urlsafe(24) if fresh else None)
     admin_key = (cfg.auth.admin_api_key or os.environ.get("ASYNCGRPO_ADMIN_API_KEY")
                  or (secrets.token_urlsafe(24) if fresh else None))
+    reward_key = cfg.reward.orm.api_key or os.environ.get("ASYNCGRPO_REWARD_API_KEY")
     cfg.auth.api_key = cfg.auth.admin_api_key = None  # the keys travel in the environment, never in config.yaml
+    cfg.reward.orm.api_key = None
     env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.update({k: v for k, v in (("ASYNCGRPO_API_KEY", api_key), ("ASYNCGRPO_ADMIN_API_KEY", admin_key)) if v})
+    env.update({k: v for k, v in (("ASYNCGRPO_API_KEY", api_key), ("ASYNCGRPO_ADMIN_API_KEY", admin_key),
+                                  ("ASYNCGRPO_REWARD_API_KEY", reward_key)) if v})
     host = "127.0.0.1"
     services: list[Service] = []
     files: dict[Path, str] = {}  # written (mode 600) by run() before anything starts
@@ -555,13 +558,21 @@ def _evaluate(cfg: Any, before: Path, after: Path, data: Path, run_dir: Path) ->
     hf_logging.disable_progress_bar()  # two "Loading weights" bars would break the one-line summary's neighbourhood
     torch.set_num_threads(os.cpu_count() or 1)
     ev = cfg.evaluator
+    from asyncgrpo.rewards import is_async, resolve_reward_fn
+
+    # the offline before/after scores with the rule rewards: a served reward model (orm) may be gone by now
+    rule_fns = tuple(f for f in cfg.reward.fns if not is_async(resolve_reward_fn(f)))
+    if not rule_fns:
+        print(f"asyncgrpo up: no before -> after evaluation: reward.fns {cfg.reward.fns} has no rule reward "
+              "(the served ones are not evaluated offline); add one, e.g. gsm8k with weight 0", flush=True)
+        return
     ecfg = EvalConfig(temperature=cfg.actor.temperature, n_samples=ev.samples, max_new_tokens=cfg.rollout.max_new_tokens,
-                      max_prompts=ev.prompts, seed=ev.seed, greedy=ev.greedy, reward_fns=tuple(cfg.reward.fns),
+                      max_prompts=ev.prompts, seed=ev.seed, greedy=ev.greedy, reward_fns=rule_fns,
                       prompt_key=cfg.train_dataset.prompt_key, answer_key=cfg.train_dataset.answer_key,
                       prompt_template=cfg.train_dataset.prompt_template)
     print(f"evaluating before and after on {ev.prompts} held-out prompts x {ev.samples} samples ...", flush=True)
     res: dict[str, Any] = {"before": asdict(evaluate(before, data, ecfg)), "after": asdict(evaluate(after, data, ecfg))}
-    fn = cfg.reward.fns[0]
+    fn = rule_fns[0]
     b, a = res["before"], res["after"]
     res["gain"] = {"sampled": paired_gain(b["per_prompt"][fn], a["per_prompt"][fn]),
                    "greedy": paired_gain(b["greedy_per_prompt"][fn], a["greedy_per_prompt"][fn]) if ev.greedy else None}

@@ -35,10 +35,17 @@ class Score:
 
 
 def _value(spec: str, v: object) -> float:
-    """A reward's return value as a float; anything but a finite real number is that function's error."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    """A reward's return value as a float (numpy scalars and bools included); a string, None or a non-finite
+    number is that function's error."""
+    try:
+        if isinstance(v, (str, bytes)) or v is None:
+            raise TypeError
+        f = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(f"returned {v!r}, not a finite number") from None
+    if not math.isfinite(f):
         raise TypeError(f"returned {v!r}, not a finite number")
-    return float(v)
+    return f
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -117,8 +118,17 @@ def evaluate(model_dir: str | Path, data: str | Path, cfg: EvalConfig | None = N
                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     flat = [(c, a) for rows, a in zip(sampled, answers) for c in rows]
 
+    metas = [{k: v for k, v in rec.items() if k not in (cfg.prompt_key, cfg.answer_key)} for rec in records]
+    meta_of = dict(zip(prompts, metas))
+    failures: list[str] = []
+
     def r(fn: Any, prompt: str, completion: str, answer: str) -> float:
-        return float(fn(RewardInput(prompt, completion, answer)))
+        try:  # a plug-in that raises scores 0, as in the rollout, instead of ending the evaluation
+            v = float(fn(RewardInput(prompt, completion, answer, meta_of.get(prompt, {}))))
+            return v if math.isfinite(v) else 0.0
+        except Exception as e:  # noqa: BLE001 - user code
+            failures.append(f"{type(e).__name__}: {e}")
+            return 0.0
 
     # per prompt, so that two models evaluated on the same prompts compare pairwise (paired intervals)
     per_prompt = {name: [sum(r(fn, p, c[0], a) for c in rows) / len(rows) for p, rows, a in zip(prompts, sampled, answers)]
@@ -131,6 +141,8 @@ def evaluate(model_dir: str | Path, data: str | Path, cfg: EvalConfig | None = N
         greedy_per_prompt = {name: [r(fn, p, rows[0][0], a) for p, rows, a in zip(prompts, greedy, answers)]
                              for name, fn in fns.items()}
         greedy_reward = {name: sum(v) / len(v) for name, v in greedy_per_prompt.items()}
+    if failures:
+        print(f"evaluate: {len(failures)} reward calls failed and scored 0, e.g. {failures[0]}", flush=True)
     examples = [{"prompt": p, "answer": a, "completion": rows[0][0]} for p, a, rows in list(zip(prompts, answers, sampled))[:n_examples]]
     return EvalResult(
         model=str(model_dir), data=str(data), prompts=len(prompts), samples=len(flat), reward=reward,
