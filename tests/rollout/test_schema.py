@@ -97,3 +97,43 @@ def test_schema_1_messages_with_version_strings_are_still_read() -> None:
     body["completions"][0]["vs"][0][0] = "7"
     with pytest.raises(GroupSchemaError, match="not an integer"):
         decode_group(msgpack.packb(body, use_bin_type=True))
+
+
+# A group exactly as the schema-2 build (before step rewards) encoded it, kept as bytes: queues and dead letters
+# written then must still decode.
+SCHEMA_2_MESSAGE = (
+    "jq5zY2hlbWFfdmVyc2lvbgKmcnVuX2lkoXKoZ3JvdXBfaWSoZTAtcDMtYTCpcHJvbXB0X2lkonAzpWVwb2NoAKhwb3NpdGlvbgOnYXR0ZW1wdACq"
+    "cHJvbXB0X2lkc8QMBQAAAAYAAAAHAAAApmFuc3dlcqI0MrBhZG1pdHRlZF92ZXJzaW9uAa9hZG1pc3Npb25faW5kZXgEqmNyZWF0ZWRfYXTLP/gA"
+    "AAAAAACrY29tcGxldGlvbnOSiqNpZHPECAoAAAALAAAAomxwxAgAAAC/AACAvqJ2c5KTAQABkwIBAqJmcqRzdG9woXLLP/AAAAAAAACicmSBpWdz"
+    "bThryz/wAAAAAAAAonJlwKJycwCidDDLAAAAAAAAAACidDHLAAAAAAAAAACKo2lkc8QEDAAAAKJscMQEAACAv6J2c5GTAgABomZypmxlbmd0aKFy"
+    "ywAAAAAAAAAAonJkgKJyZcCicnMAonQwywAAAAAAAAAAonQxywAAAAAAAAAAq3RlbXBlcmF0dXJlyz/wAAAAAAAA"
+)
+
+
+def test_schema_2_bytes_still_decode_as_outcome_rewards() -> None:
+    import base64
+
+    g = decode_group(base64.b64decode(SCHEMA_2_MESSAGE))
+    assert (g.group_id, g.prompt_ids, g.answer, g.admitted_version) == ("e0-p3-a0", [5, 6, 7], "42", 1)
+    c0, c1 = g.completions
+    assert c0.output_ids == [10, 11] and c0.token_versions == [1, 2] and c0.reward == 1.0 and c0.reward_details == {"gsm8k": 1.0}
+    assert c1.finish_reason == "length" and c1.logprobs == [-1.0]
+    assert c0.step_rewards is None and c0.step_ends is None  # no steps: an outcome reward
+
+
+def test_step_rewards_round_trip_as_schema_3() -> None:
+    g = make_group(n=4)
+    g.completions[0].step_rewards = [0.25, 1.0]
+    g.completions[0].step_ends = [3, 4]
+    data = encode_group(g)
+    assert msgpack.unpackb(data)["schema_version"] == 3
+    back = decode_group(data)
+    assert back == g
+    assert back.completions[1].step_ends is None
+
+
+@pytest.mark.parametrize("rewards,ends", [([1.0], None), ([1.0, 2.0], [4]), ([1.0], [3]), ([1.0, 1.0], [3, 3]),
+                                          ([1.0, 1.0], [0, 4])])
+def test_bad_steps_are_schema_errors(rewards: list[float] | None, ends: list[int] | None) -> None:
+    with pytest.raises(GroupSchemaError, match="step"):
+        Completion([1, 2, 3, 4], [0.0] * 4, [(0, 0, 4)], "stop", 0.0, step_rewards=rewards, step_ends=ends)

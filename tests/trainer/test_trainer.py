@@ -97,6 +97,38 @@ def test_behav_equal_prox_is_plain_grpo(tiny_model_dir: Path, agg: str, loss: st
     assert abs(results[0.0]["loss"]) > 1e-3  # the check is not vacuous
 
 
+def _with_steps(batch: Batch) -> Batch:
+    """Each completion of >= 2 tokens split into two steps: [0, 1) rewarded 0.3, the rest rewarded its reward (the
+    sum over both steps is then not 0, as it would be for step rewards mirrored around the pooled mean)."""
+    out = []
+    for s in batch.samples:
+        n = len(s.completion_ids)
+        steps = dict(step_rewards=[0.3, s.reward], step_ends=[1, n]) if n >= 2 else {}
+        out.append(Sample(s.prompt_ids, s.completion_ids, s.behav_logprobs, s.token_versions, s.reward, s.group_id, **steps))
+    return Batch(out)
+
+
+def test_process_advantages_reach_the_loss_at_their_tokens(tiny_model_dir: Path) -> None:
+    """adv_estimator=grpo_process: first step, behav = prox, so ratio = behaviour weight = 1 and the loss is
+    -(mean over sequences of the mean over its tokens of A_t) with A_t the process advantages. Placing them one
+    position off (onto the prompt's last token, or past the end) changes that mean by the first step's A (O(1)),
+    far above the 1e-5 rounding bound argued in test_behav_equal_prox_is_plain_grpo."""
+    from asyncgrpo.trainer.train_step import batch_advantages
+
+    cfg = make_config(tiny_model_dir, behav_imp_weight_cap=None, adv_estimator="grpo_process")
+    trainer = GRPOTrainer(cfg)
+    batch = _with_steps(_with_behav(trainer, make_batch(7), 0.0))
+    adv = batch_advantages(batch, trainer.cfg)
+    assert [a.numel() for a in adv] == [len(s.completion_ids) for s in batch.samples]
+    assert any(float(a[0]) != float(a[-1]) for a in adv)  # per-token: the steps differ
+    want = -sum(float(a.double().mean()) for a in adv) / len(adv)
+    stats = trainer.train_step(batch)
+    assert abs(stats["loss"] - want) <= 1e-5, f"loss {stats['loss']!r}, want {want!r}: |diff| {abs(stats['loss'] - want):.3e}"
+    assert abs(want) > 1e-3  # the check is not vacuous
+    flat = torch.cat(adv)
+    assert abs(stats["adv_max"] - float(flat.max())) <= 1e-6 and abs(stats["adv_min"] - float(flat.min())) <= 1e-6
+
+
 def test_kl_to_reference_is_zero_at_first_step(tiny_model_dir: Path) -> None:
     trainer = GRPOTrainer(make_config(tiny_model_dir, kl_ctl=0.1))
     assert trainer.ref is not None

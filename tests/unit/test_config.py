@@ -93,6 +93,9 @@ def test_missing_file_is_clear() -> None:
     (["--actor.policy_loss=gspo"], "set actor.eps_clip (GSPO uses 3e-4)"),
     (["--actor.policy_loss=gspo", "--actor.eps_clip=3e-4", "--actor.loss_agg_mode=token-mean"], "needs actor.loss_agg_mode=seq-mean-token-mean"),
     (["--actor.use_kl_in_reward=true"], "needs actor.kl_ctl > 0"),
+    (["--actor.policy_loss=gspo", "--actor.eps_clip=3e-4", "--actor.adv_estimator=grpo_process"],
+     "grpo_process gives one per token: use policy_loss=ppo with it"),
+    (["--reward.fns=[prm]"], "reward.prm.url is not set"),
     (["--actor.dynamic_filtering=true", "--rollout.dynamic_filtering=false"],
      "config key 'actor.dynamic_filtering' moved to 'rollout.dynamic_filtering', and both are given"),
 ])
@@ -121,7 +124,7 @@ def test_an_example_config_takes_another_estimator_by_override() -> None:
 
 
 @pytest.mark.parametrize(("fns", "fragment"), [
-    ("[gsm9k]", "reward.fns: 'gsm9k' is not a built-in reward function (boxed, exact, gsm8k, orm)"),
+    ("[gsm9k]", "reward.fns: 'gsm9k' is not a built-in reward function (boxed, exact, gsm8k, orm, prm)"),
     ("['a b:c']", "is not an import path; write package.module:function"),
     ("[orm]", "reward.fns has 'orm' but reward.orm.url is not set"),
 ])

@@ -157,7 +157,7 @@ def test_reinforce_plus_plus_whitens_over_the_batch() -> None:
 
 
 def test_registered_estimators_match_their_functions() -> None:
-    assert ADV_ESTIMATORS.names() == ["dr_grpo", "grpo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "rloo"]
+    assert ADV_ESTIMATORS.names() == ["dr_grpo", "grpo", "grpo_process", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "rloo"]
     close(by_name("grpo", norm=AdvNorm("group", "group", False, False, 1e-6))[0], [1.0, -1.0, -1.0, 1.0])
     close(by_name("grpo", norm=AdvNorm("batch", "batch", False, True, 1e-6)), group_advantages(R, "batch", "batch").tolist())
     close(by_name("rloo")[1], [-4 / 3, -4 / 3, -4 / 3, 4.0])

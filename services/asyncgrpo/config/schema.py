@@ -48,7 +48,7 @@ def _registered(registry_name: str, value: str) -> str:
 class ActorConfig(Section):
     path: str = Field("", description="HF checkpoint directory of the policy (config.json, safetensors, tokenizer).")
     group_size: int = Field(8, ge=1, description="G: completions sampled per prompt.")
-    adv_estimator: str = Field("grpo", description="Advantage estimator by registered name (asyncgrpo.core.ADV_ESTIMATORS, see docs/algorithms.md): grpo uses adv_norm; the others fix their own normalisation.")
+    adv_estimator: str = Field("grpo", description="Advantage estimator by registered name (asyncgrpo.core.ADV_ESTIMATORS, see docs/algorithms.md): grpo uses adv_norm; grpo_process (per-step rewards, a token's advantage from its step on) its std_unbiased and eps; the others fix their own normalisation.")
     adv_norm: AdvNormConfig = Field(default_factory=AdvNormConfig, description="Advantage normalisation of adv_estimator=grpo (REINFORCE++ uses its std_unbiased and eps).")
     policy_loss: str = Field("ppo", description="Policy loss by registered name (asyncgrpo.core.POLICY_LOSSES, see docs/algorithms.md): ppo clips the token ratio, gspo the sequence ratio.")
     eps_clip: float = Field(0.2, gt=0, lt=1, description="Lower clip: ratio clipped to [1 - eps_clip, ...] (GSPO uses 3e-4).")
@@ -99,6 +99,9 @@ class ActorConfig(Section):
                                  f"is the mean over a sequence's tokens), not {self.loss_agg_mode}")
             if self.c_clip is not None:
                 raise ValueError("actor.c_clip (dual clip) is defined for policy_loss=ppo only; set it to null")
+            if self.adv_estimator == "grpo_process":
+                raise ValueError("actor.policy_loss=gspo weighs whole sequences by one advantage; adv_estimator="
+                                 "grpo_process gives one per token: use policy_loss=ppo with it")
         if self.use_kl_in_reward and self.kl_ctl == 0:
             raise ValueError("actor.use_kl_in_reward needs actor.kl_ctl > 0 (the weight of the KL in the reward)")
         return self
@@ -136,11 +139,19 @@ class OrmConfig(Section):
     timeout_s: float = Field(30.0, gt=0, description="Timeout of one scoring request to it.")
 
 
+class PrmConfig(Section):
+    url: str | None = Field(None, description="Reward-model server of the built-in 'prm' reward (asyncgrpo reward-server with a token-classification model): its /score_steps scores each step.")
+    api_key: str | None = Field(None, description="Its bearer token; null: env ASYNCGRPO_REWARD_API_KEY, unset means none.")
+    timeout_s: float = Field(30.0, gt=0, description="Timeout of one scoring request to it.")
+
+
 class RewardConfig(Section):
-    fns: list[str] = Field(default_factory=lambda: ["gsm8k"], min_length=1, description="Reward functions: built-in names (exact, gsm8k, boxed, orm) or your own as package.module:function (docs/rewards.md); weights below.")
+    fns: list[str] = Field(default_factory=lambda: ["gsm8k"], min_length=1, description="Reward functions: built-in names (exact, gsm8k, boxed, orm, prm) or your own as package.module:function (docs/rewards.md); weights below.")
     weights: list[float] | None = Field(None, description="Per-function weights; null means all 1.")
     timeout_s: float = Field(10.0, gt=0, description="A reward call running longer scores 0 and is counted.")
     orm: OrmConfig = Field(default_factory=OrmConfig, description="The reward-model server of the 'orm' reward function.")
+    prm: PrmConfig = Field(default_factory=PrmConfig, description="The reward-model server of the 'prm' (process) reward function.")
+    step_separator: str = Field("\n", min_length=1, description="Process rewards: a completion's steps end at runs of this string (kept with the step); a reward function returning a list scores each step.")
 
     @model_validator(mode="after")
     def _weights_match(self) -> "RewardConfig":
@@ -152,6 +163,8 @@ class RewardConfig(Section):
             raise ValueError(f"reward.weights has {len(self.weights)} entries but reward.fns has {len(self.fns)}; give one weight per function")
         if "orm" in self.fns and not self.orm.url:
             raise ValueError("reward.fns has 'orm' but reward.orm.url is not set: give the reward-model server's URL")
+        if "prm" in self.fns and not self.prm.url:
+            raise ValueError("reward.fns has 'prm' but reward.prm.url is not set: give the process reward server's URL")
         return self
 
 

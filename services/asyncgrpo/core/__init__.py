@@ -27,6 +27,7 @@ from asyncgrpo.core.policy_loss import (
     policy_objective,
     ppo_clip_loss,
 )
+from asyncgrpo.core.process_advantages import Steps, process_group_advantages, token_advantages
 from asyncgrpo.core.registry import Registry
 from asyncgrpo.core.reward_shaping import overlong_penalty
 from asyncgrpo.core.stats import Stat, finish_stats, loss_stats, masked_mean, masked_std, masked_sum, stat_sums
@@ -43,6 +44,7 @@ __all__ = [
     "LossParams",
     "Registry",
     "Stat",
+    "Steps",
     "aggregate_loss",
     "behaviour_weight",
     "broadcast_advantages",
@@ -65,7 +67,9 @@ __all__ = [
     "overlong_penalty",
     "policy_objective",
     "ppo_clip_loss",
+    "process_group_advantages",
     "rloo_advantages",
     "stat_sums",
+    "token_advantages",
     "whiten",
 ]

@@ -20,15 +20,23 @@ class Registry(Generic[F]):
         self.kind = kind  # e.g. "advantage estimator": how errors name the thing
         self.config_key = config_key  # e.g. "actor.adv_estimator": the knob that picks one
         self._fns: dict[str, F] = {}
+        self._traits: dict[str, dict[str, object]] = {}
 
-    def register(self, name: str) -> Callable[[F], F]:
+    def register(self, name: str, **traits: object) -> Callable[[F], F]:
+        """Register under `name`; `traits` say how a caller must use it (e.g. ``per_token=True``: the estimator
+        takes step rewards and returns per-token advantages)."""
         def add(fn: F) -> F:
             if name in self._fns:
                 raise ValueError(f"{self.kind} {name!r} is registered twice ({self._fns[name].__module__} and {fn.__module__})")
             self._fns[name] = fn
+            self._traits[name] = dict(traits)
             return fn
 
         return add
+
+    def trait(self, name: str, key: str, default: object = None) -> object:
+        self.get(name)  # an unknown name is the usual error
+        return self._traits[name].get(key, default)
 
     def get(self, name: str) -> F:
         try:

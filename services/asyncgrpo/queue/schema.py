@@ -18,8 +18,10 @@ from typing import Any
 import msgpack
 import numpy as np
 
-SCHEMA_VERSION = 2  # 2: weight versions are the trainer's integers (1: the servers' strings, still read)
-READABLE_SCHEMA_VERSIONS = (1, 2)
+# 3: completions may carry step rewards and step ends (process supervision); 2: weight versions are the trainer's
+# integers; 1: the servers' version strings. Older versions are still read (no steps: outcome rewards only).
+SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 _I32 = np.dtype("<i4")
@@ -71,6 +73,18 @@ def versions_from_spans(spans: list[tuple[int, int, int]], n: int) -> list[int]:
     return out
 
 
+def check_steps(rewards: list[float] | None, ends: list[int] | None, n: int) -> None:
+    """Step rewards and ends come together, one end per reward, strictly increasing, the last at the length `n`."""
+    if rewards is None and ends is None:
+        return
+    if rewards is None or ends is None or len(rewards) != len(ends):
+        raise GroupSchemaError(f"completion: step_rewards {rewards} and step_ends {ends} must come together, one end per step")
+    if n == 0 and not ends:
+        return
+    if not ends or ends[-1] != n or ends[0] <= 0 or any(b <= a for a, b in zip(ends, ends[1:])):
+        raise GroupSchemaError(f"completion: step_ends {ends} must be strictly increasing and end at its {n} tokens")
+
+
 @dataclass
 class Completion:
     """One sampled completion of a prompt, with what the trainer needs for the decoupled loss."""
@@ -85,11 +99,16 @@ class Completion:
     resumes: int = 0  # how many times the request was resubmitted after an abort (partial rollout)
     started_at: float = 0.0  # unix time of the first request
     finished_at: float = 0.0  # unix time of the last response
+    # Process supervision: the reward of each step and the exclusive token index where it ends (the last end is
+    # len(output_ids): the steps tile the completion). None: an outcome reward only.
+    step_rewards: list[float] | None = None
+    step_ends: list[int] | None = None
 
     def __post_init__(self) -> None:
         if len(self.logprobs) != len(self.output_ids):
             raise GroupSchemaError(f"completion: {len(self.logprobs)} logprobs for {len(self.output_ids)} output_ids")
         versions_from_spans(self.version_spans, len(self.output_ids))
+        check_steps(self.step_rewards, self.step_ends, len(self.output_ids))
 
     @property
     def token_versions(self) -> list[int]:
@@ -182,6 +201,8 @@ def _pack_completion(c: Completion) -> dict[str, Any]:
         "rs": c.resumes,
         "t0": c.started_at,
         "t1": c.finished_at,
+        **({} if c.step_ends is None else {"sr": np.asarray(c.step_rewards, dtype=_F32).tobytes(),
+                                            "se": np.asarray(c.step_ends, dtype=_I32).tobytes()}),
     }
 
 
@@ -205,6 +226,8 @@ def _unpack_completion(d: dict[str, Any], schema: int = SCHEMA_VERSION) -> Compl
         resumes=int(d["rs"]),
         started_at=float(d["t0"]),
         finished_at=float(d["t1"]),
+        step_rewards=np.frombuffer(d["sr"], dtype=_F32).tolist() if "se" in d else None,
+        step_ends=np.frombuffer(d["se"], dtype=_I32).tolist() if "se" in d else None,
     )
 
 

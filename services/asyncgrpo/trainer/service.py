@@ -54,7 +54,7 @@ def group_to_samples(group: Any) -> list[Sample]:
     """A queue Group -> one Sample per completion (token versions as trainer integers)."""
     return [
         Sample(list(group.prompt_ids), list(c.output_ids), list(c.logprobs), c.token_versions, float(c.reward),
-               group.group_id)
+               group.group_id, c.step_rewards, c.step_ends)
         for c in group.completions
     ]
 

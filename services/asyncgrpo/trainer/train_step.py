@@ -34,6 +34,8 @@ class Sample:
     token_versions: list[int]  # policy version that produced each completion token
     reward: float
     group_id: str
+    step_rewards: list[float] | None = None  # process rewards: one per step (None: the outcome reward only)
+    step_ends: list[int] | None = None  # exclusive completion-token index where each step ends
 
     def __post_init__(self) -> None:
         n = len(self.completion_ids)
@@ -115,11 +117,40 @@ def batch_rewards(batch: Batch, cfg: RunConfig) -> Tensor:
     return rewards
 
 
-def batch_advantages(batch: Batch, cfg: RunConfig, rewards: Tensor | None = None) -> Tensor:
-    """Per-sample advantages [N] of the whole batch by actor.adv_estimator (rewards: batch_rewards by default)."""
+def sample_steps(s: Sample, reward: float) -> core.Steps:
+    """A sample's steps for a per-token estimator, its reward shaped to `reward`: a sample without step rewards is
+    one step; the shaping (overlong penalty, KL in the reward) lands on the last step, where the outcome is."""
+    n = len(s.completion_ids)
+    if s.step_rewards is None or s.step_ends is None or n == 0:
+        return core.Steps.outcome(reward, n)
+    r = torch.tensor(s.step_rewards, dtype=torch.float32)
+    r[-1] += reward - s.reward
+    return core.Steps(r, torch.tensor(s.step_ends, dtype=torch.long))
+
+
+def batch_advantages(batch: Batch, cfg: RunConfig, rewards: Tensor | None = None) -> Tensor | list[Tensor]:
+    """Advantages of the whole batch by actor.adv_estimator (rewards: batch_rewards by default): a tensor [N] of
+    one per sample, or for a per-token estimator (grpo_process) a list of N tensors, one per completion token."""
     r = batch_rewards(batch, cfg) if rewards is None else rewards
-    estimator = core.ADV_ESTIMATORS.get(cfg.actor.adv_estimator)
+    name = cfg.actor.adv_estimator
+    estimator = core.ADV_ESTIMATORS.get(name)
+    if core.ADV_ESTIMATORS.trait(name, "per_token"):
+        g = batch.group_size
+        steps = [sample_steps(s, float(x)) for s, x in zip(batch.samples, r)]
+        return estimator([steps[i : i + g] for i in range(0, len(steps), g)], adv_norm(cfg))
     return estimator(r.view(batch.n_groups, batch.group_size), adv_norm(cfg)).reshape(-1)
+
+
+def micro_advantages(adv: Tensor | Sequence[Tensor], samples: Sequence[Sample], like: Tensor) -> Tensor:
+    """A micro-batch's advantages for the loss: [b] as they are, or per-token ones placed at the completion
+    tokens of a [b, S] tensor shaped like the packed input ids (0 elsewhere: those tokens are masked out)."""
+    if isinstance(adv, Tensor):
+        return adv
+    out = torch.zeros(like.shape, dtype=torch.float32)
+    for i, (a, s) in enumerate(zip(adv, samples, strict=True)):
+        p = len(s.prompt_ids)
+        out[i, p : p + a.numel()] = a
+    return out
 
 
 class GRPOTrainer:
@@ -249,7 +280,8 @@ class GRPOTrainer:
         adv_all = batch_advantages(batch, self.cfg, rewards)
         adv_local = adv_all[sl]
         for j, mb in enumerate(micro):
-            mb["adv"] = adv_local[j * mbs : (j + 1) * mbs]
+            mb["adv"] = micro_advantages(adv_local[j * mbs : (j + 1) * mbs], samples[j * mbs : (j + 1) * mbs],
+                                         mb["input_ids"])
         # Global normalisers: tokens that enter the loss (cap-masked tokens leave it in mask mode) and sequences.
         counts = torch.zeros(2, dtype=torch.float64)
         for mb in micro:
@@ -289,6 +321,9 @@ class GRPOTrainer:
         out.pop("n_seqs")
         out.update(extra)
         rewards = torch.tensor([s.reward for s in batch.samples])
+        if not isinstance(adv_all, Tensor):  # per-token advantages: their statistics over every completion token
+            adv_all = torch.cat([torch.zeros(0), *(a.float() for a in adv_all)])
+            adv_all = adv_all if adv_all.numel() else torch.zeros(1)
         out.update(
             reward_mean=float(rewards.mean()), reward_std=float(rewards.std()) if rewards.numel() > 1 else 0.0,
             adv_mean=float(adv_all.mean()), adv_std=float(adv_all.std()) if adv_all.numel() > 1 else 0.0,
