@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rollout": ("asyncgrpo.rollout.command", "Sample G completions per prompt, score them and stream groups into Redis."),
     "weight-sync": ("asyncgrpo.weight_sync.command", "Broadcast each new policy version to the generation servers."),
     "genserver": ("asyncgrpo.genserver.command", "Serve an HF model over SGLang's HTTP API (CPU/test stand-in for SGLang)."),
-    "reward-server": ("asyncgrpo.reward_server.command", "Serve a sequence-classification reward model (ORM) over SGLang's /classify."),
+    "reward-server": ("asyncgrpo.reward_server.command", "Serve a reward model: an ORM over SGLang's /classify, a PRM over /score_steps."),
     "trainer": ("asyncgrpo.trainer.command", "Train the policy (megatron-core GRPO) on the scored groups in Redis; checkpoints and resumes."),
     "up": ("asyncgrpo.launch.up", "Run the whole system on this machine as processes, then evaluate before -> after."),
     "control": ("asyncgrpo.control.command", "Serve the control plane: REST API, dashboard and metrics for live runs."),

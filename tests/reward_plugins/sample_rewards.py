@@ -68,3 +68,17 @@ def numpy_scalar(x: RewardInput) -> float:
 
 def a_bool(x: RewardInput) -> float:
     return x.completion == x.answer  # type: ignore[return-value]
+
+
+def step_digits(x: RewardInput) -> list[float]:
+    """A process reward: each step scores 1 when it holds a digit, else 0."""
+    return [float(any(ch.isdigit() for ch in s)) for s in x.steps]
+
+
+async def async_step_lengths(x: RewardInput) -> list[float]:
+    await asyncio.sleep(0)
+    return [float(len(s)) for s in x.steps]
+
+
+def step_count_wrong(x: RewardInput) -> list[float]:
+    return [1.0] * (len(x.steps) + 1)

@@ -102,5 +102,5 @@ def test_a_causal_lm_checkpoint_is_refused_with_one_line(tiny_model_dir: Path, t
 
     r = subprocess.run([sys.executable, "-m", "asyncgrpo.cli", "reward-server", "--model", str(tiny_model_dir),
                         "--port", str(free_port())], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "not a sequence-classification reward model" in r.stderr, r.stderr
+    assert r.returncode == 2 and "not a reward model" in r.stderr and "ForTokenClassification" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr

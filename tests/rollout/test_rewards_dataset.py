@@ -124,7 +124,7 @@ def test_process_executor_runs_builtins_and_plugins_in_other_processes() -> None
 
 
 @pytest.mark.parametrize(("spec", "fragment"), [
-    ("nope", "reward.fns: 'nope' is not a built-in reward function (boxed, exact, gsm8k, orm); for your own function give its import path"),
+    ("nope", "reward.fns: 'nope' is not a built-in reward function (boxed, exact, gsm8k, orm, prm); for your own function give its import path"),
     ("no_such_pkg.mod:f", "reward.fns: 'no_such_pkg.mod:f': cannot import module 'no_such_pkg.mod' (ModuleNotFoundError"),
     (PLUG + "missing", "module 'reward_plugins.sample_rewards' has no 'missing'"),
     (PLUG + "NOT_CALLABLE", "is a int, not a function taking a RewardInput"),

@@ -351,9 +351,13 @@ def plan_run(cfg: Any, run_dir: Path, *, redis_url: str | None = None) -> RunPla
     api_key = cfg.auth.api_key or os.environ.get("ASYNCGRPO_API_KEY") or (secrets.token_urlsafe(24) if fresh else None)
     admin_key = (cfg.auth.admin_api_key or os.environ.get("ASYNCGRPO_ADMIN_API_KEY")
                  or (secrets.token_urlsafe(24) if fresh else None))
-    reward_key = cfg.reward.orm.api_key or os.environ.get("ASYNCGRPO_REWARD_API_KEY")
+    keys = {k for k in (cfg.reward.orm.api_key, cfg.reward.prm.api_key) if k}
+    if len(keys) > 1:
+        raise ValueError("reward.orm.api_key and reward.prm.api_key differ: up passes one reward-server key "
+                         "(ASYNCGRPO_REWARD_API_KEY); give both servers the same key")
+    reward_key = next(iter(keys), None) or os.environ.get("ASYNCGRPO_REWARD_API_KEY")
     cfg.auth.api_key = cfg.auth.admin_api_key = None  # the keys travel in the environment, never in config.yaml
-    cfg.reward.orm.api_key = None
+    cfg.reward.orm.api_key = cfg.reward.prm.api_key = None
     env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.update({k: v for k, v in (("ASYNCGRPO_API_KEY", api_key), ("ASYNCGRPO_ADMIN_API_KEY", admin_key),
                                   ("ASYNCGRPO_REWARD_API_KEY", reward_key)) if v})

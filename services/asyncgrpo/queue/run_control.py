@@ -36,8 +36,9 @@ def redacted_config(cfg: Any) -> dict[str, Any]:
     for section, key in (("auth", "api_key"), ("auth", "admin_api_key"), ("control", "token")):
         if d.get(section, {}).get(key):
             d[section][key] = "***"
-    if d.get("reward", {}).get("orm", {}).get("api_key"):
-        d["reward"]["orm"]["api_key"] = "***"
+    for server in ("orm", "prm"):
+        if d.get("reward", {}).get(server, {}).get("api_key"):
+            d["reward"][server]["api_key"] = "***"
     d["redis"]["url"] = redact(d["redis"]["url"])
     return d
 

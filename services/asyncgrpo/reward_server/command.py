@@ -1,4 +1,5 @@
-"""`asyncgrpo reward-server --model PATH --port N`: serve an HF sequence-classification reward model (ORM)."""
+"""`asyncgrpo reward-server --model PATH --port N`: serve an HF reward model, sequence classification (ORM) or token
+classification (PRM)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from asyncgrpo.utils.auth import ENV_ADMIN_API_KEY, ENV_API_KEY
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "--model-path", dest="model", required=True,
-                   help="HF checkpoint directory of a *ForSequenceClassification model (its logits are the scores)")
+                   help="HF checkpoint directory of a *ForSequenceClassification model (an ORM: /classify) or a "
+                        "*ForTokenClassification model (a PRM: /score_steps)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to serve other machines: needs a key)")
     p.add_argument("--port", type=int, default=30010, help="HTTP port")
     p.add_argument("--max-batch-size", type=int, default=32, help="most sequences scored in one forward pass")
@@ -33,13 +35,17 @@ def load_reward_model(path: str, dtype: str = "float32", device: str = "cpu"):  
     from pathlib import Path
 
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
     cfg = json.loads((Path(path) / "config.json").read_text())
     archs = cfg.get("architectures") or []
+    if any(a.endswith("ForTokenClassification") for a in archs):
+        model = AutoModelForTokenClassification.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
+        return model, AutoTokenizer.from_pretrained(path)
     if not any(a.endswith("ForSequenceClassification") or a.endswith("ForRewardModel") for a in archs):
-        raise ValueError(f"--model {path!r} is a {archs or 'model with no architectures'} checkpoint, not a "
-                         "sequence-classification reward model (e.g. Qwen2ForSequenceClassification)")
+        raise ValueError(f"--model {path!r} is a {archs or 'model with no architectures'} checkpoint, not a reward "
+                         "model: give a sequence-classification (ORM, e.g. Qwen2ForSequenceClassification) or "
+                         "token-classification (PRM, Qwen2ForTokenClassification) checkpoint")
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
     return model, AutoTokenizer.from_pretrained(path)
 
@@ -70,13 +76,14 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     torch.set_num_threads(max(1, args.threads))
     try:
         model, tok = load_reward_model(args.model, args.dtype, args.device)
+        scorer = Scorer(model, tok, max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000)
     except ValueError as e:
         print(f"asyncgrpo reward-server: {e}", file=sys.stderr)
         return 2
-    scorer = Scorer(model, tok, max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000)
     app = create_app(scorer, model_path=args.model, served_model_name=args.served_model_name,
                      request_timeout_s=args.request_timeout_s, api_key=api_key, admin_api_key=admin_api_key)
-    log.info("reward-server: %s on http://%s:%d (%d labels, max batch %d, %s, auth: %s)", args.model, args.host,
+    log.info("reward-server: %s %s on http://%s:%d (%d labels, max batch %d, %s, auth: %s)",
+             "process (PRM, /score_steps)" if scorer.process else "outcome (ORM, /classify)", args.model, args.host,
              args.port, scorer.num_labels, args.max_batch_size, args.dtype, "api key" if api_key else "none")
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30)

@@ -1,8 +1,9 @@
 """Reward functions: one interface for the built-ins and for user plug-ins.
 
 A reward function takes one :class:`RewardInput` (the prompt, the completion, the reference answer and the
-dataset record's other fields) and returns a float, or an awaitable of one (an ``async def``, for rewards that
-call a service, e.g. the ``orm`` reward model). ``reward.fns`` names built-ins (:data:`REWARD_FNS`) or
+dataset record's other fields, and the completion split into steps by ``reward.step_separator``) and returns a
+float, or one float per step (a process reward), or an awaitable of either (an ``async def``, for rewards that call
+a service, e.g. the ``orm`` and ``prm`` reward models). ``reward.fns`` names built-ins (:data:`REWARD_FNS`) or
 plug-ins by import path, ``package.module:function``. Sync functions run in the rollout's reward pool (thread or
 process) with a timeout; async ones are awaited on its event loop with the same timeout.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,9 +28,10 @@ class RewardInput:
     completion: str  # the decoded completion
     answer: str  # the record's reference answer (train_dataset.answer_key)
     metadata: Mapping[str, Any] = field(default_factory=dict)  # the record's other fields (a plain dict: it is pickled)
+    steps: tuple[str, ...] = ()  # the completion split by reward.step_separator: a process reward scores each
 
 
-RewardFn = Callable[[RewardInput], "float | Awaitable[float]"]
+RewardFn = Callable[[RewardInput], "float | Sequence[float] | Awaitable[float | Sequence[float]]"]
 
 
 def _exact(x: RewardInput) -> float:
@@ -50,8 +52,15 @@ async def _orm(x: RewardInput) -> float:
     return await default_client().score(x.prompt + x.completion)
 
 
-# the built-ins by name: rule rewards on the answer, and `orm`, a reward model behind reward.orm.url
-REWARD_FNS: dict[str, RewardFn] = {"exact": _exact, "gsm8k": _gsm8k, "boxed": _boxed, "orm": _orm}
+async def _prm(x: RewardInput) -> list[float]:
+    from asyncgrpo.rewards.prm import default_client
+
+    return await default_client().score_steps(x.prompt, x.steps)
+
+
+# the built-ins by name: rule rewards on the answer; `orm`, an outcome reward model behind reward.orm.url; `prm`, a
+# process reward model behind reward.prm.url (one score per step)
+REWARD_FNS: dict[str, RewardFn] = {"exact": _exact, "gsm8k": _gsm8k, "boxed": _boxed, "orm": _orm, "prm": _prm}
 
 
 def is_async(fn: RewardFn) -> bool:

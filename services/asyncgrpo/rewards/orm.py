@@ -37,14 +37,17 @@ class OrmClient:
             c = self._clients[loop] = httpx.AsyncClient(timeout=self.timeout_s, headers=self.headers)
         return c
 
-    async def score(self, text: str) -> float:
+    async def _post(self, path: str, body: dict[str, Any]) -> Any:
         try:
-            r = await self._client().post(f"{self.url}/classify", json={"text": text})
+            r = await self._client().post(f"{self.url}{path}", json=body)
         except httpx.HTTPError as e:
             raise OrmError(f"reward server {self.url}: {type(e).__name__}: {e}") from None
         if r.status_code != 200:
-            raise OrmError(f"reward server {self.url}/classify answered {r.status_code}: {r.text[:200]}")
-        return _first_score(r.json(), self.url)
+            raise OrmError(f"reward server {self.url}{path} answered {r.status_code}: {r.text[:200]}")
+        return r.json()
+
+    async def score(self, text: str) -> float:
+        return _first_score(await self._post("/classify", {"text": text}), self.url)
 
     async def aclose(self) -> None:
         for c in self._clients.values():

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from asyncgrpo.rewards import RewardInput, is_async, resolve_reward_fn
+from asyncgrpo.rewards.steps import char_ends, split_steps
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +33,58 @@ class Score:
     reward: float
     details: dict[str, float] = field(default_factory=dict)
     error: str | None = None  # "<fn>: <ExceptionType>: msg" or "timeout after Ns"
+    # Process rewards: one reward per step and the character index where each step ends in the completion; None
+    # when no function scored steps (or one failed: the completion then scores 0 as a whole).
+    step_rewards: list[float] | None = None
+    step_char_ends: list[int] | None = None
 
 
-def _value(spec: str, v: object) -> float:
-    """A reward's return value as a float (numpy scalars and bools included); a string, None or a non-finite
-    number is that function's error."""
+Value = float | list[float]  # an outcome reward, or one reward per step
+
+
+def _value(spec: str, v: object, n_steps: int | None = None) -> Value:
+    """A reward's return value: a float (numpy scalars and bools included), or a list of them, one per step; a
+    string, None, a non-finite number or a list of the wrong length is that function's error."""
+    is_sequence = isinstance(v, (list, tuple)) or getattr(v, "ndim", 0) == 1  # a list, tuple or 1-D array
+    if n_steps is not None and is_sequence:
+        values = [_value(spec, x) for x in v]  # type: ignore[union-attr]
+        if len(values) != n_steps:
+            raise TypeError(f"returned {len(values)} step scores for {n_steps} steps (reward.step_separator splits "
+                            "the completion); return one per step or a float")
+        return values  # type: ignore[return-value]
     try:
-        if isinstance(v, (str, bytes)) or v is None:
+        if isinstance(v, (str, bytes)) or is_sequence or v is None:
             raise TypeError
         f = float(v)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise TypeError(f"returned {v!r}, not a finite number") from None
+        raise TypeError(f"returned {v!r}, not a finite number or one per step") from None
     if not math.isfinite(f):
         raise TypeError(f"returned {v!r}, not a finite number")
     return f
+
+
+def combine(fns: Sequence[str], weights: Sequence[float], values: Mapping[str, Value], n_steps: int
+            ) -> tuple[float, dict[str, float], list[float] | None]:
+    """The weighted reward, each function's scalar, and the weighted step rewards when any function scored steps.
+
+    A step-scoring function's scalar is its lowest step score (a solution is as good as its worst step; 0 with no
+    steps). Step rewards: the step functions' weighted scores summed per step, plus the outcome functions' weighted
+    sum on the last step (an outcome is judged where the completion ends)."""
+    details = {f: (min(v, default=0.0) if isinstance(v, list) else v) for f, v in values.items()}
+    total = sum(w * details[f] for f, w in zip(fns, weights))
+    if not any(isinstance(values[f], list) for f in fns):
+        return total, details, None
+    steps = [0.0] * n_steps
+    outcome = 0.0
+    for f, w in zip(fns, weights):
+        v = values[f]
+        if isinstance(v, list):
+            steps = [a + w * b for a, b in zip(steps, v)]
+        else:
+            outcome += w * v
+    if steps:
+        steps[-1] += outcome
+    return total, details, steps
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,13 +92,13 @@ def _resolved(spec: str):  # type: ignore[no-untyped-def]
     return resolve_reward_fn(spec)  # once per worker process (spawned workers import plug-ins by their path)
 
 
-def score_sync(specs: Sequence[str], inp: RewardInput) -> dict[str, tuple[float, str | None]]:
+def score_sync(specs: Sequence[str], inp: RewardInput) -> dict[str, tuple[Value, str | None]]:
     """The sync reward functions on one completion; runs in the worker thread or process. One failing scores 0
     for itself and reports its error."""
-    out: dict[str, tuple[float, str | None]] = {}
+    out: dict[str, tuple[Value, str | None]] = {}
     for spec in specs:
         try:
-            out[spec] = (_value(spec, _resolved(spec)(inp)), None)
+            out[spec] = (_value(spec, _resolved(spec)(inp), len(inp.steps)), None)
         except Exception as e:  # noqa: BLE001 - a reward function is user code: any failure scores 0
             out[spec] = (0.0, f"{spec}: {type(e).__name__}: {e}")
     return out
@@ -73,7 +112,7 @@ class RewardRunner:
     0, counted and logged with its name."""
 
     def __init__(self, fns: Sequence[str], weights: Sequence[float] | None = None, *, timeout_s: float = 10.0,
-                 executor: ExecutorKind = "thread", max_workers: int = 4) -> None:
+                 executor: ExecutorKind = "thread", max_workers: int = 4, step_separator: str = "\n") -> None:
         resolved = {f: resolve_reward_fn(f) for f in fns}  # unknown names and bad import paths fail here, at start-up
         if weights is not None and len(weights) != len(fns):
             raise ValueError(f"reward weights: {len(weights)} given for {len(fns)} functions")
@@ -84,17 +123,20 @@ class RewardRunner:
         self.timeout_s = timeout_s
         self.kind = executor
         self.max_workers = max_workers
+        self.step_separator = step_separator
         self.errors = 0  # completions that scored 0 because of a crash or timeout
         self._pool = self._new_pool()
     @classmethod
     def from_config(cls, cfg: Any, fns: Sequence[str] | None = None, weights: Sequence[float] | None = None) -> "RewardRunner":
         """The runner of a RunConfig's reward section (`fns`: a subset, e.g. the evaluator's first function)."""
-        from asyncgrpo.rewards import orm
+        from asyncgrpo.rewards import orm, prm
 
         r = cfg.reward
         orm.configure(r.orm.url, r.orm.api_key, r.orm.timeout_s)
+        prm.configure(r.prm.url, r.prm.api_key, r.prm.timeout_s)
         return cls(r.fns if fns is None else fns, r.weights if fns is None else weights, timeout_s=r.timeout_s,
-                   executor=cfg.rollout.reward_executor, max_workers=cfg.rollout.reward_workers)
+                   executor=cfg.rollout.reward_executor, max_workers=cfg.rollout.reward_workers,
+                   step_separator=r.step_separator)
 
     def _new_pool(self) -> cf.Executor:
         if self.kind == "thread":
@@ -118,7 +160,7 @@ class RewardRunner:
         if not completions:
             return []
         meta = dict(metadata or {})
-        inputs = [RewardInput(prompt, c, answer, meta) for c in completions]
+        inputs = [RewardInput(prompt, c, answer, meta, split_steps(c, self.step_separator)) for c in completions]
         loop = asyncio.get_running_loop()
         futs = [loop.run_in_executor(self._pool, score_sync, self.sync_specs, x) for x in inputs] if self.sync_specs else []
         tasks = [[asyncio.ensure_future(self._call_async(spec, fn, x)) for spec, fn in self.async_fns.items()]
@@ -129,7 +171,7 @@ class RewardRunner:
         out: list[Score] = []
         recycle = False
         for i in range(len(inputs)):
-            results: dict[str, tuple[float, str | None]] = dict(zip(self.async_fns, async_results[i]))
+            results: dict[str, tuple[Value, str | None]] = dict(zip(self.async_fns, async_results[i]))
             if futs:
                 fut = futs[i]
                 if not fut.done():
@@ -142,9 +184,12 @@ class RewardRunner:
                     recycle = recycle or isinstance(e, cf.BrokenExecutor)
                 else:
                     results.update(fut.result())
-            details = {f: results[f][0] for f in self.fns}
             errors = [results[f][1] for f in self.fns if results[f][1] is not None]
-            s = Score(sum(w * details[f] for f, w in zip(self.fns, self.weights)), details, "; ".join(errors) or None)  # type: ignore[arg-type]
+            steps = inputs[i].steps
+            total, details, step_rewards = combine(self.fns, self.weights, {f: results[f][0] for f in self.fns}, len(steps))
+            s = Score(total, details, "; ".join(errors) or None)  # type: ignore[arg-type]
+            if s.error is None and step_rewards is not None:
+                s.step_rewards, s.step_char_ends = step_rewards, char_ends(steps)
             if s.error is not None:
                 s.reward = 0.0  # a crash anywhere in the weighted sum scores the whole completion 0
                 self.errors += 1
@@ -155,9 +200,9 @@ class RewardRunner:
             self._recycle_pool()
         return out
 
-    async def _call_async(self, spec: str, fn: Any, x: RewardInput) -> tuple[float, str | None]:
+    async def _call_async(self, spec: str, fn: Any, x: RewardInput) -> tuple[Value, str | None]:
         try:
-            return _value(spec, await asyncio.wait_for(fn(x), self.timeout_s)), None
+            return _value(spec, await asyncio.wait_for(fn(x), self.timeout_s), len(x.steps)), None
         except asyncio.TimeoutError:
             return 0.0, f"{spec}: timeout after {self.timeout_s}s"
         except Exception as e:  # noqa: BLE001 - user code (or a reward server) failing scores 0, as a sync one

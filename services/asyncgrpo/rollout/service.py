@@ -38,7 +38,8 @@ from asyncgrpo.queue.protocols import GroupSink, RolloutState
 from asyncgrpo.queue.run_control import RunControl
 from asyncgrpo.queue.schema import spans_from_versions
 from asyncgrpo.rollout.dataset import PromptDataset
-from asyncgrpo.rollout.rewards import RewardRunner
+from asyncgrpo.rewards.steps import merge_steps, token_ends
+from asyncgrpo.rollout.rewards import RewardRunner, Score
 from asyncgrpo.rollout.sampling import GenerateClient, sample_group
 from asyncgrpo.utils.metrics import counter, gauge, histogram
 
@@ -353,7 +354,8 @@ class RolloutService:
         completions = [
             Completion(output_ids=s.output_ids, logprobs=s.logprobs, version_spans=spans_from_versions(s.token_versions),
                        finish_reason=s.finish_reason, reward=sc.reward, reward_details=sc.details, reward_error=sc.error,
-                       resumes=s.resumes, started_at=s.started_at, finished_at=s.finished_at)
+                       resumes=s.resumes, started_at=s.started_at, finished_at=s.finished_at,
+                       **self._steps(s.output_ids, sc))
             for s, sc in zip(samples, scores, strict=True)
         ]
         self.m.group_seconds.observe(time.monotonic() - t0)
@@ -361,6 +363,14 @@ class RolloutService:
                      position=ref.position, attempt=ref.attempt, prompt_ids=prompt.input_ids, completions=completions,
                      answer=prompt.answer, admitted_version=adm.version, admission_index=adm.started,
                      temperature=float(params["temperature"]))
+
+    def _steps(self, ids: list[int], sc: Score) -> dict[str, list[Any] | None]:
+        """A process reward's steps as token ranges: the character end of each step becomes the token that completes
+        it (steps that one token completes together merge)."""
+        if sc.step_rewards is None or sc.step_char_ends is None:
+            return {}
+        rewards, ends = merge_steps(sc.step_rewards, token_ends(self.decode, ids, sc.step_char_ends))
+        return {"step_rewards": rewards, "step_ends": ends}
 
     async def _finish(self, group: Group, ref: PromptRef, wid: int) -> None:
         rewards = group.rewards
