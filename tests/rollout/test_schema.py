@@ -133,7 +133,21 @@ def test_step_rewards_round_trip_as_schema_3() -> None:
 
 
 @pytest.mark.parametrize("rewards,ends", [([1.0], None), ([1.0, 2.0], [4]), ([1.0], [3]), ([1.0, 1.0], [3, 3]),
-                                          ([1.0, 1.0], [0, 4])])
+                                          ([1.0, 1.0], [0, 4]), ([1.0, 1.0], [4, 3]), ([float("nan")], [4]), ([], [])])
 def test_bad_steps_are_schema_errors(rewards: list[float] | None, ends: list[int] | None) -> None:
     with pytest.raises(GroupSchemaError, match="step"):
         Completion([1, 2, 3, 4], [0.0] * 4, [(0, 0, 4)], "stop", 0.0, step_rewards=rewards, step_ends=ends)
+
+
+def test_steps_sharing_a_token_and_large_rewards_survive_the_queue() -> None:
+    g = make_group(n=4)
+    g.completions[0].step_rewards = [1e39, -0.5, 2.0]  # float64 on the wire: float32 would make 1e39 infinite
+    g.completions[0].step_ends = [2, 2, 4]  # one token completed two steps
+    back = decode_group(encode_group(g))
+    assert back.completions[0].step_rewards == [1e39, -0.5, 2.0] and back.completions[0].step_ends == [2, 2, 4]
+    body = msgpack.unpackb(encode_group(g))
+    import numpy as np
+
+    body["completions"][0]["sr"] = np.asarray([float("nan"), 0.0, 0.0], dtype="<f8").tobytes()
+    with pytest.raises(GroupSchemaError, match="finite"):
+        decode_group(msgpack.packb(body))

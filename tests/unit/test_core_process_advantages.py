@@ -69,12 +69,23 @@ def test_all_equal_and_single_step_give_zero_not_nan() -> None:
     _close(only, [0.0, 0.0])
 
 
-def test_empty_completion_has_no_tokens() -> None:
+def test_empty_completion_counts_in_the_pool_without_tokens() -> None:
+    # an empty completion's outcome reward 1 still counts, as in GRPO: R = {1, 0, 1}, mean 2/3, std s = sqrt(1/3),
+    # 0 -> -2s, 1 -> s; the second completion's tokens: step 0 gets -2s + s = -s, step 1 gets s
+    s = math.sqrt(1 / 3)
     a, b = process_group_advantages([Steps.outcome(1.0, 0), _steps([0.0, 1.0], [1, 2])], True, 0.0)
     assert a.numel() == 0
-    # R = {0, 1}: mean 0.5, unbiased std sqrt(0.5): normalised -0.7071, 0.7071
-    h = 0.5 / math.sqrt(0.5)
-    _close(b, [0.0, h])
+    _close(b, [-s, s])
+
+
+def test_two_steps_ending_at_one_token_both_count() -> None:
+    # one token completed two steps (ends 1, 1): the earlier has no tokens, but its reward stays in the pool and in
+    # the sum of every token before it. Completion 1: steps 0, 1 ending at tokens 1, 1; completion 2: 1, 1 ending at
+    # 1, 2. R = {0, 1, 1, 1}: mean 3/4, unbiased std sqrt((9/16 + 3/16) / 3) = 1/2; 0 -> -3/2, 1 -> 1/2.
+    a1, a2 = process_group_advantages([_steps([0.0, 1.0], [1, 1]), _steps([1.0, 1.0], [1, 2])], True, 0.0)
+    _close(a1, [-1.5 + 0.5])
+    _close(a2, [1.0, 0.5])
+    _close(token_advantages(torch.tensor([1.0, 10.0, 100.0]), torch.tensor([1, 1, 2])), [111.0, 100.0])
 
 
 def test_registered_estimator_flattens_groups_in_order() -> None:
@@ -92,13 +103,13 @@ def test_registered_estimator_flattens_groups_in_order() -> None:
     _close(out[3], [-2 * s])
 
 
-@pytest.mark.parametrize("rewards,ends", [([1.0], [0]), ([1.0, 2.0], [2, 2]), ([1.0], [1, 2])])
+@pytest.mark.parametrize("rewards,ends", [([1.0], [-1]), ([1.0, 2.0], [2, 1]), ([1.0], [1, 2])])
 def test_bad_steps_are_rejected(rewards: list[float], ends: list[int]) -> None:
     with pytest.raises(ValueError, match="step"):
         _steps(rewards, ends)
 
 
-def test_wrong_direction_would_fail() -> None:
-    # a prefix sum (crediting earlier steps) instead of the suffix sum gives a different answer: the test above bites
-    adv = token_advantages(torch.tensor([1.0, -2.0]), torch.tensor([1, 2]))
-    assert adv.tolist() == [-1.0, -2.0]
+def test_earlier_steps_are_not_credited_with_later_ones() -> None:
+    # DeepSeekMath sums from a token's own step to the last: with normalised rewards 1 then -2, the first step's
+    # tokens carry -1 and the second's -2. A prefix sum (the wrong direction) would give 1 and -1.
+    assert token_advantages(torch.tensor([1.0, -2.0]), torch.tensor([1, 2])).tolist() == [-1.0, -2.0]

@@ -99,9 +99,11 @@ class ActorConfig(Section):
                                  f"is the mean over a sequence's tokens), not {self.loss_agg_mode}")
             if self.c_clip is not None:
                 raise ValueError("actor.c_clip (dual clip) is defined for policy_loss=ppo only; set it to null")
-            if self.adv_estimator == "grpo_process":
-                raise ValueError("actor.policy_loss=gspo weighs whole sequences by one advantage; adv_estimator="
-                                 "grpo_process gives one per token: use policy_loss=ppo with it")
+            from asyncgrpo import core
+
+            if core.ADV_ESTIMATORS.trait(self.adv_estimator, "per_token"):
+                raise ValueError(f"actor.policy_loss=gspo weighs whole sequences by one advantage; adv_estimator="
+                                 f"{self.adv_estimator} gives one per token: use policy_loss=ppo with it")
         if self.use_kl_in_reward and self.kl_ctl == 0:
             raise ValueError("actor.use_kl_in_reward needs actor.kl_ctl > 0 (the weight of the KL in the reward)")
         return self

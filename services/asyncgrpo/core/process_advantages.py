@@ -7,8 +7,9 @@ token is credited with everything that follows from it, not with the steps befor
 
 Conventions (as for the outcome estimators, advantages.py):
 
-* Step ``j`` covers tokens ``[end_{j-1}, end_j)`` (``end_{-1} = 0``); the ends are strictly increasing and the last
-  is the completion's length, so the steps tile the completion.
+* Step ``j`` covers tokens ``[end_{j-1}, end_j)`` (``end_{-1} = 0``); the ends are non-decreasing and the last is
+  the completion's length, so the steps tile the completion. Two steps completed by one token share an end: the
+  earlier has no tokens of its own, and its reward still counts in the pool and in the sums of the tokens before it.
 * A completion with an outcome reward only is one step that ends at its last token: with every completion so, this is
   GRPO's group normalisation exactly.
 * A pooled population of one has std 1 (so its advantage is 0 after centring); all-equal rewards give 0, never NaN.
@@ -36,9 +37,8 @@ class Steps:
         if self.rewards.dim() != 1 or self.ends.dim() != 1 or self.rewards.numel() != self.ends.numel():
             raise ValueError(f"steps: {tuple(self.rewards.shape)} rewards for {tuple(self.ends.shape)} ends; give one "
                              "end per step reward (1-D each)")
-        if self.ends.numel() and (int(self.ends[0]) <= 0 or bool((self.ends[1:] <= self.ends[:-1]).any())):
-            raise ValueError(f"step ends {self.ends.tolist()} must be positive and strictly increasing (a step has at "
-                             "least one token)")
+        if self.ends.numel() and (int(self.ends[0]) < 0 or bool((self.ends[1:] < self.ends[:-1]).any())):
+            raise ValueError(f"step ends {self.ends.tolist()} must be non-negative and non-decreasing")
 
     @property
     def n_tokens(self) -> int:
@@ -46,9 +46,8 @@ class Steps:
 
     @classmethod
     def outcome(cls, reward: float, n_tokens: int) -> "Steps":
-        """An outcome reward as one step over the whole completion (no steps for an empty one)."""
-        if n_tokens == 0:
-            return cls(torch.zeros(0), torch.zeros(0, dtype=torch.long))
+        """An outcome reward as one step over the whole completion (an empty one's step has no tokens, but its reward
+        still counts in the group's mean and std, as in GRPO)."""
         return cls(torch.tensor([float(reward)]), torch.tensor([n_tokens]))
 
 

@@ -12,6 +12,7 @@ everything after carries ints ("default" and "" are the initial weights, version
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 _I32 = np.dtype("<i4")
 _F32 = np.dtype("<f4")
+_F64 = np.dtype("<f8")  # step rewards: as exact as the float reward `r` (float32 would turn 1e39 into inf)
 
 
 class GroupSchemaError(ValueError):
@@ -74,15 +76,17 @@ def versions_from_spans(spans: list[tuple[int, int, int]], n: int) -> list[int]:
 
 
 def check_steps(rewards: list[float] | None, ends: list[int] | None, n: int) -> None:
-    """Step rewards and ends come together, one end per reward, strictly increasing, the last at the length `n`."""
+    """Step rewards and ends come together, one end per finite reward, non-decreasing (a token can complete two
+    steps), the first after token 0 and the last at the length `n` (a completion with tokens)."""
     if rewards is None and ends is None:
         return
-    if rewards is None or ends is None or len(rewards) != len(ends):
-        raise GroupSchemaError(f"completion: step_rewards {rewards} and step_ends {ends} must come together, one end per step")
-    if n == 0 and not ends:
-        return
-    if not ends or ends[-1] != n or ends[0] <= 0 or any(b <= a for a, b in zip(ends, ends[1:])):
-        raise GroupSchemaError(f"completion: step_ends {ends} must be strictly increasing and end at its {n} tokens")
+    if rewards is None or ends is None or len(rewards) != len(ends) or not ends:
+        raise GroupSchemaError(f"completion: step_rewards {rewards} and step_ends {ends} must come together, one end "
+                               "per step, at least one step")
+    if not all(math.isfinite(r) for r in rewards):
+        raise GroupSchemaError(f"completion: step_rewards {rewards[:8]} must be finite numbers")
+    if n == 0 or ends[-1] != n or ends[0] <= 0 or any(b < a for a, b in zip(ends, ends[1:])):
+        raise GroupSchemaError(f"completion: step_ends {ends} must be non-decreasing, from 1 to its {n} tokens")
 
 
 @dataclass
@@ -201,7 +205,7 @@ def _pack_completion(c: Completion) -> dict[str, Any]:
         "rs": c.resumes,
         "t0": c.started_at,
         "t1": c.finished_at,
-        **({} if c.step_ends is None else {"sr": np.asarray(c.step_rewards, dtype=_F32).tobytes(),
+        **({} if c.step_ends is None else {"sr": np.asarray(c.step_rewards, dtype=_F64).tobytes(),
                                             "se": np.asarray(c.step_ends, dtype=_I32).tobytes()}),
     }
 
@@ -226,7 +230,7 @@ def _unpack_completion(d: dict[str, Any], schema: int = SCHEMA_VERSION) -> Compl
         resumes=int(d["rs"]),
         started_at=float(d["t0"]),
         finished_at=float(d["t1"]),
-        step_rewards=np.frombuffer(d["sr"], dtype=_F32).tolist() if "se" in d else None,
+        step_rewards=np.frombuffer(d["sr"], dtype=_F64).tolist() if "se" in d else None,
         step_ends=np.frombuffer(d["se"], dtype=_I32).tolist() if "se" in d else None,
     )
 

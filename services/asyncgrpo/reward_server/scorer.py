@@ -78,7 +78,7 @@ class Scorer:
             spans = [(i, a, b) for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a]  # special tokens: (0, 0)
             pos = [max((i for i, a, _ in spans if a < e), default=0) for e in ends]
             return list(enc["input_ids"]), pos
-        return self.encode(text), [len(self.encode(text[:e])) - 1 for e in ends]
+        return self.encode(text), [max(len(self.encode(text[:e])) - 1, 0) for e in ends]
 
     def step_probability(self, logits: list[list[float]]) -> list[float]:
         """A PRM's logits at step ends as the probability the step is right: sigmoid of one label, softmax's

@@ -32,34 +32,25 @@ def char_ends(steps: Sequence[str]) -> list[int]:
 
 def token_ends(decode: Callable[[list[int]], str], ids: Sequence[int], ends: Sequence[int]) -> list[int]:
     """For each character end, the fewest leading tokens whose decoded text reaches it (a step's last token is
-    the one that completes its text); the last step always ends at the last token. Binary search on decoded
-    prefixes: O(steps x log(tokens)) decodes, and a token that spans two steps' text counts for the first that
-    it completes."""
+    the one that completes its text); the last step always ends at the last token. Two steps that one token
+    completes end at the same token (the earlier then has no tokens of its own, and its reward still counts).
+
+    Binary search on decoded prefixes, each search starting at the previous end: O(steps x log(tokens)) decodes. A
+    prefix cut inside a multi-byte character decodes to a trailing U+FFFD, which is not counted as reached."""
     ids = list(ids)
-    out = []
+    out: list[int] = []
+    lo0 = 1
     for e in ends:
-        lo, hi = 1, len(ids)
+        lo, hi = lo0, max(lo0, len(ids))
         while lo < hi:
             mid = (lo + hi) // 2
-            if len(decode(ids[:mid])) >= e:
+            if len(decode(ids[:mid]).rstrip("\ufffd")) >= e:
                 hi = mid
             else:
                 lo = mid + 1
         out.append(lo)
+        lo0 = lo
     if out:
         out[-1] = len(ids)
+        out = [min(x, len(ids)) for x in out]
     return out
-
-
-def merge_steps(rewards: Sequence[float], ends: Sequence[int]) -> tuple[list[float], list[int]]:
-    """Steps whose token ends coincide (one token completed both texts) become one, scored by the later step (the
-    one the reward saw last); what remains is strictly increasing, as the queue schema requires."""
-    r: list[float] = []
-    e: list[int] = []
-    for reward, end in zip(rewards, ends):
-        if e and end <= e[-1]:
-            r[-1] = float(reward)
-        else:
-            r.append(float(reward))
-            e.append(int(end))
-    return r, e

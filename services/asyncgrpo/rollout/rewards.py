@@ -72,8 +72,8 @@ def combine(fns: Sequence[str], weights: Sequence[float], values: Mapping[str, V
     sum on the last step (an outcome is judged where the completion ends)."""
     details = {f: (min(v, default=0.0) if isinstance(v, list) else v) for f, v in values.items()}
     total = sum(w * details[f] for f, w in zip(fns, weights))
-    if not any(isinstance(values[f], list) for f in fns):
-        return total, details, None
+    if n_steps == 0 or not any(isinstance(values[f], list) for f in fns):
+        return total, details, None  # no steps (e.g. a completion that decodes to no text): an outcome reward
     steps = [0.0] * n_steps
     outcome = 0.0
     for f, w in zip(fns, weights):
@@ -82,8 +82,7 @@ def combine(fns: Sequence[str], weights: Sequence[float], values: Mapping[str, V
             steps = [a + w * b for a, b in zip(steps, v)]
         else:
             outcome += w * v
-    if steps:
-        steps[-1] += outcome
+    steps[-1] += outcome
     return total, details, steps
 
 

@@ -38,7 +38,7 @@ from asyncgrpo.queue.protocols import GroupSink, RolloutState
 from asyncgrpo.queue.run_control import RunControl
 from asyncgrpo.queue.schema import spans_from_versions
 from asyncgrpo.rollout.dataset import PromptDataset
-from asyncgrpo.rewards.steps import merge_steps, token_ends
+from asyncgrpo.rewards.steps import token_ends
 from asyncgrpo.rollout.rewards import RewardRunner, Score
 from asyncgrpo.rollout.sampling import GenerateClient, sample_group
 from asyncgrpo.utils.metrics import counter, gauge, histogram
@@ -354,9 +354,8 @@ class RolloutService:
         completions = [
             Completion(output_ids=s.output_ids, logprobs=s.logprobs, version_spans=spans_from_versions(s.token_versions),
                        finish_reason=s.finish_reason, reward=sc.reward, reward_details=sc.details, reward_error=sc.error,
-                       resumes=s.resumes, started_at=s.started_at, finished_at=s.finished_at,
-                       **self._steps(s.output_ids, sc))
-            for s, sc in zip(samples, scores, strict=True)
+                       resumes=s.resumes, started_at=s.started_at, finished_at=s.finished_at, **steps)
+            for s, sc, steps in zip(samples, scores, await asyncio.to_thread(self._group_steps, samples, scores), strict=True)
         ]
         self.m.group_seconds.observe(time.monotonic() - t0)
         return Group(run_id=self.p.run_id, group_id=gid, prompt_id=prompt.prompt_id, epoch=ref.epoch,
@@ -364,13 +363,17 @@ class RolloutService:
                      answer=prompt.answer, admitted_version=adm.version, admission_index=adm.started,
                      temperature=float(params["temperature"]))
 
-    def _steps(self, ids: list[int], sc: Score) -> dict[str, list[Any] | None]:
-        """A process reward's steps as token ranges: the character end of each step becomes the token that completes
-        it (steps that one token completes together merge)."""
-        if sc.step_rewards is None or sc.step_char_ends is None:
-            return {}
-        rewards, ends = merge_steps(sc.step_rewards, token_ends(self.decode, ids, sc.step_char_ends))
-        return {"step_rewards": rewards, "step_ends": ends}
+    def _group_steps(self, samples: Sequence[Any], scores: Sequence[Score]) -> list[dict[str, list[Any]]]:
+        """Process rewards' steps as token ranges: each step's character end becomes the token that completes it.
+        Decoding prefixes takes a while on long completions: this runs on a thread, off the event loop."""
+        out: list[dict[str, list[Any]]] = []
+        for s, sc in zip(samples, scores, strict=True):
+            if sc.step_rewards is None or sc.step_char_ends is None or not s.output_ids:
+                out.append({})
+            else:
+                out.append({"step_rewards": sc.step_rewards,
+                            "step_ends": token_ends(self.decode, s.output_ids, sc.step_char_ends)})
+        return out
 
     async def _finish(self, group: Group, ref: PromptRef, wid: int) -> None:
         rewards = group.rewards
@@ -389,8 +392,10 @@ class RolloutService:
         self.stats.rewards += len(rewards)
         if errors:
             await self.guard.acall(self.state.incr, "reward_errors", errors)
-        if self.p.dynamic_filtering and len(set(rewards)) == 1:
-            # zero advantage for every completion: nothing to learn; the prompt is done for this epoch
+        steps = {r for c in group.completions for r in (c.step_rewards if c.step_rewards is not None else [c.reward])}
+        if self.p.dynamic_filtering and len(set(rewards)) == 1 and len(steps) == 1:
+            # zero advantage for every completion (and every token, with step rewards): nothing to learn; the prompt
+            # is done for this epoch
             await self.guard.acall(self.state.release_lease, ref, "groups_filtered", self.owner(wid))
             self.stats.groups_filtered += 1
             self.m.groups.labels("filtered").inc()

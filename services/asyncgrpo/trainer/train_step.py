@@ -41,6 +41,10 @@ class Sample:
         n = len(self.completion_ids)
         if not self.prompt_ids:
             raise ValueError(f"group {self.group_id}: prompt_ids is empty; a completion needs at least one prompt token")
+        if self.step_rewards is not None or self.step_ends is not None:
+            from asyncgrpo.queue.schema import check_steps
+
+            check_steps(self.step_rewards, self.step_ends, n)  # ValueError naming what is wrong
         if len(self.behav_logprobs) != n or len(self.token_versions) != n:
             raise ValueError(
                 f"group {self.group_id}: {n} completion tokens but {len(self.behav_logprobs)} behav_logprobs and "
