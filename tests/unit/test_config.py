@@ -148,3 +148,30 @@ def test_a_moved_key_is_read_in_its_new_place(tmp_path: Path) -> None:
     f.write_text("actor:\n  dynamic_filtering: true\n  group_size: 4\n")
     cfg = load_config([f])
     assert cfg.rollout.dynamic_filtering is True and cfg.actor.group_size == 4
+
+
+@pytest.mark.parametrize("name", sorted(__import__("asyncgrpo.config.presets", fromlist=["PRESETS"]).PRESETS))
+def test_every_preset_is_a_valid_config_with_its_keys(name: str) -> None:
+    from asyncgrpo.config.presets import PRESETS
+
+    cfg = load_config(overrides={"preset": name})
+
+    def check(section: object, keys: dict, where: str) -> None:
+        for k, v in keys.items():
+            if isinstance(v, dict):
+                check(getattr(section, k), v, f"{where}{k}.")
+            else:
+                assert getattr(section, k) == v, f"preset {name}: {where}{k} = {getattr(section, k)!r}, want {v!r}"
+
+    check(cfg, PRESETS[name], "")
+    assert cfg.preset == name
+
+
+def test_a_preset_sits_beneath_the_users_keys() -> None:
+    cfg = load_config(overrides=["--preset=dapo", "--actor.eps_clip_higher=0.3", "--rollout.dynamic_filtering=false"])
+    assert (cfg.actor.eps_clip_higher, cfg.actor.loss_agg_mode, cfg.rollout.dynamic_filtering) == (0.3, "token-mean", False)
+    assert load_config().actor.loss_agg_mode == "seq-mean-token-mean"  # no preset: the schema's defaults
+    with pytest.raises(ConfigError, match=r"'ppo' is not a preset; choose one of \['dapo', 'dr_grpo', 'grpo'"):
+        load_config(overrides=["--preset=ppo"])
+    with pytest.raises(ConfigError, match="gives one per token: use policy_loss=ppo"):
+        load_config(overrides=["--preset=grpo_process", "--actor.policy_loss=gspo", "--actor.eps_clip=3e-4"])

@@ -143,6 +143,13 @@ def build(model: type[M], data: Mapping[str, Any]) -> M:
     """Validate `data` against `model`, raising ConfigError with dotted keys on any problem."""
     if model is RunConfig:
         data = migrate_moved_keys(data)
+        if data.get("preset") is not None:
+            from asyncgrpo.config.presets import preset_values
+
+            try:
+                data = deep_merge(preset_values(data["preset"]), data)  # the user's own keys win
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
     check_keys(model, data)
     try:
         return model.model_validate(data)

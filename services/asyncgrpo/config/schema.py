@@ -287,6 +287,7 @@ class RunConfig(Section):
     fileroot: str = Field("runs", description="Directory for checkpoints, logs and generated artefacts.")
     bind_host: str = Field("127.0.0.1", min_length=1, description="Interface the trainer's and rollout's listeners bind (metrics, torch.distributed stores); 0.0.0.0 for all.")
     total_train_epochs: int = Field(1, ge=1, description="Passes over the training prompts.")
+    preset: str | None = Field(None, description="A named algorithm recipe (grpo, dapo, dr_grpo, rloo, reinforce_plus_plus, gspo, grpo_process; asyncgrpo.config.presets): it fills its keys beneath yours, so a key you give wins.")
     actor: ActorConfig = Field(default_factory=ActorConfig, description="The policy being trained and its loss.")
     ref: RefConfig = Field(default_factory=RefConfig, description="The frozen reference policy for the KL term.")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Optimizer and LR schedule.")
