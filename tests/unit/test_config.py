@@ -96,6 +96,7 @@ def test_missing_file_is_clear() -> None:
     (["--actor.policy_loss=gspo", "--actor.eps_clip=3e-4", "--actor.adv_estimator=grpo_process"],
      "grpo_process gives one per token: use policy_loss=ppo with it"),
     (["--reward.fns=[prm]"], "reward.prm.url is not set"),
+    (["--actor.behav_imp_weight_floor=0.5"], "it needs actor.behav_imp_weight_mode=mask"),
     (["--actor.dynamic_filtering=true", "--rollout.dynamic_filtering=false"],
      "config key 'actor.dynamic_filtering' moved to 'rollout.dynamic_filtering', and both are given"),
 ])

@@ -116,6 +116,31 @@ def test_sequence_level_truncation_and_masking() -> None:
     assert behaviour_weight(PROX, BEHAV, MASK, 5.0, "mask", "token")[1][MASK].tolist() == [True, False, True, True]
 
 
+def test_mis_floor_drops_weights_below_it() -> None:
+    # token level, cap 5, floor 0.6: row 0's w [2, 10] -> 10 > cap dropped; row 1's w [2, 0.5] -> 0.5 < floor dropped
+    w, keep, capped = behaviour_weight(PROX, BEHAV, MASK, 5.0, "mask", "token", floor=0.6)
+    assert keep[MASK].tolist() == [True, False, True, False] and capped[MASK].tolist() == [False, True, False, True]
+    close(w[:, :2], [[2.0, 0.0], [2.0, 0.0]])
+    # geometric level, floor 0.6 with no cap: row 0 (4.47) and row 1 (1.0) are both kept; floor 1.5 drops row 1
+    assert behaviour_weight(PROX, BEHAV, MASK, None, "mask", "geometric", floor=0.6)[1][MASK].all()
+    assert behaviour_weight(PROX, BEHAV, MASK, None, "mask", "geometric", floor=1.5)[1][MASK].tolist() == [True, True, False, False]
+    # a floor needs mask mode and floor < cap
+    with pytest.raises(ValueError, match="needs behav_imp_weight_mode=mask"):
+        behaviour_weight(PROX, BEHAV, MASK, 5.0, "clamp", "token", floor=0.5)
+    with pytest.raises(ValueError, match="0 < floor < cap"):
+        behaviour_weight(PROX, BEHAV, MASK, 2.0, "mask", "token", floor=3.0)
+
+
+def test_mis_floor_in_the_objective() -> None:
+    # ppo, A = [1, 1], ratio 1: L_t = -w_t; token MIS with floor 0.6 and cap 5 keeps row 0 token 0 (w 2) and row 1
+    # token 0 (w 2): token-mean over the 2 kept tokens = -(2 + 2) / 2 = -2
+    logp = torch.zeros(2, 3, requires_grad=True)
+    loss, s = run(logp, [1.0, 1.0], mask=MASK, behav=BEHAV, policy_loss="ppo", loss_agg_mode="token-mean",
+                  behav_imp_weight_cap=5.0, behav_imp_weight_mode="mask", behav_imp_weight_floor=0.6)
+    close(loss, -2.0)
+    assert s["n_tokens"] == 2.0 and s["behav_cap_frac"] == pytest.approx(0.5)
+
+
 def test_sequence_mis_in_the_objective_drops_the_sequence_from_loss_and_counts() -> None:
     # ppo, A = [1, 1], ratio 1 everywhere: L_t = -1; row 0 dropped by MIS, row 1 weight 1 -> token-mean over
     # row 1's 2 tokens = -1; gradient only on row 1: -1/2 per token

@@ -56,6 +56,7 @@ class ActorConfig(Section):
     c_clip: float | None = Field(None, gt=1, description="Dual clip constant c > 1 for negative advantages (ppo only); null disables.")
     behav_imp_weight_cap: float | None = Field(5.0, gt=1, description="Cap on the behaviour weight pi_prox/pi_behave (staleness and engine mismatch); null disables.")
     behav_imp_weight_mode: Literal["clamp", "mask"] = Field("clamp", description="clamp: w = min(w, cap) (truncated IS); mask: drop what has w > cap (masked IS).")
+    behav_imp_weight_floor: float | None = Field(None, gt=0, lt=1, description="Mask mode only: also drop what has a behaviour weight below this (e.g. 0.5 with cap 2, IcePop); null disables.")
     behav_imp_weight_level: Literal["token", "sequence", "geometric"] = Field("token", description="Behaviour weight per token, per sequence (product of token ratios) or geometric (their length-normalised mean); mask mode drops a whole sequence at the sequence levels.")
     loss_agg_mode: LossAggMode = Field("seq-mean-token-mean", description="How per-token losses become one number (verl's loss_agg_mode).")
     loss_agg_norm_len: int | None = Field(None, gt=0, description="Constant length for seq-mean-token-sum-norm; null means rollout.max_new_tokens.")
@@ -104,6 +105,8 @@ class ActorConfig(Section):
             if core.ADV_ESTIMATORS.trait(self.adv_estimator, "per_token"):
                 raise ValueError(f"actor.policy_loss=gspo weighs whole sequences by one advantage; adv_estimator="
                                  f"{self.adv_estimator} gives one per token: use policy_loss=ppo with it")
+        if self.behav_imp_weight_floor is not None and self.behav_imp_weight_mode != "mask":
+            raise ValueError("actor.behav_imp_weight_floor drops samples below it: it needs actor.behav_imp_weight_mode=mask")
         if self.use_kl_in_reward and self.kl_ctl == 0:
             raise ValueError("actor.use_kl_in_reward needs actor.kl_ctl > 0 (the weight of the KL in the reward)")
         return self

@@ -13,11 +13,15 @@ Level (``behav_imp_weight_level``):
 * ``geometric``  ``w_i = exp(mean_t (prox_t - behav_t))`` on every token   (length-normalised, as GSPO's ratio)
 
 Mode (``behav_imp_weight_mode``) when ``w > cap``: ``clamp`` truncates it to the cap (truncated IS, TIS) and
-keeps the token; ``mask`` drops the token, or at a sequence level the whole sequence (masked IS, MIS). The
-log-weight is clamped to +-20 so the weight is always finite.
+keeps the token; ``mask`` drops the token, or at a sequence level the whole sequence (masked IS, MIS). In mask
+mode a ``floor`` drops what has ``w < floor`` too: a sample the engine found far likelier than the trainer does
+(IcePop's and verl's lower threshold), whose tiny weight would otherwise only shrink it. The log-weight is clamped
+to +-20 so the weight is always finite.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -34,10 +38,12 @@ def behaviour_weight(
     cap: float | None,
     mode: str = "clamp",
     level: str = "token",
+    floor: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(weight, keep, capped)``, each ``[B, T]``: the detached weight (0 where dropped), False where the cap drops a
-    token (``mask`` mode; the caller ands ``keep`` with its loss mask), and True where the cap acted. ``cap`` None: no
-    cap. ``mask`` marks the completion tokens, the ones a sequence-level weight is taken over."""
+    """``(weight, keep, capped)``, each ``[B, T]``: the detached weight (0 where dropped), False where the cap or the
+    floor drops a token (``mask`` mode; the caller ands ``keep`` with its loss mask), and True where either acted.
+    ``cap`` / ``floor`` None: none. ``mask`` marks the completion tokens, the ones a sequence-level weight is taken
+    over."""
     if prox_logp.shape != behav_logp.shape or prox_logp.shape != mask.shape:
         raise ValueError(f"prox_logp {tuple(prox_logp.shape)}, behav_logp {tuple(behav_logp.shape)} and mask "
                          f"{tuple(mask.shape)} must have the same shape")
@@ -47,6 +53,9 @@ def behaviour_weight(
         raise ValueError(f"behav_imp_weight_level {level!r} is not known; choose one of {list(BEHAV_WEIGHT_LEVELS)}")
     if cap is not None and not cap > 0:
         raise ValueError(f"behav_imp_weight_cap={cap} must be > 0 (typically > 1, AReaL uses 5) or None")
+    if floor is not None and (mode != "mask" or not 0 < floor < (cap if cap is not None else math.inf)):
+        raise ValueError(f"behav_imp_weight_floor={floor} needs behav_imp_weight_mode=mask and 0 < floor < cap "
+                         f"({cap}); e.g. 0.5 with cap 2")
     with torch.no_grad():
         diff = prox_logp.detach().float() - behav_logp.detach().float()
         if level != "token":
@@ -57,14 +66,16 @@ def behaviour_weight(
                 per_seq = per_seq / m.sum(dim=-1, keepdim=True).clamp_min(1.0)
             diff = per_seq.expand_as(diff)
         w = torch.exp(diff.clamp(-LOG_WEIGHT_CLAMP, LOG_WEIGHT_CLAMP)).to(prox_logp.dtype)
-        if cap is None:
+        if cap is None and floor is None:
             capped = torch.zeros_like(w, dtype=torch.bool)
             keep = torch.ones_like(capped)
         else:
-            capped = w > cap
+            capped = (w > cap) if cap is not None else torch.zeros_like(w, dtype=torch.bool)
+            if floor is not None:
+                capped = capped | (w < floor)
             if mode == "clamp":
                 keep = torch.ones_like(capped)
-                w = w.clamp(max=cap)
+                w = w.clamp(max=cap)  # floor is None here (mask mode only)
             else:
                 keep = ~capped
                 w = torch.where(keep, w, torch.zeros_like(w))

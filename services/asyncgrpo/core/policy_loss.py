@@ -47,6 +47,7 @@ class LossParams:
     kl_ctl: float  # weight of the KL to the reference IN THE LOSS (0 when the KL goes into the reward)
     kl_estimator: str
     kl_clamp: float | None = 10.0  # not a config knob: AReaL's bound on logp - ref before the estimator
+    behav_imp_weight_floor: float | None = None  # mask mode: drop what has w < floor too
 
     def __post_init__(self) -> None:
         POLICY_LOSSES.get(self.policy_loss)
@@ -139,7 +140,7 @@ def effective_mask(prox_logp: Tensor, behav_logp: Tensor, loss_mask: Tensor, p: 
     """The tokens that enter the loss: the loss mask less the tokens (sequences) the behaviour cap drops. Count
     these for the global normalisers."""
     _, keep, _ = behaviour_weight(prox_logp, behav_logp, loss_mask, p.behav_imp_weight_cap, p.behav_imp_weight_mode,
-                                  p.behav_imp_weight_level)
+                                  p.behav_imp_weight_level, p.behav_imp_weight_floor)
     return loss_mask.bool() & keep
 
 
@@ -171,7 +172,7 @@ def policy_objective(
         raise ValueError("kl_ctl > 0 needs ref_logp (log-probs of the reference policy); pass it or set actor.kl_ctl=0")
     base = loss_mask.bool()
     w, keep, capped = behaviour_weight(prox_logp, behav_logp, base, p.behav_imp_weight_cap, p.behav_imp_weight_mode,
-                                       p.behav_imp_weight_level)
+                                       p.behav_imp_weight_level, p.behav_imp_weight_floor)
     mask = base & keep
     adv = broadcast_advantages(advantages, logp)
     per_token, flags = POLICY_LOSSES.get(p.policy_loss)(logp, prox_logp, adv, mask, p)

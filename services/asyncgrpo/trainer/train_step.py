@@ -99,7 +99,8 @@ def loss_params(cfg: RunConfig) -> core.LossParams:
     return core.LossParams(
         policy_loss=a.policy_loss, eps_clip=a.eps_clip, eps_clip_higher=a.eps_clip_higher, c_clip=a.c_clip,
         behav_imp_weight_cap=a.behav_imp_weight_cap, behav_imp_weight_mode=a.behav_imp_weight_mode,
-        behav_imp_weight_level=a.behav_imp_weight_level, loss_agg_mode=a.loss_agg_mode,
+        behav_imp_weight_level=a.behav_imp_weight_level, behav_imp_weight_floor=a.behav_imp_weight_floor,
+        loss_agg_mode=a.loss_agg_mode,
         loss_agg_norm_len=a.loss_agg_norm_len or cfg.rollout.max_new_tokens,
         kl_ctl=0.0 if a.use_kl_in_reward else a.kl_ctl, kl_estimator=a.kl_estimator,
     )
