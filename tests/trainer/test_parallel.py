@@ -16,9 +16,10 @@ from trainer.workers import make_config, step_worker
 
 pytestmark = pytest.mark.slow
 
-# (world size, TP, micro-batch size): DP = world / TP. Micro-batch sizes differ on purpose: the step must
-# not depend on them.
-CONFIGS = {"tp1": (1, 1, 3), "tp2": (2, 2, 8), "dp2": (2, 1, 2)}
+# (world size, TP, micro-batch size, process rewards): DP = world / TP. Micro-batch sizes differ on purpose: the
+# step must not depend on them. The *_process runs train grpo_process on step rewards (per-token advantages).
+CONFIGS = {"tp1": (1, 1, 3, False), "tp2": (2, 2, 8, False), "dp2": (2, 1, 2, False),
+           "tp1_process": (1, 1, 3, True), "dp2_process": (2, 1, 2, True)}
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +29,10 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     out = tmp_path_factory.mktemp("parallel_runs")
     ref = build_tiny_model(out / "ref", preset="tiny", arch="qwen2", seed=1)  # another random model: KL ~ 1 per token
     results = {}
-    for name, (world, tp, mbs) in CONFIGS.items():
+    for name, (world, tp, mbs, process) in CONFIGS.items():
         path = out / f"{name}.pt"
-        mp.spawn(step_worker, args=(world, tp, mbs, free_port(), str(tiny_model_dir), str(path), str(ref)), nprocs=world,
-                 join=True)
+        mp.spawn(step_worker, args=(world, tp, mbs, free_port(), str(tiny_model_dir), str(path), str(ref), process),
+                 nprocs=world, join=True)
         results[name] = torch.load(path, weights_only=False)
     return results
 
@@ -55,21 +56,22 @@ def test_export_round_trip_bit_exact(runs: dict, name: str, tiny_model_dir: Path
         assert torch.equal(exported[k], v), f"{name}: {k}: max|diff| {float((exported[k] - v).abs().max()):.3e}"
 
 
-@pytest.mark.parametrize("name", ["tp2", "dp2"])
-def test_step_matches_tp1(runs: dict, name: str, tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize(("name", "base"), [("tp2", "tp1"), ("dp2", "tp1"), ("dp2_process", "tp1_process")])
+def test_step_matches_tp1(runs: dict, name: str, base: str, tiny_model_dir: Path) -> None:
     """The same step as TP=1 on what it defines: loss, statistics and gradients within fp32 rounding
-    (tolerances argued in trainer/numerics.py), and an Adam update that is Adam's of that gradient."""
-    ref, got = runs["tp1"], runs[name]
+    (tolerances argued in trainer/numerics.py), and an Adam update that is Adam's of that gradient. dp2_process:
+    per-token process advantages sliced over DP ranks and micro-batches give the DP=1 step."""
+    ref, got = runs[base], runs[name]
     # the KL really shapes the rewards (k1 of two random models: |KL| ~ 1e-2 per completion, x kl_ctl 1)
     assert abs(ref["stats"]["kl_reward_mean"]) > 1e-3, ref["stats"]["kl_reward_mean"]
     # a completion's KL sums <= 8 token log-prob differences, each off by fp32 rounding across TP (~1e-6): 1e-5
     for key in ("kl_reward_mean", "adv_max", "adv_min"):
         d = abs(got["stats"][key] - ref["stats"][key])
-        assert d <= 1e-5, f"{name}: {key} {got['stats'][key]!r} vs tp1 {ref['stats'][key]!r}: |diff| {d:.2e}"
+        assert d <= 1e-5, f"{name}: {key} {got['stats'][key]!r} vs {base} {ref['stats'][key]!r}: |diff| {d:.2e}"
     diffs = numerics.assert_stats_close(got["stats"], ref["stats"], name)
     grad_rel = numerics.assert_grads_close(got["grads"], ref["grads"], name)
     opt = make_config(tiny_model_dir).optimizer
-    for run_name, run in (("tp1", ref), (name, got)):
+    for run_name, run in ((base, ref), (name, got)):
         numerics.assert_moved(run["exported"], run["updated"], run["stats"]["lr"], run_name)
         numerics.assert_adam_update(run["exported"], run["updated"], run["grads"], run["stats"], opt.eps, opt.gradient_clipping, run_name)
     update_diff, defined = numerics.assert_adam_updates_agree(got, ref, opt.eps, opt.gradient_clipping, name)

@@ -10,7 +10,7 @@ import torch
 
 from asyncgrpo.trainer.train_step import Batch, GRPOTrainer, Sample, staleness_histogram
 from trainer import numerics
-from trainer.workers import capture_grads, make_batch, make_config
+from trainer.workers import capture_grads, make_batch, make_config, with_steps
 
 pytestmark = pytest.mark.usefixtures("megatron_world1")
 
@@ -97,17 +97,6 @@ def test_behav_equal_prox_is_plain_grpo(tiny_model_dir: Path, agg: str, loss: st
     assert abs(results[0.0]["loss"]) > 1e-3  # the check is not vacuous
 
 
-def _with_steps(batch: Batch) -> Batch:
-    """Each completion of >= 2 tokens split into two steps: [0, 1) rewarded 0.3, the rest rewarded its reward (the
-    sum over both steps is then not 0, as it would be for step rewards mirrored around the pooled mean)."""
-    out = []
-    for s in batch.samples:
-        n = len(s.completion_ids)
-        steps = dict(step_rewards=[0.3, s.reward], step_ends=[1, n]) if n >= 2 else {}
-        out.append(Sample(s.prompt_ids, s.completion_ids, s.behav_logprobs, s.token_versions, s.reward, s.group_id, **steps))
-    return Batch(out)
-
-
 def test_process_advantages_reach_the_loss_at_their_tokens(tiny_model_dir: Path) -> None:
     """adv_estimator=grpo_process: first step, behav = prox, so ratio = behaviour weight = 1 and the loss is
     -(mean over sequences of the mean over its tokens of A_t) with A_t the process advantages. Placing them one
@@ -117,7 +106,7 @@ def test_process_advantages_reach_the_loss_at_their_tokens(tiny_model_dir: Path)
 
     cfg = make_config(tiny_model_dir, behav_imp_weight_cap=None, adv_estimator="grpo_process")
     trainer = GRPOTrainer(cfg)
-    batch = _with_steps(_with_behav(trainer, make_batch(7), 0.0))
+    batch = with_steps(_with_behav(trainer, make_batch(7), 0.0))
     adv = batch_advantages(batch, trainer.cfg)
     assert [a.numel() for a in adv] == [len(s.completion_ids) for s in batch.samples]
     assert any(float(a[0]) != float(a[-1]) for a in adv)  # per-token: the steps differ

@@ -71,11 +71,23 @@ def capture_grads(trainer: Any) -> dict[str, torch.Tensor]:
     return grads
 
 
+def with_steps(batch: Batch) -> Batch:
+    """Each completion of >= 2 tokens as two steps: [0, 1) rewarded 0.3, the rest its reward (process rewards; the
+    two steps' normalised rewards do not sum to 0, as rewards mirrored around the pooled mean would)."""
+    out = []
+    for s in batch.samples:
+        n = len(s.completion_ids)
+        steps = dict(step_rewards=[0.3, s.reward], step_ends=[1, n]) if n >= 2 else {}
+        out.append(Sample(s.prompt_ids, s.completion_ids, s.behav_logprobs, s.token_versions, s.reward, s.group_id, **steps))
+    return Batch(out)
+
+
 def step_worker(rank: int, world: int, tp: int, mbs: int, port: int, model_dir: str, out_path: str,
-                ref_dir: str | None = None) -> None:
+                ref_dir: str | None = None, process: bool = False) -> None:
     """Build the trainer at (world, tp), check logits against HF, export round trip, run one step (recording
     the gradients it applies); rank 0 saves the results to out_path. With `ref_dir` the step puts the KL to that
-    reference into the rewards (each DP rank holds the log-probs of its own groups only)."""
+    reference into the rewards (each DP rank holds the log-probs of its own groups only). With `process` the batch
+    has step rewards and the estimator is grpo_process (per-token advantages, sliced per DP rank)."""
     init_env(rank, world, port)
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -88,6 +100,8 @@ def step_worker(rank: int, world: int, tp: int, mbs: int, port: int, model_dir: 
     if ref_dir is not None:
         cfg.ref.path = ref_dir
         cfg.actor.kl_ctl, cfg.actor.kl_estimator, cfg.actor.use_kl_in_reward = 1.0, "k1", True
+    if process:
+        cfg.actor.adv_estimator = "grpo_process"
     trainer = GRPOTrainer(cfg)
     # Logits equal HF's (fp32): gather the vocab-parallel shards.
     ids = torch.randint(0, 384, (2, 11), generator=torch.Generator().manual_seed(5))
@@ -100,7 +114,7 @@ def step_worker(rank: int, world: int, tp: int, mbs: int, port: int, model_dir: 
         ref = hf(ids).logits
     exported = dict(trainer.export_hf())
     grads = capture_grads(trainer)
-    stats = trainer.train_step(make_batch(1))
+    stats = trainer.train_step(with_steps(make_batch(1)) if process else make_batch(1))
     updated = dict(trainer.export_hf())
     if rank == 0:
         torch.save({"logit_diff": float((ours - ref).abs().max()), "logit_scale": float(ref.abs().max()),
