@@ -355,13 +355,18 @@ class RolloutService:
             Completion(output_ids=s.output_ids, logprobs=s.logprobs, version_spans=spans_from_versions(s.token_versions),
                        finish_reason=s.finish_reason, reward=sc.reward, reward_details=sc.details, reward_error=sc.error,
                        resumes=s.resumes, started_at=s.started_at, finished_at=s.finished_at, **steps)
-            for s, sc, steps in zip(samples, scores, await asyncio.to_thread(self._group_steps, samples, scores), strict=True)
+            for s, sc, steps in zip(samples, scores, await self._steps_off_loop(samples, scores), strict=True)
         ]
         self.m.group_seconds.observe(time.monotonic() - t0)
         return Group(run_id=self.p.run_id, group_id=gid, prompt_id=prompt.prompt_id, epoch=ref.epoch,
                      position=ref.position, attempt=ref.attempt, prompt_ids=prompt.input_ids, completions=completions,
                      answer=prompt.answer, admitted_version=adm.version, admission_index=adm.started,
                      temperature=float(params["temperature"]))
+
+    async def _steps_off_loop(self, samples: Sequence[Any], scores: Sequence[Score]) -> list[dict[str, list[Any]]]:
+        if all(sc.step_rewards is None for sc in scores):
+            return [{} for _ in scores]  # outcome rewards: nothing to map, no thread
+        return await asyncio.to_thread(self._group_steps, samples, scores)
 
     def _group_steps(self, samples: Sequence[Any], scores: Sequence[Score]) -> list[dict[str, list[Any]]]:
         """Process rewards' steps as token ranges: each step's character end becomes the token that completes it.
