@@ -183,6 +183,30 @@ def test_update_kill_rejoin_join_and_disk_fallback(env: Env, tiny_model_dir: Pat
     env.wait_versions({a: "5", b: "5", d: "5"})
 
 
+def test_a_server_restarted_between_updates_is_caught_up_without_a_new_version(env: Env, tiny_model_dir: Path) -> None:
+    """A server killed and restarted on its URL after its update landed (CI saw it killed right after
+    end_weight_update) serves its base weights while weight-sync still counts it at the version it gave it. Its
+    groups are all stale, so the trainer publishes nothing new: only the periodic version check can catch it up."""
+    a = env.genserver("a")
+    env.start_service([a], [])
+    env.wait_versions({a: "0"})
+    pub = WeightPublisher(env.root / "shm", service_url=env.ws_url, bucket_bytes=int(0.02 * (1 << 20)))
+    v1 = export(tiny_model_dir, 1)
+    pub.publish(v1, 1)
+    env.wait_versions({a: "1"})
+    proc = env.genservers[a]
+    proc.p.kill()
+    proc.p.wait(10)
+    env.genserver("a2", int(a.rsplit(":", 1)[1]))  # same URL, the base weights
+    wait_until("the restarted server back at version 1 (nothing new published)", lambda: model_version(a) == "1", 90,
+               env.procs)
+    server_weights_equal(a, v1)
+    env.wait_versions({a: "1"})
+    metrics = httpx.get(f"{env.ws_url}/metrics", timeout=10).text
+    assert f'asyncgrpo_weight_sync_failures_total{{server="{a}",stage="version"}} 1.0' in metrics
+    pub.close()
+
+
 def test_real_megatron_trainer_export_reaches_genserver(env: Env, tiny_model_dir: Path) -> None:
     """The megatron-core trainer's HF export, published through WeightPublisher.from_config as the trainer
     command does, lands bit-exactly on a genserver."""

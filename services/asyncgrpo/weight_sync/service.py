@@ -234,6 +234,11 @@ class WeightSyncService:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._resync_wake.wait(), self.s.resync_interval_s)
             self._resync_wake.clear()
+            try:
+                async with self._lock:
+                    await self._verify_ready()
+            except Exception:  # the check is a safety net: never let it stop the loop
+                log.exception("version check of the ready servers failed")
             waiting = [m for m in self.members.values() if m.state != "ready"]
             if not waiting:
                 continue
@@ -245,6 +250,24 @@ class WeightSyncService:
                     await self._catch_up([m for m in healthy if m.url in self.members and m.state != "ready"])
             except Exception:
                 log.exception("re-sync of %s failed", [m.url for m in healthy])
+
+    async def _verify_ready(self) -> None:
+        """A ready server must still hold the version we gave it. One restarted under the same URL (e.g. killed
+        while its update finished) serves its base weights: every group it generates is stale, so the trainer
+        publishes nothing new and no update would ever reach it. Drop it, so the resync catches it up."""
+        ready = [m for m in self.members.values() if m.ready and m.version is not None]
+
+        async def held(m: Member) -> str | None:
+            try:
+                info = await asyncio.wait_for(m.client.model_info(), HEALTH_TIMEOUT_S)
+            except (SGLangError, asyncio.TimeoutError, OSError):
+                return None  # unreachable now: the next update (or this check, once it answers) deals with it
+            v = info.get("weight_version")
+            return None if v is None else str(v)  # a server that does not report it cannot be checked
+
+        for m, v in zip(ready, await asyncio.gather(*(held(m) for m in ready))):
+            if v is not None and v != m.version and m.ready:
+                self._drop(m, "version", f"holds weight version {v!r}, not {m.version!r} (restarted?)")
 
     # ---------------- snapshot ----------------
     @contextlib.asynccontextmanager
