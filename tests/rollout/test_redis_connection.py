@@ -133,3 +133,40 @@ def test_redact_hides_the_password_wherever_the_url_carries_it(url: str, shown: 
     from asyncgrpo.queue.connection import redact
 
     assert redact(url) == shown
+
+
+def test_a_late_reply_from_before_the_outage_does_not_end_it(caplog) -> None:
+    """CI saw one Redis restart logged as four outages: a call answered before the kill but returning after
+    another call had failed reported success and ended the outage. Only a call begun since the failure ends it."""
+    guard = RedisGuard("redis://127.0.0.1:1/0", deadline_s=30, backoff_s=0.01, max_backoff_s=0.01)
+    in_flight = threading.Event()
+    release = threading.Event()
+
+    def slow_ok() -> str:  # sent before the outage; its reply arrives after another call failed
+        in_flight.set()
+        release.wait(5)
+        return "ok"
+
+    fails = iter([redis.ConnectionError("reset by peer"), redis.ConnectionError("refused")])
+
+    def flaky() -> str:
+        e = next(fails, None)
+        if e is not None:
+            raise e
+        return "back"
+
+    with caplog.at_level(logging.INFO, logger="asyncgrpo.redis"):
+        t = threading.Thread(target=lambda: guard.call(slow_ok))
+        t.start()
+        in_flight.wait(5)
+        time.sleep(0.01)  # the late call started strictly before the outage below
+        other = threading.Thread(target=lambda: guard.call(flaky))
+        guard._failed(redis.ConnectionError("reset by peer"), "first")  # the outage begins
+        release.set()
+        t.join(5)
+        assert guard.down, "a reply to a call sent before the outage must not end it"
+        other.start()
+        other.join(5)
+    assert not guard.down and guard.episodes == 1
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("unreachable" in m for m in lines) == 1 and sum("answers again" in m for m in lines) == 1, lines

@@ -139,11 +139,14 @@ class RedisGuard:
                 f"last error: {type(e).__name__}: {e}"
             ) from None
 
-    def _succeeded(self) -> None:
+    def _succeeded(self, started: float) -> None:
+        """A call that `started` (monotonic) before the outage began says nothing about recovery: it was answered
+        before the failure (a concurrent task's reply arriving late). Only a call begun since ends the outage, so
+        one outage is one 'unreachable' line and one 'answers again' line."""
         if self._down_since is None:
             return
         with self._lock:
-            if self._down_since is not None:
+            if self._down_since is not None and started >= self._down_since:
                 log.info("Redis at %s answers again after %.1fs", self.url, time.monotonic() - self._down_since)
                 self._down_since = None
 
@@ -154,6 +157,7 @@ class RedisGuard:
         """fn(*args, **kw), retried through Redis outages (blocking sleeps)."""
         delay = self.backoff_s
         while True:
+            started = time.monotonic()
             try:
                 out = fn(*args, **kw)
             except TRANSIENT_ERRORS as e:
@@ -161,7 +165,7 @@ class RedisGuard:
                 time.sleep(delay)
                 delay = min(delay * 2, self.max_backoff_s)
                 continue
-            self._succeeded()
+            self._succeeded(started)
             return out
 
     async def acall(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
@@ -169,6 +173,7 @@ class RedisGuard:
         with asyncio sleeps, so the event loop keeps serving meanwhile."""
         delay = self.backoff_s
         while True:
+            started = time.monotonic()
             try:
                 out = await asyncio.to_thread(fn, *args, **kw)
             except TRANSIENT_ERRORS as e:
@@ -176,7 +181,7 @@ class RedisGuard:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff_s)
                 continue
-            self._succeeded()
+            self._succeeded(started)
             return out
 
     def wait_reachable(self, client: redis.Redis) -> None:
