@@ -1,0 +1,179 @@
+"""docker-compose.yml: the Compose v5 binary validates it for both profiles (and refuses broken copies); the
+profiles hold the services the deployment needs, wired with healthchecks, and the cpu profile's services use
+the same images and entry points as the gpu profile's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .tools import ROOT, compose, compose_model
+
+GPU = {"redis", "sglang-0", "sglang-1", "sglang-2", "sglang-3", "router", "trainer", "weight-sync", "rollout", "control",
+       "prometheus", "grafana"}
+CPU = {"redis", "prepare", "genserver-0", "router-cpu", "trainer-cpu", "weight-sync-cpu", "rollout-cpu", "control-cpu",
+       "prometheus", "grafana"}
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_compose_config_is_valid(profile: str) -> None:
+    out = compose(profile, "config", "-q")
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("breakage", [
+    ("condition: service_healthy}", "condition: service_healthyy}"),  # not a depends_on condition
+    ("  shm_size: 16gb\n", "  shm_size: 16gb\n  gpus_count: 1\n"),  # not a service key
+    ("  trainer:\n", "  trainer:\n    command: [\n"),  # not YAML
+    ("ipc: service:trainer\n", "ipc: service:nosuchservice\n"),  # a namespace of nothing
+], ids=["condition", "unknown-key", "yaml", "dangling-service"])
+@pytest.mark.parametrize("profile", ["gpu"])
+def test_compose_config_fails_on_a_broken_copy(tmp_path: Path, profile: str, breakage: tuple[str, str]) -> None:
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert breakage[0] in text
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(text.replace(breakage[0], breakage[1], 1))
+    out = compose(profile, "config", "-q", file=broken)
+    assert out.returncode != 0, f"compose accepted {breakage}"
+
+
+def test_compose_needs_the_keys(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    out = compose("cpu", "config", "-q", env_file=empty, env={"ASYNCGRPO_API_KEY": "", "ASYNCGRPO_ADMIN_API_KEY": ""})
+    assert out.returncode != 0 and "ASYNCGRPO_API_KEY" in out.stderr
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, dict[str, Any]]:
+    return {p: compose_model(p) for p in ("gpu", "cpu")}
+
+
+def test_profiles_hold_their_services(models: dict[str, dict[str, Any]]) -> None:
+    assert set(models["gpu"]["services"]) == GPU
+    assert set(models["cpu"]["services"]) == CPU
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_wiring(models: dict[str, dict[str, Any]], profile: str) -> None:
+    services = models[profile]["services"]
+    for name, svc in services.items():
+        if name != "prepare":  # a one-shot job
+            assert "healthcheck" in svc, f"{name} has no healthcheck"
+        for dep, cond in (svc.get("depends_on") or {}).items():
+            assert dep in services, f"{name} depends on {dep}, not in the {profile} profile"
+            if cond["condition"] == "service_healthy":
+                assert "healthcheck" in services[dep], f"{name} waits for {dep} to be healthy; it has no healthcheck"
+    redis = services["redis"]
+    assert "--appendonly" in redis["command"] and redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    assert any(v["target"] == "/data" and v["type"] == "volume" for v in redis["volumes"])
+    trainer = services["trainer" if profile == "gpu" else "trainer-cpu"]
+    ws = services["weight-sync" if profile == "gpu" else "weight-sync-cpu"]
+    assert ws["ipc"] == ws["network_mode"] == f"service:{'trainer' if profile == 'gpu' else 'trainer-cpu'}"
+    assert trainer["ipc"] == "shareable"
+    control = services["control" if profile == "gpu" else "control-cpu"]
+    assert [s["source"] for s in control["secrets"]] == ["control_token"]
+    assert control["environment"]["ASYNCGRPO_CONTROL_TOKEN_FILE"] == "/run/secrets/control_token"
+    mounts = {v["target"] for s in services.values() for v in s.get("volumes", [])}
+    assert {"/checkpoints", "/data"} <= mounts and (profile == "cpu" or "/models" in mounts)
+
+
+def test_gpu_services_reserve_gpus_and_run_torchrun(models: dict[str, dict[str, Any]]) -> None:
+    services = models["gpu"]["services"]
+    ids = []
+    for name in ("sglang-0", "sglang-1", "sglang-2", "sglang-3", "trainer"):
+        (dev,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert dev["driver"] == "nvidia" and dev["capabilities"] == ["gpu"]
+        ids.extend(",".join(dev["device_ids"]).split(","))
+    assert len(ids) == len(set(ids)) == 8, f"the servers and the trainer share GPUs: {ids}"
+    assert services["trainer"]["command"][:3] == ["python", "-m", "torch.distributed.run"]
+    sg = services["sglang-0"]["command"]
+    assert sg[:3] == ["python3", "-m", "sglang.launch_server"]
+    for flag in ("--api-key", "--admin-api-key", "--port", "--model-path", "--host"):
+        assert flag in sg
+    assert sg[sg.index("--host") + 1] == "0.0.0.0" and services["sglang-0"]["image"].startswith("lmsysorg/sglang:v")
+
+
+def test_cpu_profile_uses_the_same_images_and_entry_points(models: dict[str, dict[str, Any]]) -> None:
+    gpu, cpu = models["gpu"]["services"], models["cpu"]["services"]
+    for g, c in (("router", "router-cpu"), ("rollout", "rollout-cpu"), ("control", "control-cpu")):
+        assert gpu[g]["image"] == cpu[c]["image"], (g, c)
+        assert gpu[g]["command"][:3] == cpu[c]["command"][:3], (g, c)
+    # the trainer and weight-sync: the same `asyncgrpo` entry point, the GPU variant of the image on GPUs
+    assert cpu["trainer-cpu"]["command"][:2] == ["asyncgrpo", "trainer"]
+    assert gpu["trainer"]["command"][-5:] == cpu["trainer-cpu"]["command"][-5:]  # trainer --config run --config deploy
+    assert gpu["weight-sync"]["command"] == cpu["weight-sync-cpu"]["command"]
+    assert cpu["genserver-0"]["image"] == cpu["rollout-cpu"]["image"]
+    # each cpu service answers to the gpu service's name
+    for g, c in (("router", "router-cpu"), ("trainer", "trainer-cpu"), ("rollout", "rollout-cpu"), ("control", "control-cpu")):
+        assert g in cpu[c]["networks"]["default"]["aliases"]
+
+
+def config_files(model: dict[str, Any], svc: dict[str, Any], out: Path) -> dict[str, Path]:
+    """Container path -> local file of each compose config a service mounts (file: as is; content: written)."""
+    files = {}
+    for ref in svc.get("configs", []):
+        cfg = model["configs"][ref["source"]]
+        if "content" in cfg:
+            path = out / f"{ref['source']}.yaml"
+            path.write_text(cfg["content"])
+        else:
+            path = Path(cfg["file"])
+        files[ref["target"]] = path
+    return files
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_commands_parse_with_the_cli(models: dict[str, dict[str, Any]], tmp_path: Path, profile: str) -> None:
+    from .tools import check_command
+
+    model = models[profile]
+    checked = set()
+    for name, svc in model["services"].items():
+        if svc["image"].rsplit(":", 1)[0] not in ("asyncgrpo", "asyncgrpo-trainer-gpu"):
+            continue  # redis, SGLang, Prometheus, Grafana
+        argv = check_command(list(svc["command"]), config_files(model, svc, tmp_path), name)
+        checked.add(argv[1] if argv[0] == "asyncgrpo" else "router")
+    want = {"trainer", "weight-sync", "rollout", "control", "router"} | ({"genserver", "prepare"} if profile == "cpu" else set())
+    assert checked == want
+
+
+def test_a_wrong_override_fails_the_parse_check(models: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    from asyncgrpo.config import ConfigError
+
+    from .tools import check_command
+
+    model = models["cpu"]
+    svc = model["services"]["rollout-cpu"]
+    files = config_files(model, svc, tmp_path)
+    with pytest.raises(ConfigError):
+        check_command([*svc["command"], "--rollout.max_concurent_rollouts=4"], files, "rollout-cpu")
+    with pytest.raises(AssertionError, match="refuses"):
+        check_command(["asyncgrpo", "genserver", "--modle", "/data/tiny/warm"], files, "genserver-0")
+    with pytest.raises(AssertionError, match="refuses"):
+        check_command(["python", "-m", "sglang_router.launch_router", "--no-such-flag"], files, "router")
+    deploy = model["configs"]["deploy-cpu"]["content"]
+    (tmp_path / "deploy-cpu.yaml").write_text(deploy.replace("worker_id: rollout-0", "worker_idd: rollout-0"))
+    with pytest.raises(ConfigError):
+        check_command(list(svc["command"]), {**files, "/etc/asyncgrpo/deploy.yaml": tmp_path / "deploy-cpu.yaml"}, "x")
+
+
+def test_grafana_is_provisioned_with_the_dashboard(models: dict[str, dict[str, Any]]) -> None:
+    """The provisioning files Grafana reads point at the compose Prometheus and at the folder the dashboard
+    (deploy/grafana/asyncgrpo.json) is mounted into."""
+    import yaml
+
+    for profile in ("gpu", "cpu"):
+        services = models[profile]["services"]
+        grafana, prometheus = services["grafana"], services["prometheus"]
+        mounts = {v["target"]: Path(v["source"]) for v in grafana["volumes"] if v["type"] == "bind"}
+        prov = mounts["/etc/grafana/provisioning"]
+        (ds,) = yaml.safe_load((prov / "datasources" / "prometheus.yml").read_text())["datasources"]
+        assert ds["type"] == "prometheus" and ds["url"] == f"http://prometheus:{prometheus['ports'][0]['target']}"
+        (provider,) = yaml.safe_load((prov / "dashboards" / "asyncgrpo.yml").read_text())["providers"]
+        board = Path(provider["options"]["path"]) / "asyncgrpo.json"
+        assert mounts[str(board)] == ROOT / "deploy" / "grafana" / "asyncgrpo.json"
+        prom = {v["target"]: Path(v["source"]) for v in prometheus["volumes"] if v["type"] == "bind"}
+        assert prom["/etc/prometheus/prometheus.yml"] == ROOT / "deploy" / "prometheus" / "prometheus.yml"
