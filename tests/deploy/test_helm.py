@@ -164,3 +164,18 @@ def test_container_commands_parse_with_the_cli(rendered: dict[str, dict[str, str
     if name == "cpu":
         want |= {"genserver", "prepare"}
     assert checked == want
+
+
+def test_the_checkpoints_claim_is_mounted_across_nodes_only_when_it_can_be() -> None:
+    """A ReadWriteOnce claim attaches to one node: generation pods (on other nodes) do not mount it then, and a
+    trainer spanning nodes is refused with the fix; with ReadWriteMany both mount it."""
+    from helm_python import HelmError
+
+    def generation_volumes(docs: list[dict[str, Any]]) -> list[str]:
+        dep = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-generation"))
+        return [v["name"] for v in dep["spec"]["template"]["spec"]["volumes"]]
+
+    assert "checkpoints" not in generation_volumes(manifests(render(vals=values("default"))))
+    assert "checkpoints" in generation_volumes(manifests(render(vals=values("multinode-gpu"))))
+    with pytest.raises(HelmError, match="checkpoints.accessModes"):
+        render(vals={"trainer": {"nodes": 2}})

@@ -148,3 +148,19 @@ livenessProbe:
   timeoutSeconds: 5
   failureThreshold: 6
 {{- end -}}
+
+{{/*
+"true" when the checkpoints volume can be mounted on several nodes (ReadWriteMany or ReadOnlyMany): generation pods
+mount it (weight-sync's disk fallback) only then, since a ReadWriteOnce claim cannot attach to pods on other nodes.
+A trainer spanning nodes needs it: refused otherwise, with the fix.
+*/}}
+{{- define "asyncgrpo.checkpointsShared" -}}
+{{- $modes := .Values.checkpoints.accessModes | default list -}}
+{{- if or (has "ReadWriteMany" $modes) (has "ReadOnlyMany" $modes) -}}true{{- end -}}
+{{- end -}}
+
+{{- define "asyncgrpo.checkRWX" -}}
+{{- if and (gt (int .Values.trainer.nodes) 1) (not (has "ReadWriteMany" (.Values.checkpoints.accessModes | default list))) -}}
+{{- fail (printf "trainer.nodes=%d puts trainer pods on several nodes, which all write the checkpoints volume: set checkpoints.accessModes to [ReadWriteMany] (a storage class that supports it) or trainer.nodes=1" (int .Values.trainer.nodes)) -}}
+{{- end -}}
+{{- end -}}
