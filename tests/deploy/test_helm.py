@@ -122,6 +122,9 @@ def test_multinode_has_what_acceptance_asks(rendered: dict[str, dict[str, str]])
     assert {"api-key", "admin-api-key", "control-token"} <= set(secret["data"])
     assert ("PersistentVolumeClaim", "demo-asyncgrpo-checkpoints") in by
     assert ("ServiceMonitor", "demo-asyncgrpo") in by
+    # every port the ServiceMonitor scrapes is a port of the trainer Service (weight-sync's in pod 0 only)
+    scraped = {e["port"] for e in by[("ServiceMonitor", "demo-asyncgrpo")]["spec"]["endpoints"]}
+    assert scraped == {"metrics", "weight-sync"} and scraped <= {p["name"] for p in rdzv["spec"]["ports"]}
     for workload, spec in pod_specs(docs):
         for c in _containers(spec):
             what = f"{workload['kind']}/{workload['metadata']['name']}/{c['name']}"

@@ -1,6 +1,6 @@
 """The SGLang command of the compose gpu profile and of the Helm chart uses only flags SGLang 0.5.23 has (the
 contract's version; .ci/run downloads its wheel). sglang cannot be imported here (CUDA-only dependencies), so
-its server arguments are read from the wheel's source: each `--flag` must be a field of sglang/srt/arg_groups."""
+its server arguments are read from the wheel's source: each `--flag` must be a field of sglang/srt/arg_groups/fields."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ def sglang_fields() -> set[str]:
     fields = set()
     with zipfile.ZipFile(wheels[0]) as z:
         for name in z.namelist():
-            if name.startswith("sglang/srt/arg_groups/") and name.endswith(".py"):
+            # the dataclass fields of ServerArgs live in arg_groups/fields/; the hook modules beside them have
+            # function parameters of the same shape (e.g. `tp_size: int,`) that are not flags
+            if name.startswith("sglang/srt/arg_groups/fields/") and name.endswith(".py"):
                 fields |= set(re.findall(r"^    ([a-z_][a-z0-9_]*)\s*:", z.read(name).decode(errors="ignore"), re.M))
     assert {"model_path", "api_key", "admin_api_key", "port"} <= fields, "the wheel's layout changed: update this test"
     return fields
