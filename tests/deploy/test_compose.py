@@ -4,6 +4,8 @@ the same images and entry points as the gpu profile's."""
 
 from __future__ import annotations
 
+import copy
+
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,24 @@ def test_wiring(models: dict[str, dict[str, Any]], profile: str) -> None:
     assert control["environment"]["ASYNCGRPO_CONTROL_TOKEN_FILE"] == "/run/secrets/control_token"
     mounts = {v["target"] for s in services.values() for v in s.get("volumes", [])}
     assert {"/checkpoints", "/data"} <= mounts and (profile == "cpu" or "/models" in mounts)
+
+
+# what each GPU-profile service reads from its own mounts: the model (actor.path, the tokenizer, the disk
+# fallback's base config), the prompts, the checkpoints volume (deploy.yaml's paths)
+GPU_NEEDS = {"trainer": {"/models", "/checkpoints"}, "rollout": {"/models", "/data"},
+             "weight-sync": {"/models", "/checkpoints"}, **{f"sglang-{i}": {"/models"} for i in range(4)}}
+
+
+def missing_mounts(services: dict[str, Any]) -> dict[str, set[str]]:
+    got = {n: {v["target"] for v in services[n].get("volumes", [])} for n in GPU_NEEDS}
+    return {n: want - got[n] for n, want in GPU_NEEDS.items() if want - got[n]}
+
+
+def test_each_gpu_service_mounts_what_it_reads(models: dict[str, dict[str, Any]]) -> None:
+    assert missing_mounts(models["gpu"]["services"]) == {}
+    broken = copy.deepcopy(models["gpu"]["services"])  # a union over services would not notice this
+    broken["trainer"]["volumes"] = [v for v in broken["trainer"]["volumes"] if v["target"] != "/models"]
+    assert missing_mounts(broken) == {"trainer": {"/models"}}
 
 
 def test_gpu_services_reserve_gpus_and_run_torchrun(models: dict[str, dict[str, Any]]) -> None:
