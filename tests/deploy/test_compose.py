@@ -5,7 +5,6 @@ the same images and entry points as the gpu profile's."""
 from __future__ import annotations
 
 import copy
-
 from pathlib import Path
 from typing import Any
 
