@@ -19,12 +19,17 @@ def reward_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFact
     return build_reward_model(tiny_model_dir, tmp_path_factory.mktemp("tiny_orm"), seed=3)
 
 
+def start_reward_server(model_dir: Path, log: Path, *extra: str):  # type: ignore[no-untyped-def]
+    """`asyncgrpo reward-server` on a free port with the test key, waited for on /health: (url, process)."""
+    port = free_port()
+    proc = start_http_service([sys.executable, "-m", "asyncgrpo.cli", "reward-server", "--model", str(model_dir),
+                               "--port", str(port), "--api-key", KEY, *extra], f"http://127.0.0.1:{port}/health", log)
+    return f"http://127.0.0.1:{port}", proc
+
+
 @pytest.fixture(scope="module")
 def server(reward_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    port = free_port()
-    log = tmp_path_factory.mktemp("rm_logs") / "reward_server.log"
-    proc = start_http_service([sys.executable, "-m", "asyncgrpo.cli", "reward-server", "--model", str(reward_model_dir),
-                               "--port", str(port), "--api-key", KEY, "--max-batch-size", "16", "--batch-wait-ms", "50"],
-                              f"http://127.0.0.1:{port}/health", log)
-    yield f"http://127.0.0.1:{port}", proc
+    url, proc = start_reward_server(reward_model_dir, tmp_path_factory.mktemp("rm_logs") / "reward_server.log",
+                                    "--max-batch-size", "16", "--batch-wait-ms", "50")
+    yield url, proc
     proc.stop()

@@ -4,7 +4,6 @@ combined with rule rewards by weight; and GRPO trains on it with every service a
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,8 @@ import torch
 
 from asyncgrpo.config import load_config
 from asyncgrpo.rollout.rewards import RewardRunner
-from reward_server.conftest import KEY
-from service_procs import free_port, start_http_service
+from reward_server.conftest import KEY, start_reward_server
+from service_procs import free_port
 
 
 def _hf_score(model_dir: Path, text: str) -> float:
@@ -57,12 +56,9 @@ def test_grpo_trains_on_the_orm_reward_with_real_processes(tiny_model_dir: Path,
     reward.fns = [orm]. Every queued completion carries the ORM's score as its reward."""
     from faults.system import System, fault_config, write_dataset
 
-    port = free_port()
-    rm = start_http_service([sys.executable, "-m", "asyncgrpo.cli", "reward-server", "--model", str(reward_model_dir),
-                             "--port", str(port), "--api-key", KEY], f"http://127.0.0.1:{port}/health",
-                            tmp_path / "reward_server.log")
+    url, rm = start_reward_server(reward_model_dir, tmp_path / "reward_server.log")
     cfg = fault_config(tiny_model_dir, write_dataset(tmp_path / "train.jsonl", 200), "orm", 4, 2)
-    cfg.reward.orm.url, cfg.reward.orm.api_key = f"http://127.0.0.1:{port}", KEY
+    cfg.reward.orm.url, cfg.reward.orm.api_key = url, KEY
     cfg.reward.fns = ["orm"]
     run = System(tmp_path, cfg)
     try:

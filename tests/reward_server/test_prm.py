@@ -5,7 +5,6 @@ tiny PRM learns which steps are right; and GRPO with process supervision trains 
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 
 import httpx
@@ -15,8 +14,7 @@ import torch
 from asyncgrpo.config import load_config
 from asyncgrpo.rollout.rewards import RewardRunner
 from asyncgrpo.tiny.reward_model import TINY_STEP_SEPARATOR, build_prm_model, step_examples, train_prm_model
-from reward_server.conftest import KEY
-from service_procs import free_port, start_http_service
+from reward_server.conftest import KEY, start_reward_server
 
 PROMPT = "Q: 2+3=?\nA:"
 STEPS = [" 2+3=5 ####", " 5"]
@@ -29,11 +27,8 @@ def prm_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture(scope="module")
 def prm_server(prm_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    port = free_port()
-    log = tmp_path_factory.mktemp("prm_logs") / "prm_server.log"
-    proc = start_http_service([sys.executable, "-m", "asyncgrpo.cli", "reward-server", "--model", str(prm_dir),
-                               "--port", str(port), "--api-key", KEY], f"http://127.0.0.1:{port}/health", log)
-    yield f"http://127.0.0.1:{port}"
+    url, proc = start_reward_server(prm_dir, tmp_path_factory.mktemp("prm_logs") / "prm_server.log")
+    yield url
     proc.stop()
 
 
@@ -136,12 +131,9 @@ def test_grpo_process_supervision_trains_with_real_processes(tiny_model_dir: Pat
     their ends tiling its tokens, the trainer trains on them and nothing is lost."""
     from faults.system import System, fault_config, write_dataset
 
-    port = free_port()
-    rm = start_http_service([sys.executable, "-m", "asyncgrpo.cli", "reward-server", "--model", str(prm_dir),
-                             "--port", str(port), "--api-key", KEY], f"http://127.0.0.1:{port}/health",
-                            tmp_path / "prm_server.log")
+    url, rm = start_reward_server(prm_dir, tmp_path / "prm_server.log")
     cfg = fault_config(tiny_model_dir, write_dataset(tmp_path / "train.jsonl", 200), "prm", 4, 2)
-    cfg.reward.prm.url, cfg.reward.prm.api_key = f"http://127.0.0.1:{port}", KEY
+    cfg.reward.prm.url, cfg.reward.prm.api_key = url, KEY
     cfg.reward.fns = ["prm"]
     cfg.reward.step_separator = " "
     cfg.actor.adv_estimator = "grpo_process"

@@ -68,11 +68,10 @@ class Scorer:
     def encode_steps(self, prompt: str, steps: list[str]) -> tuple[list[int], list[int]]:
         """The ids of prompt + steps joined and, per step, the position of the token holding its last character
         (character offsets of a fast tokenizer; else the length of each prefix's encoding)."""
+        from asyncgrpo.rewards.steps import char_ends
+
         text = prompt + "".join(steps)
-        ends, n = [], len(prompt)
-        for st in steps:
-            n += len(st)
-            ends.append(n)
+        ends = [len(prompt) + e for e in char_ends(steps)]
         if getattr(self.tok, "is_fast", False):
             enc = self.tok(text, add_special_tokens=True, return_offsets_mapping=True)
             spans = [(i, a, b) for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a]  # special tokens: (0, 0)

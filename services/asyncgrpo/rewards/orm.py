@@ -37,6 +37,15 @@ class OrmClient:
             c = self._clients[loop] = httpx.AsyncClient(timeout=self.timeout_s, headers=self.headers)
         return c
 
+    @classmethod
+    def configured(cls, url: str | None, api_key: str | None, timeout_s: float) -> "OrmClient | None":
+        """The client of reward.orm / reward.prm settings: None without a URL; api_key None reads
+        $ASYNCGRPO_REWARD_API_KEY (an empty one means no key)."""
+        import os
+
+        key = api_key if api_key is not None else os.environ.get(ENV_REWARD_API_KEY)
+        return cls(url, key or None, timeout_s) if url else None
+
     async def _post(self, path: str, body: dict[str, Any]) -> Any:
         try:
             r = await self._client().post(f"{self.url}{path}", json=body)
@@ -70,11 +79,8 @@ _default: OrmClient | None = None
 
 def configure(url: str | None, api_key: str | None = None, timeout_s: float = 30.0) -> None:
     """Point the built-in `orm` reward at a server (reward.orm.*); api_key None: $ASYNCGRPO_REWARD_API_KEY."""
-    import os
-
     global _default
-    key = api_key if api_key is not None else os.environ.get(ENV_REWARD_API_KEY)
-    _default = OrmClient(url, key or None, timeout_s) if url else None
+    _default = OrmClient.configured(url, api_key, timeout_s)
 
 
 def default_client() -> OrmClient:

@@ -9,7 +9,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from asyncgrpo.rewards.orm import ENV_REWARD_API_KEY, OrmClient, OrmError
+from asyncgrpo.rewards.orm import OrmClient, OrmError
 
 
 class PrmClient(OrmClient):
@@ -37,11 +37,8 @@ _default: PrmClient | None = None
 
 def configure(url: str | None, api_key: str | None = None, timeout_s: float = 30.0) -> None:
     """Point the built-in `prm` reward at a server (reward.prm.*); api_key None: $ASYNCGRPO_REWARD_API_KEY."""
-    import os
-
     global _default
-    key = api_key if api_key is not None else os.environ.get(ENV_REWARD_API_KEY)
-    _default = PrmClient(url, key or None, timeout_s) if url else None
+    _default = PrmClient.configured(url, api_key, timeout_s)  # type: ignore[assignment]
 
 
 def default_client() -> PrmClient:

@@ -397,8 +397,8 @@ class RolloutService:
         self.stats.rewards += len(rewards)
         if errors:
             await self.guard.acall(self.state.incr, "reward_errors", errors)
-        steps = {r for c in group.completions for r in (c.step_rewards if c.step_rewards is not None else [c.reward])}
-        if self.p.dynamic_filtering and len(set(rewards)) == 1 and len(steps) == 1:
+        if self.p.dynamic_filtering and len(set(rewards)) == 1 and len(
+                {r for c in group.completions for r in (c.step_rewards or [c.reward])}) == 1:
             # zero advantage for every completion (and every token, with step rewards): nothing to learn; the prompt
             # is done for this epoch
             await self.guard.acall(self.state.release_lease, ref, "groups_filtered", self.owner(wid))

@@ -9,13 +9,21 @@ from pathlib import Path
 def build_reward_model(backbone_dir: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
     """A *ForSequenceClassification checkpoint with one label (the score) on `backbone_dir`'s transformer, its
     head initialised (seeded); with the backbone's tokenizer. Loads in asyncgrpo reward-server and in SGLang."""
+    from transformers import AutoModelForSequenceClassification
+
+    return _build_head(AutoModelForSequenceClassification, backbone_dir, out_dir, seed)
+
+
+def _build_head(auto_cls, backbone_dir: str | Path, out_dir: str | Path, seed: int) -> Path:  # type: ignore[no-untyped-def]
+    """`auto_cls` (an HF Auto*Classification class) with one label on `backbone_dir`'s transformer, its head
+    initialised (seeded), saved with the backbone's tokenizer."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(backbone_dir, num_labels=1, dtype=torch.float32)
+    model = auto_cls.from_pretrained(backbone_dir, num_labels=1, dtype=torch.float32)
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(backbone_dir).save_pretrained(out)
     return out
@@ -89,16 +97,9 @@ def build_prm_model(backbone_dir: str | Path, out_dir: str | Path, seed: int = 0
     """A *ForTokenClassification checkpoint with one label (a step's logit of being right) on `backbone_dir`'s
     transformer, its head initialised (seeded), with the backbone's tokenizer: a process reward model that
     asyncgrpo reward-server serves on /score_steps."""
-    import torch
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
+    from transformers import AutoModelForTokenClassification
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = AutoModelForTokenClassification.from_pretrained(backbone_dir, num_labels=1, dtype=torch.float32)
-    model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(backbone_dir).save_pretrained(out)
-    return out
+    return _build_head(AutoModelForTokenClassification, backbone_dir, out_dir, seed)
 
 
 def step_examples(records: list[dict[str, str]], seed: int) -> list[tuple[str, list[str], list[float]]]:
