@@ -30,10 +30,10 @@ def _base_ptr(tensors: dict[str, torch.Tensor]) -> int:
 
 
 def test_buckets_reuse_one_buffer_which_grows_and_is_freed(group) -> None:
-    names, dtypes, shapes = ["a", "b"], ["bfloat16", "float32"], [[3, 5], [7]]
+    names, dtypes, shapes = ["a", "b"], ["float32", "bfloat16"], [[7], [3, 5]]
     first = receive_broadcast(group, names, dtypes, shapes, "flattened_bucket")
-    assert [tuple(t.shape) for t in first.values()] == [(3, 5), (7,)]
-    assert [t.dtype for t in first.values()] == [torch.bfloat16, torch.float32]
+    assert [tuple(t.shape) for t in first.values()] == [(7,), (3, 5)]
+    assert [t.dtype for t in first.values()] == [torch.float32, torch.bfloat16]
     _, total = bucket_layout(dtypes, shapes)
     assert receive_buffer_bytes(group) == total
     again = receive_broadcast(group, names, dtypes, shapes, "flattened_bucket")

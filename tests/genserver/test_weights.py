@@ -150,3 +150,45 @@ def test_non_finite_bucket_after_a_good_one_leaves_the_good_weights(server, new_
     assert version == "finite"  # the rejected bucket's version was not taken
     assert torch.equal(torch.tensor(w[a]), expect(new[a]))  # not new[a] + 1 from the rejected bucket
     assert torch.equal(torch.tensor(w[b]), expect(new[b]))
+
+
+def test_update_from_tensor_by_reference_and_bad_payloads(server, new_ckpt) -> None:
+    """/update_weights_from_tensor with a shared-memory bucket from this process (the CPU form of the CUDA-IPC
+    path): weights and version change on success; a bad payload is a 400 naming the field, weights unchanged."""
+    import base64
+    import pickle
+
+    import httpx
+
+    from asyncgrpo.sglang.buckets import pack_bucket
+    from asyncgrpo.sglang.tensor_payload import bucket_payload, serialize
+
+    new = load_safetensors_dir(new_ckpt)
+    names = sorted(new)[:3]
+    tensors = [(new[n] + 0.5).contiguous() for n in names]
+    flat = pack_bucket(tensors).share_memory_()
+    payload = serialize(bucket_payload(flat, names, [t.dtype for t in tensors], [list(t.shape) for t in tensors]))
+
+    async def main():
+        async with SGLangClient(server.url) as c:
+            with pytest.raises(SGLangError, match="no weight update session"):
+                await c.update_weights_from_tensor([payload], weight_version="t1", load_format="flattened_bucket")
+            before = await c.model_info()
+            await c.begin_weight_update()
+            evil = base64.b64encode(pickle.dumps(print)).decode()
+            for bad, match in ((["%%%"], "serialized_named_tensors: not base64"),
+                               ([evil], "builtins.print is not allowed"),
+                               ([payload, payload], "serialized_named_tensors")):
+                with pytest.raises(SGLangError, match=match):
+                    await c.update_weights_from_tensor(bad, weight_version="bad", load_format="flattened_bucket")
+            assert (await c.model_info())["weight_version"] == before["weight_version"]
+            await c.update_weights_from_tensor([payload], weight_version="t1", load_format="flattened_bucket")
+            await c.end_weight_update()
+            return (await c.model_info())["weight_version"], {n: await c.get_weights_by_name(n, truncate_size=4) for n in names}
+
+    version, got = asyncio.run(main())
+    assert version == "t1"
+    for n, t in zip(names, tensors):
+        assert torch.equal(torch.tensor(got[n]), expect(t)), n
+    r = httpx.post(f"{server.url}/update_weights_from_tensor", json={"serialized_named_tensors": []}, timeout=10)
+    assert r.status_code == 400 and "serialized_named_tensors" in r.text, r.text

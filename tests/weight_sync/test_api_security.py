@@ -36,10 +36,10 @@ API, ADMIN = "ws-api-key", "ws-admin-key"
 def settings_in(tmp: Path) -> SyncSettings:
     (tmp / "snapshot").mkdir(parents=True, exist_ok=True)
     return SyncSettings(
-        servers=[], disk_servers=[], snapshot_dir=tmp / "snapshot", checkpoint_dir=tmp / "ckpt", base_model_path=None,
+        servers=[], disk_servers=[], tensor_servers=[], snapshot_dir=tmp / "snapshot", checkpoint_dir=tmp / "ckpt", base_model_path=None,
         backend="gloo", wire_dtype=None, bucket_bytes=1 << 20, service_url="http://127.0.0.1:1", host="127.0.0.1",
         port=0, master_address="127.0.0.1", master_port=0, pause_mode="abort", group_timeout_s=1.0,
-        collective_timeout_s=1.0, request_timeout_s=0.5, resync_interval_s=0.5, auto_disk_fallback=False,
+        collective_timeout_s=1.0, request_timeout_s=0.5, resync_interval_s=0.5, transport_fallback=False, tensor_device="cpu",
         keep_checkpoints=1, metrics_port=0, api_key=None, admin_api_key=None)  # keys the service sends to servers
 
 
@@ -110,7 +110,7 @@ BAD_BODIES = [
     ("/servers", '{"url": "http://h\\u000e:1"}', "url: String should match pattern"),
     ("/servers", '{"url": "http://h:1/?q=1"}', "url: give the server's base URL as http(s)://host:port (no port 0"),
     ("/servers", '{"url": "http://host:99999"}', "url: not a valid URL: Port out of range"),
-    ("/servers", '{"url": "http://h:1", "transport": "carrier-pigeon"}', "transport: Input should be 'distributed' or 'disk'"),
+    ("/servers", '{"url": "http://h:1", "transport": "carrier-pigeon"}', "transport: Input should be 'tensor', 'distributed' or 'disk'"),
     ("/servers", '{"url": "http://h:1/' + "x" * 3000 + '"}', "url: String should have at most 2048 characters"),
 ]
 

@@ -65,11 +65,13 @@ class Env:
             return all(u in s and s[u]["ready"] and s[u]["version"] == v for u, v in want.items())
         wait_until(f"servers at versions {want}", ok, timeout, self.procs)
 
-    def start_service(self, servers: list[str], disk_servers: list[str], port: int | None = None) -> Proc:
+    def start_service(self, servers: list[str], disk_servers: list[str], port: int | None = None,
+                      tensor_servers: list[str] = ()) -> Proc:  # type: ignore[assignment]
         port = port or free_port()
         self.ws_url = f"http://127.0.0.1:{port}"
         cfg = {"actor": {"path": str(self.model_dir)}, "fileroot": str(self.root / "runs"),
                "weight_sync": {"port": port, "servers": servers, "disk_servers": disk_servers,
+                               "tensor_servers": list(tensor_servers), "tensor_device": "cpu",
                                "snapshot_dir": str(self.root / "shm"), "bucket_size_mb": 0.02,
                                "group_timeout_s": 20, "collective_timeout_s": 20, "request_timeout_s": 20,
                                "resync_interval_s": 0.5}}
@@ -181,6 +183,36 @@ def test_update_kill_rejoin_join_and_disk_fallback(env: Env, tiny_model_dir: Pat
 
     wait_until("the republished version 5 on every server", updated, 90, env.procs)
     env.wait_versions({a: "5", b: "5", d: "5"})
+
+
+def test_tensor_transport_beside_a_broadcast_group_and_through_a_restart(env: Env, tiny_model_dir: Path) -> None:
+    """A server on this host gets each bucket by reference (/update_weights_from_tensor, shared memory on CPU:
+    the code path CUDA IPC takes on a GPU) while another is in the broadcast group; killed and restarted, it is
+    caught up over the same transport."""
+    a, t = env.genserver("a"), env.genserver("t")
+    env.start_service([a], [], tensor_servers=[t])
+    env.wait_versions({a: "0", t: "0"})
+    assert env.servers()[t]["transport"] == "tensor" and env.servers()[t]["chain"] == ["tensor", "distributed", "disk"]
+    pub = WeightPublisher(env.root / "shm", service_url=env.ws_url, bucket_bytes=int(0.02 * (1 << 20)))
+    for v in (1, 2):
+        w = export(tiny_model_dir, v)
+        pub.publish(w, v)
+        env.wait_versions({a: str(v), t: str(v)})
+        server_weights_equal(t, w)
+        server_weights_equal(a, w)
+    proc_t = env.genservers[t]
+    proc_t.p.kill()
+    proc_t.p.wait(10)
+    w3 = export(tiny_model_dir, 3)
+    pub.publish(w3, 3)
+    env.wait_versions({a: "3"})
+    env.genserver("t2", int(t.rsplit(":", 1)[1]))
+    env.wait_versions({t: "3"})
+    server_weights_equal(t, w3)
+    assert env.servers()[t]["transport"] == "tensor"
+    metrics = httpx.get(f"{env.ws_url}/metrics", timeout=10).text
+    assert "asyncgrpo_weight_sync_transport_fallbacks_total{" not in metrics
+    pub.close()
 
 
 def test_a_server_restarted_between_updates_is_caught_up_without_a_new_version(env: Env, tiny_model_dir: Path) -> None:

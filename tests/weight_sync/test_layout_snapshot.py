@@ -44,6 +44,19 @@ def test_plan_layout_buckets_order_alignment_and_oversized_tensor() -> None:
     assert Layout.from_json(json.loads(json.dumps(layout.to_json()))) == layout
 
 
+def test_plan_layout_splits_a_bucket_where_a_dtype_would_be_unaligned() -> None:
+    """Buckets are unpadded (SGLang's flattened_bucket): a float32 after an odd number of bfloat16 elements
+    starts a new bucket; aligned neighbours share one; every bucket passes the receiver's alignment check."""
+    specs = [TensorSpec("a", "bfloat16", (3,)), TensorSpec("b", "float32", (2,)), TensorSpec("c", "bfloat16", (1,)),
+             TensorSpec("d", "bfloat16", (1,)), TensorSpec("e", "float32", (1,))]
+    layout = plan_layout(specs, bucket_bytes=1 << 20)
+    assert [b.names for b in layout.buckets] == [["a"], ["b", "c", "d", "e"]]
+    assert [b.tensor_offsets for b in layout.buckets] == [(0,), (0, 8, 10, 12)]
+    assert [b.nbytes for b in layout.buckets] == [6, 16]
+    one_dtype = plan_layout([TensorSpec(n, "bfloat16", (3,)) for n in "abc"], bucket_bytes=1 << 20)
+    assert len(one_dtype.buckets) == 1 and one_dtype.buckets[0].tensor_offsets == (0, 6, 12)
+
+
 def test_plan_layout_rejects_duplicates_and_empty() -> None:
     with pytest.raises(ValueError, match="twice"):
         plan_layout([TensorSpec("x", "float32", (1,)), TensorSpec("x", "float32", (1,))], 1024)

@@ -229,6 +229,8 @@ class WeightSyncConfig(Section):
     port: int = Field(30100, ge=1, le=65535, description="Port of the service's HTTP API; the trainer's publisher POSTs here.")
     servers: list[str] | None = Field(None, description="Generation servers synced over the broadcast group; null means rollout.server_urls (list the workers, not a router).")
     disk_servers: list[str] = Field(default_factory=list, description="Servers that cannot join the group: synced by /update_weights_from_disk of an HF checkpoint.")
+    tensor_servers: list[str] = Field(default_factory=list, description="Servers on this host (the trainer's GPU on GPU): synced by /update_weights_from_tensor, each bucket handed over by reference (CUDA IPC, or shared memory on CPU).")
+    tensor_device: str = Field("auto", description="Where the tensor transport stages a bucket for its servers to map: auto (cuda if available, else cpu shared memory), cpu, or a cuda device such as cuda:0.")
     master_address: str = Field("127.0.0.1", description="Address the generation servers are told to reach the group's rendezvous at (may be a NAT or Service address; the store listens on host).")
     master_port: int = Field(0, ge=0, le=65535, description="Rendezvous port of the group; 0 picks a free port each time the group is (re)built.")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend of the group; auto: nccl when CUDA is available, else gloo.")
@@ -243,7 +245,7 @@ class WeightSyncConfig(Section):
     collective_timeout_s: float = Field(120.0, gt=0, description="Limit on one bucket's broadcast and its HTTP replies; a member exceeding it is dropped.")
     request_timeout_s: float = Field(60.0, gt=0, description="Limit on the other HTTP calls to a server (pause, begin, end, continue, init).")
     resync_interval_s: float = Field(2.0, gt=0, description="How often dropped or joining servers are health-checked and re-synced.")
-    auto_disk_fallback: bool = Field(True, description="A healthy server that fails to join the group twice is switched to the disk transport.")
+    transport_fallback: bool = Field(True, description="A healthy server whose transport keeps failing (twice to join the group, or every retry of an update) moves to the next one: tensor -> distributed -> disk; false: it is dropped and retried on its own.")
     metrics_port: int = Field(0, ge=0, description="Port of the service's Prometheus /metrics (0 disables; /metrics is also on the HTTP API).")
 
 

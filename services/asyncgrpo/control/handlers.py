@@ -121,13 +121,13 @@ class ControlPlane:
 
     @staticmethod
     def _server_urls(cfg: dict[str, Any]) -> list[str]:
-        """The run's generation servers as weight-sync resolves them (broadcast members, then disk servers)."""
+        """The run's generation servers as weight-sync resolves them (broadcast members, disk, tensor servers)."""
         from asyncgrpo.weight_sync.settings import synced_servers
 
         ws = cfg.get("weight_sync") or {}
-        broadcast, disk = synced_servers(ws.get("servers"), (cfg.get("rollout") or {}).get("server_urls") or [],
-                                         ws.get("disk_servers") or [])
-        return [*broadcast, *disk]
+        broadcast, disk, tensor = synced_servers(ws.get("servers"), (cfg.get("rollout") or {}).get("server_urls") or [],
+                                                 ws.get("disk_servers") or [], ws.get("tensor_servers") or [])
+        return [*broadcast, *disk, *tensor]
 
     async def get_run(self, run_id: str) -> RunDetail:
         detail, urls = await self._io(self._detail_sync, run_id)

@@ -27,8 +27,8 @@ from asyncgrpo.genserver.requests import (
     MAX_PARAM_NAME_CHARS, MAX_TRUNCATE, AbortReq, BeginWeightUpdateReqInput, ContinueGenerationReqInput,
     DestroyWeightsUpdateGroupReqInput, EndWeightUpdateReqInput, GenerateReqInput, GenerateRequestError,
     GetWeightsByNameReqInput, InitWeightsUpdateGroupReqInput, PauseGenerationReqInput, UpdateResult,
-    UpdateWeightFromDiskReqInput, UpdateWeightsFromDistributedReqInput, UpdateWeightVersionReqInput, expand_generate,
-    set_token_id_maximum)
+    UpdateWeightFromDiskReqInput, UpdateWeightsFromDistributedReqInput, UpdateWeightsFromTensorReqInput,
+    UpdateWeightVersionReqInput, expand_generate, set_token_id_maximum)
 from asyncgrpo.genserver.sampling import SamplingSpec
 from asyncgrpo.utils.api_errors import customize_openapi, document_bad_request, error_response, install_error_handlers
 from asyncgrpo.utils.auth import AuthLevel, add_api_key_middleware, auth_level, document_auth
@@ -414,6 +414,33 @@ def create_app(engine: Engine, *, host: str = "127.0.0.1", port: int = 0, dist_t
             except Exception as e:  # noqa: BLE001 - old weights stay
                 return fail(f"receiving weights over group {gname!r} failed, weights unchanged: {type(e).__name__}: {e}")
             res = await _apply(tensors, body.weight_version, body.abort_all_requests)
+        _empty_cuda_cache(engine, body.torch_empty_cache)
+        return res
+
+    @app.post("/update_weights_from_tensor", responses=weight_responses)
+    @ADMIN
+    async def update_weights_from_tensor(body: UpdateWeightsFromTensorReqInput) -> Response:
+        from asyncgrpo.sglang.tensor_payload import PayloadError, bucket_tensors, deserialize, named_tensors
+
+        if not st.in_update_session:
+            return fail("no weight update session: call /begin_weight_update first (SGLang >= 0.5.21 requires it)")
+        async with st.weight_lock:
+            try:
+                def load() -> dict[str, Any]:
+                    obj = deserialize(body.serialized_named_tensors[0])
+                    return bucket_tensors(obj) if body.load_format == "flattened_bucket" else named_tensors(obj)
+                tensors = await asyncio.wait_for(asyncio.to_thread(load), st.dist_timeout_s)
+                numel = sum(t.numel() for t in tensors.values())
+                if numel > st.model_numel:
+                    return fail(f"the payload holds {numel} elements, more than the model's {st.model_numel}: "
+                                "weights unchanged")
+            except PayloadError as e:
+                return fail(f"{e}; weights unchanged")
+            except asyncio.TimeoutError:
+                return fail(f"mapping the tensors took over {st.dist_timeout_s:g} s, weights unchanged")
+            # the tensors map the sender's memory: copied into the parameters here, then let go
+            res = await _apply(tensors, body.weight_version, body.abort_all_requests)
+            del tensors
         _empty_cuda_cache(engine, body.torch_empty_cache)
         return res
 

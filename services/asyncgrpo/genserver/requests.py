@@ -400,6 +400,23 @@ class UpdateWeightsFromDistributedReqInput(Body):
         return self
 
 
+MAX_PAYLOAD_CHARS = 1 << 24  # a reference payload is a few hundred bytes per tensor, never the weights
+
+
+class UpdateWeightsFromTensorReqInput(Body):
+    """POST /update_weights_from_tensor: tensors by reference (a CUDA IPC handle, or a shared-memory file on
+    CPU), one base64 payload per TP rank (asyncgrpo.sglang.tensor_payload); genserver is one rank."""
+
+    serialized_named_tensors: Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_PAYLOAD_CHARS)]],
+                                        Field(min_length=1, max_length=1)]
+    load_format: Literal["flattened_bucket", "direct"] | None = None
+    flush_cache: bool = True  # genserver keeps no prefix cache: nothing to flush
+    abort_all_requests: bool = False
+    weight_version: Label | None = None
+    selector: Selector = "all"
+    torch_empty_cache: bool = False
+
+
 class UpdateWeightFromDiskReqInput(Body):
     """POST /update_weights_from_disk: an HF checkpoint directory (its *.safetensors) or one .safetensors file."""
 

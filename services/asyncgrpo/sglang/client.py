@@ -288,6 +288,16 @@ class SGLangClient:
             body["load_format"] = load_format
         return await self._update("/update_weights_from_distributed", body)
 
+    async def update_weights_from_tensor(self, serialized_named_tensors: list[str], weight_version: str | None = None,
+                                         load_format: str | None = None, flush_cache: bool = True) -> dict[str, Any]:
+        """Tensors by reference (asyncgrpo.sglang.tensor_payload), one payload per TP rank of the server."""
+        body: dict[str, Any] = {"serialized_named_tensors": list(serialized_named_tensors), "flush_cache": flush_cache}
+        if weight_version is not None:
+            body["weight_version"] = str(weight_version)
+        if load_format is not None:
+            body["load_format"] = load_format
+        return await self._update("/update_weights_from_tensor", body)
+
     async def destroy_weights_update_group(self, group_name: str) -> dict[str, Any]:
         return await self._update("/destroy_weights_update_group", {"group_name": group_name})
 

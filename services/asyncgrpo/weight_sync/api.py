@@ -62,7 +62,7 @@ class PublishBody(_Body):
 
 class RegisterBody(_Body):
     url: ServerUrl
-    transport: Literal["distributed", "disk"] = "distributed"
+    transport: Literal["tensor", "distributed", "disk"] = "distributed"
 
 
 class PublishAccepted(BaseModel):

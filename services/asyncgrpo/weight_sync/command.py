@@ -42,9 +42,9 @@ async def serve(settings) -> int:  # type: ignore[no-untyped-def]
     serve_metrics(settings.metrics_port, settings.host)
     await service.start()
     api = asyncio.create_task(server.serve())
-    log.info("weight-sync on %s (backend %s, dtype %s, buckets %.3g MiB, snapshot %s), servers %s, disk servers %s",
+    log.info("weight-sync on %s (backend %s, dtype %s, buckets %.3g MiB, snapshot %s), servers %s, disk servers %s, tensor servers %s",
              settings.service_url, settings.backend, settings.wire_dtype or "as published", settings.bucket_bytes / 2**20,
-             settings.snapshot_dir, settings.servers, settings.disk_servers)
+             settings.snapshot_dir, settings.servers, settings.disk_servers, settings.tensor_servers)
     done, _ = await asyncio.wait([api, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     server.should_exit = True
     await service.stop()

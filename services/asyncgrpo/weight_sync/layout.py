@@ -2,8 +2,8 @@
 
 Pure functions and plain data. The snapshot (a shared-memory file) is laid out exactly as the buckets
 go over the wire: bucket k occupies bytes [offset, offset + nbytes) of the file, and inside it each tensor
-sits at the offset `asyncgrpo.sglang.buckets.bucket_layout` gives, which is the same layout the server
-computes from (dtypes, shapes). So the broadcast of a bucket is a zero-copy view of the snapshot.
+sits at the offset `asyncgrpo.sglang.buckets.bucket_layout` gives (back to back, no padding), which is the
+same layout the server computes from (dtypes, shapes). So the broadcast of a bucket is a zero-copy view of the snapshot.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from asyncgrpo.sglang.buckets import bucket_layout, dtype_from_name
+from asyncgrpo.sglang.buckets import bucket_layout, dtype_from_name, is_aligned_after
 
 # Bucket starts are aligned to this many bytes so every dtype view of a bucket is aligned too.
 BUCKET_ALIGN = 64
@@ -63,7 +63,7 @@ class Layout:
 
     @property
     def payload_bytes(self) -> int:
-        """Bytes that cross the wire: every bucket, alignment gaps inside buckets included."""
+        """Bytes that cross the wire: every bucket (a bucket has no gaps; the gaps between buckets stay home)."""
         return sum(b.nbytes for b in self.buckets)
 
     def to_json(self) -> dict[str, Any]:
@@ -89,13 +89,16 @@ def _align(x: int, a: int) -> int:
 
 
 def _close(specs: list[TensorSpec], start: int) -> Bucket:
-    offsets, nbytes = bucket_layout([s.dtype for s in specs], [s.shape for s in specs])
+    offsets, nbytes = bucket_layout([s.dtype for s in specs], [s.shape for s in specs], [s.name for s in specs])
     return Bucket(offset=start, nbytes=nbytes, specs=tuple(specs), tensor_offsets=tuple(offsets))
 
 
 def plan_layout(specs: Sequence[TensorSpec], bucket_bytes: int) -> Layout:
     """Group tensors, in order, into buckets of at most `bucket_bytes` (a tensor larger than that gets a
-    bucket of its own; order is kept because SGLang receives in `names` order)."""
+    bucket of its own). A bucket is packed back to back (SGLang's flattened_bucket has no padding), so a
+    tensor that would start at an offset its dtype cannot be viewed at (a float32 after an odd number of
+    bfloat16 elements) starts a new bucket instead; with one wire dtype that never happens. Order is kept:
+    the publisher streams tensors in it."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
     if not specs:
@@ -108,15 +111,14 @@ def plan_layout(specs: Sequence[TensorSpec], bucket_bytes: int) -> Layout:
     buckets: list[Bucket] = []
     cur: list[TensorSpec] = []
     start = 0
-    pos = 0  # bytes used in the open bucket, advanced by the same alignment rule as bucket_layout
+    pos = 0  # bytes used in the open bucket
     for s in specs:
-        elem = torch.empty((), dtype=dtype_from_name(s.dtype)).element_size()
-        if cur and _align(pos, elem) + s.nbytes > bucket_bytes:
+        if cur and (pos + s.nbytes > bucket_bytes or not is_aligned_after(pos, s.dtype)):
             buckets.append(_close(cur, start))
             start = _align(buckets[-1].offset + buckets[-1].nbytes, BUCKET_ALIGN)
             cur, pos = [], 0
         cur.append(s)
-        pos = _align(pos, elem) + s.nbytes
+        pos += s.nbytes
     buckets.append(_close(cur, start))
     return Layout(buckets=tuple(buckets), total_bytes=_align(buckets[-1].offset + buckets[-1].nbytes, BUCKET_ALIGN))
 

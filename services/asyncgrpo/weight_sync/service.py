@@ -1,17 +1,15 @@
-"""The weight-sync service: rank 0 of the broadcast group to the generation servers, their membership,
-and the version each one holds.
-
-Per new version (slime/SGLang order), for the members synced over the group:
-  pause(mode) -> begin_weight_update -> per bucket: fire update_weights_from_distributed to every member,
-  broadcast the bucket from rank 0, await the replies -> end_weight_update -> continue_generation.
+"""The weight-sync service: the generation servers' membership, the version each one holds, and the
+delivery of every new version to them over their transport (weight_sync/transports.py: broadcast, tensor
+by reference, disk; the protocol pause -> begin -> send -> end -> continue is stated there once).
 The version is sent with the last bucket only, so a server's version changes only when all buckets landed.
 
 Failure handling: every HTTP call and collective has a deadline. When an update fails, each member that
 errored is health-checked: a dead one is dropped (reported; re-synced by the resync loop once /health is
-OK again), a live one is retried; the group is rebuilt (fresh name and port) and the update re-run for
-the survivors, so one dead server never blocks the others and never hangs the trainer (which only wrote
-a snapshot). A joining or dropped server is caught up through a temporary group of its own before it is
-marked ready (it stays paused until then), so ready servers are never paused for a newcomer.
+OK again), a live one is retried (a broadcast group is rebuilt, fresh name and port, without the dead),
+and one that keeps failing falls back to the next transport of its chain (tensor -> distributed -> disk),
+so one dead server never blocks the others and never hangs the trainer (which only wrote a snapshot). A
+joining or dropped server is caught up through a temporary group of its own before it is marked ready (it
+stays paused until then), so ready servers are never paused for a newcomer.
 
 The control functions (register, leave, servers, status, notify_published) are plain coroutines so the
 HTTP API here and the control plane's gRPC can both call them.
@@ -31,15 +29,13 @@ import torch
 
 from asyncgrpo.sglang.client import SGLangClient, SGLangError
 from asyncgrpo.utils.metrics import counter, gauge, histogram
-from asyncgrpo.weight_sync.checkpoint import write_checkpoint
-from asyncgrpo.utils.net import free_port
-from asyncgrpo.weight_sync.group import BroadcastGroup
 from asyncgrpo.weight_sync.settings import SyncSettings
 from asyncgrpo.weight_sync.snapshot import READER, Manifest, SnapshotDir
+from asyncgrpo.weight_sync.transports import (TRANSPORTS, BroadcastTransport, Transport, build_transports, call_each,
+                                              fallback_chain)
 
 log = logging.getLogger("asyncgrpo.weight_sync")
 
-TRANSPORTS = ("distributed", "disk")
 MAX_ATTEMPTS = 3
 HEALTH_TIMEOUT_S = 5.0  # a server that cannot answer /health this fast is not fit to serve anyway
 
@@ -55,14 +51,17 @@ _PUBLISHED = gauge("weight_sync_published_version", "Newest version the trainer 
 _SERVER_VERSION = gauge("weight_sync_server_version", "Version each server holds (-1: unknown)", ["server"])
 _SERVER_READY = gauge("weight_sync_server_ready", "1 when a server holds the current version and may serve", ["server"])
 _FAILURES = counter("weight_sync_failures_total", "Servers dropped from an update or a group", ["server", "stage"])
+_FALLBACKS = counter("weight_sync_transport_fallbacks_total", "Servers moved to the next transport of their chain",
+                     ["server", "from_transport", "to_transport"])
 _SKIPPED = counter("weight_sync_skipped_versions_total", "Published versions superseded before they were synced")
 
 
 @dataclass
 class Member:
     url: str
-    transport: str
+    transport: str  # the transport it is synced by now: the first of `chain` that has not failed it
     client: SGLangClient
+    chain: list[str] = field(default_factory=list)
     state: str = "joining"  # joining -> ready; ready -> dropped on failure; dropped -> ready after re-sync
     version: str | None = None
     group: str | None = None  # the server-side group it was last told to join
@@ -75,7 +74,7 @@ class Member:
         return self.state == "ready"
 
     def info(self) -> dict[str, Any]:
-        return {"url": self.url, "transport": self.transport, "state": self.state, "ready": self.ready,
+        return {"url": self.url, "transport": self.transport, "chain": self.chain, "state": self.state, "ready": self.ready,
                 "version": self.version, "failures": self.failures, "last_error": self.last_error}
 
 
@@ -115,19 +114,16 @@ class WeightSyncService:
         self.s = settings
         self.snapshot = SnapshotDir(settings.snapshot_dir)
         self.members: dict[str, Member] = {}
-        self.group: BroadcastGroup | None = None
-        self.group_members: list[str] = []
+        self.transports: dict[str, Transport] = build_transports(settings)
         self.published_version: int | None = None
         self.synced_version: int | None = None
         self.last_blocked_s: float | None = None
         self.last_update: UpdateReport | None = None
         self.updating = False
-        self._gen = 0
         self._lock = asyncio.Lock()  # one update or group change at a time
         self._wake = asyncio.Event()
         self._resync_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._ckpt: tuple[tuple[int, float], str] | None = None  # (version, published_at) -> disk checkpoint
 
     # ---------------- lifecycle ----------------
     async def start(self) -> None:
@@ -140,6 +136,8 @@ class WeightSyncService:
             await self.register(url, "distributed")
         for url in self.s.disk_servers:
             await self.register(url, "disk")
+        for url in self.s.tensor_servers:
+            await self.register(url, "tensor")
         self._tasks = [asyncio.create_task(self._update_loop(), name="weight-sync-update"),
                        asyncio.create_task(self._resync_loop(), name="weight-sync-resync")]
         self._wake.set()
@@ -151,7 +149,8 @@ class WeightSyncService:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         async with self._lock:
-            await self._teardown_group()
+            for t in self.transports.values():
+                await t.close()
             for m in self.members.values():
                 await m.client.aclose()
         self.snapshot.release(READER)
@@ -166,10 +165,11 @@ class WeightSyncService:
         if m is None:
             client = SGLangClient(url, timeout_s=self.s.request_timeout_s, connect_timeout_s=min(5.0, self.s.request_timeout_s),
                                   retries=0, api_key=self.s.api_key, admin_api_key=self.s.admin_api_key)
-            m = self.members[url] = Member(url=url, transport=transport, client=client)
-            log.info("server %s registered (transport %s)", url, transport)
+            m = self.members[url] = Member(url=url, transport=transport, client=client,
+                                           chain=fallback_chain(transport, self.s.transport_fallback))
+            log.info("server %s registered (transports %s)", url, " -> ".join(m.chain))
         elif m.state != "ready":
-            m.transport = transport
+            m.transport, m.chain = transport, fallback_chain(transport, self.s.transport_fallback)
         if m.state != "ready":
             with contextlib.suppress(SGLangError):
                 await m.client.pause(self.s.pause_mode)  # serve nothing until it holds the current version
@@ -178,27 +178,30 @@ class WeightSyncService:
         return m.info()
 
     async def leave(self, url: str) -> dict[str, Any]:
-        """Remove a server: it leaves the group (best effort) and is no longer updated."""
+        """Remove a server: it leaves the broadcast group (best effort) and is no longer updated."""
         url = url.rstrip("/")
         async with self._lock:
             m = self.members.pop(url, None)
             if m is None:
                 raise KeyError(f"server {url} is not registered")
-            if m.group:
-                with contextlib.suppress(SGLangError):
-                    await asyncio.wait_for(m.client.destroy_weights_update_group(m.group), self.s.request_timeout_s)
+            await self._broadcast.forget(m)
             await m.client.aclose()
             _SERVER_READY.labels(url).set(0)
             log.info("server %s left", url)
             return m.info() | {"state": "left", "ready": False}
+
+    @property
+    def _broadcast(self) -> BroadcastTransport:
+        t = self.transports[BroadcastTransport.name]
+        assert isinstance(t, BroadcastTransport)
+        return t
 
     def servers(self) -> list[dict[str, Any]]:
         return [m.info() for m in self.members.values()]
 
     def status(self) -> dict[str, Any]:
         return {"published_version": self.published_version, "synced_version": self.synced_version,
-                "updating": self.updating, "group": self.group.name if self.group and not self.group.broken else None,
-                "group_members": self.group_members, "last_trainer_blocked_s": self.last_blocked_s,
+                "updating": self.updating, **self._broadcast.state(), "last_trainer_blocked_s": self.last_blocked_s,
                 "last_update": self.last_update.to_json() if self.last_update else None, "servers": self.servers()}
 
     def notify_published(self, version: int, blocked_s: float | None = None) -> None:
@@ -334,138 +337,115 @@ class WeightSyncService:
         t0 = time.perf_counter()
         self.updating = True
         report = UpdateReport(version=manifest.version, members=[m.url for m in members])
+        v = str(manifest.version)
         try:
-            dist = [m for m in members if m.transport == "distributed"]
-            disk = [m for m in members if m.transport == "disk"]
-            jobs = []
-            if dist:
-                jobs.append(self._sync_distributed(dist, manifest, data, temporary_group, report))
-            if disk:
-                jobs.append(self._sync_disk(disk, manifest, data, report))
-            await asyncio.gather(*jobs)
-            # servers switched to disk while forming the group (auto fallback) are synced now
-            moved = [m for m in dist if m.transport == "disk" and m.state != "dropped" and m.version != str(manifest.version)]
-            if moved:
-                await self._sync_disk(moved, manifest, data, report)
+            todo = list(members)
+            while todo:
+                used = {m.url: m.transport for m in todo}
+                by_transport: dict[str, list[Member]] = {}
+                for m in todo:
+                    by_transport.setdefault(m.transport, []).append(m)
+                await asyncio.gather(*(self._deliver(self.transports[name], ms, manifest, data, report, temporary_group)
+                                       for name, ms in by_transport.items()))
+                # a server that fell back to its next transport during this update gets the version through it now
+                todo = [m for m in todo if m.url in self.members and m.state != "dropped" and m.version != v
+                        and m.transport != used[m.url]]
         finally:
             self.updating = False
         report.duration_s = time.perf_counter() - t0
         self.last_update = report
-        if any(m.version == str(manifest.version) for m in members):
+        if any(m.version == v for m in members):
             self.synced_version = max(self.synced_version or 0, manifest.version)
             _VERSION.set(self.synced_version)
+        _BYTES.inc(report.bytes)
         _UPDATE_S.observe(report.duration_s)
         _LAST_BYTES.set(report.bytes)
         _GBPS.set(report.gbps)
         _COLL_GBPS.set(report.collective_gbps)
-        log.info("version %d -> %d server(s) in %.3fs (broadcast %.3fs, %.1f MB, %.3f GB/s)%s", manifest.version,
+        log.info("version %d -> %d server(s) in %.3fs (sending %.3fs, %.1f MB, %.3f GB/s)%s", manifest.version,
                  len(members) - len(report.failed), report.duration_s, report.broadcast_s, report.bytes / 1e6, report.gbps,
                  f"; failed: {report.failed}" if report.failed else "")
 
-    async def _sync_distributed(self, members: list[Member], manifest: Manifest, data: torch.Tensor, temporary: bool,
-                                report: UpdateReport) -> None:
+    async def _deliver(self, t: Transport, members: list[Member], manifest: Manifest, data: torch.Tensor,
+                       report: UpdateReport, temporary: bool) -> None:
+        """One version to `members` over transport `t`, with retries; see transports.py for the protocol."""
         v = str(manifest.version)
         todo = list(members)
         for attempt in range(MAX_ATTEMPTS):
-            todo = [m for m in todo if m.state != "dropped" and m.transport == "distributed" and m.url in self.members]
+            todo = [m for m in todo if m.state != "dropped" and m.transport == t.name and m.url in self.members]
             if not todo:
                 return
-            if temporary:
-                group, joined = await self._form(todo)
-            else:
-                group, joined = await self._ensure_group(todo)
-            if group is None:
+            ready, join_errors = await t.prepare(todo, temporary)
+            for m in todo:
+                if m.url in join_errors:
+                    await self._join_failed(m, join_errors[m.url], report)
+            if not ready:
                 return
+            errors: dict[str, str] = {}
             try:
-                errors = await self._push(group, joined, manifest, data, report)
+                errors = await self._protocol(t, ready, manifest, data, report)
             finally:
-                if temporary:
-                    await self._destroy(group, joined)
-            ok = [m for m in joined if m.url not in errors]
+                await t.finish(ready, temporary, failed=bool(errors))
+            ok = [m for m in ready if m.url not in errors]
             for m in ok:
                 m.version, m.state, m.last_error = v, "ready", None
             await self._resume(ok)
             if not errors:
                 return
-            # The group is unusable after a failed collective: rebuild it (without the dead) and retry.
-            if not temporary:
-                await self._teardown_group()
-            failed = [m for m in joined if m.url in errors]
-            alive = await asyncio.gather(*(self._healthy(m) for m in failed))
-            for m, ok_health in zip(failed, alive):
-                if not ok_health or attempt == MAX_ATTEMPTS - 1:
-                    self._drop(m, "update", errors[m.url])
+            failed = [m for m in ready if m.url in errors]
+            for m, healthy in zip(failed, await asyncio.gather(*(self._healthy(m) for m in failed))):
+                if not healthy:
                     report.failed[m.url] = errors[m.url]
+                    self._drop(m, "update", errors[m.url])
+                elif attempt == MAX_ATTEMPTS - 1:
+                    if not self._fall_back(m, errors[m.url]):
+                        report.failed[m.url] = errors[m.url]
+                        self._drop(m, "update", errors[m.url])
                 else:
-                    log.warning("update of %s to version %s failed (%s); retrying", m.url, v, errors[m.url])
-                    with contextlib.suppress(SGLangError, asyncio.TimeoutError):
-                        await asyncio.wait_for(m.client.end_weight_update(), self.s.request_timeout_s)
-            todo = [m for m in failed if m.state != "dropped"]
+                    log.warning("update of %s to version %s over %s failed (%s); retrying", m.url, v, t.name, errors[m.url])
+            todo = failed
 
-    async def _push(self, group: BroadcastGroup, members: list[Member], manifest: Manifest, data: torch.Tensor,
-                    report: UpdateReport) -> dict[str, str]:
-        """One update over a formed group; {url: error} for the members it failed on (empty: all done)."""
-        s = self.s
-        errors: dict[str, str] = {}
-
-        async def call(m: Member, coro: Any, timeout: float) -> None:
-            try:
-                await asyncio.wait_for(coro, timeout)
-            except (SGLangError, asyncio.TimeoutError, OSError) as e:
-                errors.setdefault(m.url, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
-
-        async def each(make: Any, timeout: float) -> None:
-            await asyncio.gather(*(call(m, make(m), timeout) for m in members))
-
-        await each(lambda m: m.client.pause(s.pause_mode), s.request_timeout_s)
-        await each(lambda m: m.client.begin_weight_update(), s.request_timeout_s)
-        if errors:
+    async def _protocol(self, t: Transport, members: list[Member], manifest: Manifest, data: torch.Tensor,
+                        report: UpdateReport) -> dict[str, str]:
+        """pause -> begin -> send -> end for `members` over `t`; {url: error} of the members it failed for."""
+        s, errors = self.s, {}
+        await call_each(members, lambda m: m.client.pause(s.pause_mode), s.request_timeout_s, errors, "pause_generation: ")
+        if t.session:
+            await call_each([m for m in members if m.url not in errors], lambda m: m.client.begin_weight_update(),
+                            s.request_timeout_s, errors, "begin_weight_update: ")
+        if errors and t.collective:
             return errors | {m.url: "group aborted: another member failed" for m in members if m.url not in errors}
-        buckets = manifest.layout.buckets
-        t0 = time.perf_counter()
-        for i, b in enumerate(buckets):
-            last = i == len(buckets) - 1
-            calls = [asyncio.create_task(call(m, m.client.update_weights_from_distributed(
-                b.names, b.dtypes, b.shapes, group.name, weight_version=str(manifest.version) if last else None,
-                load_format="flattened_bucket", flush_cache=last), s.collective_timeout_s)) for m in members]
-            bcast_error: str | None = None
-            tb = time.perf_counter()
-            try:
-                await group.broadcast(data[b.offset:b.offset + b.nbytes], s.collective_timeout_s)
-                report.collective_s += time.perf_counter() - tb
-            except Exception as e:  # noqa: BLE001 - any collective failure aborts this group
-                bcast_error = f"broadcast: {type(e).__name__}: {e}"
-            await asyncio.gather(*calls)
-            if bcast_error or errors:
-                for m in members:
-                    errors.setdefault(m.url, bcast_error or "group aborted: another member failed")
-                return errors
-            report.bytes += b.nbytes
-        report.broadcast_s += time.perf_counter() - t0
-        _BYTES.inc(manifest.layout.payload_bytes)
-        await each(lambda m: m.client.end_weight_update(), s.request_timeout_s)
+        go = [m for m in members if m.url not in errors]
+        if go:
+            errors.update(await t.send(go, manifest, data, report))
+        if t.session:  # close every session opened, a failed member's too: it is retried or dropped next
+            ended: dict[str, str] = {}
+            await call_each(go, lambda m: m.client.end_weight_update(), s.request_timeout_s, ended, "end_weight_update: ")
+            for url, e in ended.items():
+                errors.setdefault(url, e)
         return errors
 
-    async def _sync_disk(self, members: list[Member], manifest: Manifest, data: torch.Tensor, report: UpdateReport) -> None:
-        s, v = self.s, str(manifest.version)
-        if self._ckpt is None or self._ckpt[0] != (manifest.version, manifest.published_at):
-            path = await asyncio.to_thread(write_checkpoint, manifest, data, s.checkpoint_dir, s.base_model_path,
-                                           s.keep_checkpoints)
-            self._ckpt = ((manifest.version, manifest.published_at), str(path))
-        path = self._ckpt[1]
+    async def _join_failed(self, m: Member, error: str, report: UpdateReport) -> None:
+        """A server that could not join the broadcast group: dropped, or (healthy, twice) moved down its chain."""
+        m.join_failures += 1
+        if m.join_failures >= 2 and await self._healthy(m) and self._fall_back(m, error):
+            m.join_failures = 0
+            return
+        report.failed[m.url] = error
+        self._drop(m, "join", error)
 
-        async def one(m: Member) -> None:
-            try:
-                await asyncio.wait_for(m.client.pause(s.pause_mode), s.request_timeout_s)
-                await asyncio.wait_for(m.client.update_weights_from_disk(path, weight_version=v), s.collective_timeout_s)
-                m.version, m.state, m.last_error = v, "ready", None
-                await asyncio.wait_for(m.client.resume(), s.request_timeout_s)
-                self._export(m)
-            except (SGLangError, asyncio.TimeoutError, OSError) as e:
-                report.failed[m.url] = f"{type(e).__name__}: {e}"
-                self._drop(m, "disk", report.failed[m.url])
-
-        await asyncio.gather(*(one(m) for m in members))
+    def _fall_back(self, m: Member, error: str) -> bool:
+        """Move a healthy server whose transport keeps failing to the next of its chain; False at the end of it."""
+        i = m.chain.index(m.transport) if m.transport in m.chain else len(m.chain)
+        if i + 1 >= len(m.chain):
+            return False
+        old, m.transport = m.transport, m.chain[i + 1]
+        m.state, m.last_error = "joining", error
+        _FAILURES.labels(m.url, old).inc()
+        _FALLBACKS.labels(m.url, old, m.transport).inc()
+        log.warning("server %s: transport %s failed (%s); falling back to %s", m.url, old, error, m.transport)
+        self._export(m)
+        return True
 
     async def _resume(self, members: list[Member]) -> None:
         async def one(m: Member) -> None:
@@ -475,81 +455,6 @@ class WeightSyncService:
                 log.warning("continue_generation on %s failed: %s", m.url, e)
             self._export(m)
         await asyncio.gather(*(one(m) for m in members))
-
-    # ---------------- group ----------------
-    async def _ensure_group(self, members: list[Member]) -> tuple[BroadcastGroup | None, list[Member]]:
-        urls = [m.url for m in members]
-        if self.group is not None and not self.group.broken and self.group_members == urls:
-            return self.group, members
-        await self._teardown_group()
-        group, joined = await self._form(members)
-        self.group, self.group_members = group, [m.url for m in joined]
-        return group, joined
-
-    async def _teardown_group(self) -> None:
-        if self.group is None:
-            return
-        group, self.group = self.group, None
-        await self._destroy(group, [self.members[u] for u in self.group_members if u in self.members])
-        self.group_members = []
-
-    async def _destroy(self, group: BroadcastGroup, members: list[Member]) -> None:
-        async def one(m: Member) -> None:
-            if m.group == group.name:
-                with contextlib.suppress(SGLangError, asyncio.TimeoutError):
-                    await asyncio.wait_for(m.client.destroy_weights_update_group(group.name), self.s.request_timeout_s)
-                m.group = None
-        await asyncio.gather(*(one(m) for m in members), group.destroy())
-
-    async def _form(self, members: list[Member]) -> tuple[BroadcastGroup | None, list[Member]]:
-        """A fresh group with as many of `members` as can join; the others are dropped (or moved to disk)."""
-        s = self.s
-        todo = list(members)
-        while todo:
-            # a server still in an older group (e.g. after a failure) leaves it first
-            await asyncio.gather(*(self._leave_old(m) for m in todo))
-            self._gen += 1
-            name = f"asyncgrpo-ws-{os.getpid()}-{self._gen}"
-            # the store listens on the service's own interface (weight_sync.host); servers are told master_address
-            port = s.master_port or free_port("" if s.host in ("0.0.0.0", "::") else s.host)
-            group = BroadcastGroup(name=name, backend=s.backend, master_address=s.master_address, master_port=port,
-                                   world_size=len(todo) + 1, timeout_s=s.collective_timeout_s, bind_address=s.host)
-            errors: dict[str, str] = {}
-
-            async def join(m: Member, rank: int) -> None:
-                try:
-                    await asyncio.wait_for(m.client.init_weights_update_group(
-                        s.master_address, port, rank, len(todo) + 1, name, s.backend), s.group_timeout_s)
-                    m.group = name
-                except (SGLangError, asyncio.TimeoutError, OSError) as e:
-                    errors[m.url] = f"init_weights_update_group: {type(e).__name__}: {e}"
-
-            results = await asyncio.gather(group.form(s.group_timeout_s), *(join(m, i + 1) for i, m in enumerate(todo)),
-                                           return_exceptions=True)
-            if not errors and not isinstance(results[0], BaseException):
-                log.info("group %s formed: rank 0 + %s (%s, port %d)", name, [m.url for m in todo], s.backend, port)
-                return group, todo
-            await self._destroy(group, todo)
-            if not errors:
-                raise RuntimeError(f"rank 0 could not host group {name} on port {port}: {results[0]}")
-            for m in [m for m in todo if m.url in errors]:
-                m.join_failures += 1
-                healthy = await self._healthy(m)
-                if healthy and s.auto_disk_fallback and m.join_failures >= 2:
-                    log.warning("server %s failed to join the group %d times (%s); switching it to the disk transport",
-                                m.url, m.join_failures, errors[m.url])
-                    m.transport = "disk"
-                    _FAILURES.labels(m.url, "join").inc()
-                else:
-                    self._drop(m, "join", errors[m.url])
-            todo = [m for m in todo if m.url not in errors]
-        return None, []
-
-    async def _leave_old(self, m: Member) -> None:
-        if m.group:
-            with contextlib.suppress(SGLangError, asyncio.TimeoutError):
-                await asyncio.wait_for(m.client.destroy_weights_update_group(m.group), self.s.request_timeout_s)
-            m.group = None
 
     async def _healthy(self, m: Member) -> bool:
         try:
