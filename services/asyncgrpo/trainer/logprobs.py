@@ -20,11 +20,23 @@ def causal_mask(batch: int, seq: int, device: torch.device) -> Tensor:
     return m.view(1, 1, seq, seq).expand(batch, 1, seq, seq)
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def forward_logits(model: torch.nn.Module, input_ids: Tensor) -> Tensor:
-    """[B, S, V / tp] vocab-parallel logits of right-padded input_ids."""
+    """[B, S, V / tp] vocab-parallel logits of right-padded input_ids (moved to the model's device).
+
+    On the CPU the causal mask is passed explicitly (megatron would build its default on "cuda"); on a GPU the
+    mask is None, so megatron's attention uses its own causal mask (the local spec builds the same [S, S] upper
+    triangle on the device) and Transformer Engine's attention its causal mask type (fused / flash kernels,
+    which take no arbitrary mask). Both are the same mask: causality alone, right padding needs nothing more."""
+    device = model_device(model)
+    input_ids = input_ids.to(device)
     b, s = input_ids.shape
-    pos = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
-    return model(input_ids, pos, causal_mask(b, s, input_ids.device))
+    pos = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+    mask = None if device.type == "cuda" else causal_mask(b, s, device)
+    return model(input_ids, pos, mask)
 
 
 def _mask_padded_vocab(logits: Tensor, vocab_size: int) -> Tensor:
@@ -53,7 +65,7 @@ def token_logprobs(
 
     logits = forward_logits(model, input_ids)[:, :-1].float() / temperature
     logits = _mask_padded_vocab(logits, vocab_size)
-    target = input_ids[:, 1:]
+    target = input_ids[:, 1:].to(logits.device)
     ent: Tensor | None = None
     if with_entropy:
         with torch.no_grad():

@@ -36,6 +36,15 @@ def te_available() -> bool:
     return torch.cuda.is_available()
 
 
+def compute_device() -> torch.device:
+    """The device this process computes on: the current CUDA device (init_parallel sets it from LOCAL_RANK)
+    when CUDA is there, else the CPU. (megatron_compat's shim that makes torch.cuda.current_device() answer
+    the CPU device is installed only without CUDA, so on a GPU this is the real index.)"""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init_parallel(tp_size: int = 1, seed: int = 0, backend: str | None = None, timeout_s: float = 600,
                   bind_host: str = "127.0.0.1") -> None:
     """Initialise torch.distributed (world size 1 from defaults if no launcher set the env) and megatron's
@@ -115,14 +124,27 @@ def transformer_config(arch: ModelArch, tp_size: int, dtype: torch.dtype):
     )
 
 
-def build_gpt_model(arch: ModelArch, tp_size: int, dtype: torch.dtype = torch.float32):
-    """An uninitialised GPTModel of the given architecture (weights come from load_hf_weights)."""
-    from megatron.core.models.gpt import GPTModel
+def layer_spec(use_te: bool | None = None):
+    """megatron's GPT layer spec: Transformer Engine's where TE imports (and CUDA is there), the local one
+    otherwise. The two name the pre-attention and pre-MLP RMSNorm weights differently (TE fuses them into the
+    next linear: `self_attention.linear_qkv.layer_norm_weight`, `mlp.linear_fc1.layer_norm_weight`; local:
+    `input_layernorm.weight`, `pre_mlp_layernorm.weight`); hf_mapping's te_spec flag follows the built model
+    (is_te_model), so loading and export work with either."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec
+
+    if use_te is None:
+        use_te = te_available()
+    return get_gpt_layer_with_transformer_engine_spec() if use_te else get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_gpt_model(arch: ModelArch, tp_size: int, dtype: torch.dtype = torch.float32, spec=None):
+    """An uninitialised GPTModel of the given architecture (weights come from load_hf_weights); `spec`: a
+    megatron layer spec (default layer_spec(): TE where available, local otherwise)."""
+    from megatron.core.models.gpt import GPTModel
 
     arch.check_tp(tp_size)
     cfg = transformer_config(arch, tp_size, dtype)
-    spec = get_gpt_layer_with_transformer_engine_spec() if te_available() else get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = layer_spec() if spec is None else spec
     with megatron_compat.cuda_on_cpu():
         model = GPTModel(
             config=cfg,

@@ -22,7 +22,7 @@ from asyncgrpo.config.schema import RunConfig
 from asyncgrpo.trainer import megatron_compat
 from asyncgrpo.trainer.hf_mapping import ModelArch
 from asyncgrpo.trainer.logprobs import token_logprobs
-from asyncgrpo.trainer.model import DTYPES, build_gpt_model, init_parallel, load_hf_weights
+from asyncgrpo.trainer.model import DTYPES, build_gpt_model, compute_device, init_parallel, load_hf_weights
 
 @dataclass
 class Sample:
@@ -174,6 +174,11 @@ class GRPOTrainer:
         init_parallel(t.tensor_parallel_size, cfg.seed, bind_host=cfg.bind_host)
         self.arch = ModelArch.from_dir(cfg.actor.path)
         self.dtype = DTYPES[t.dtype]
+        # Where the model and every per-token tensor of a step live: the current CUDA device when there is one
+        # (init_parallel set it from LOCAL_RANK), else the CPU. Batches are packed on the host and moved here;
+        # statistics come back to the host (core.stat_sums accumulates there), collectives go through `_all_reduce`.
+        self.device = compute_device()
+        self._nccl = dist.get_backend() == "nccl"
         self.dp_group = parallel_state.get_data_parallel_group()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -215,9 +220,13 @@ class GRPOTrainer:
             if ref_arch.vocab_size != self.arch.vocab_size:
                 raise ValueError(f"ref.path vocab_size {ref_arch.vocab_size} != actor.path vocab_size {self.arch.vocab_size}; "
                                  "the reference must share the policy's tokenizer")
-            self.ref = build_gpt_model(ref_arch, t.tensor_parallel_size, self.dtype)
-            load_hf_weights(self.ref, ref_path, ref_arch)
-            self.ref.eval().requires_grad_(False)
+            ref = build_gpt_model(ref_arch, t.tensor_parallel_size, self.dtype)
+            load_hf_weights(ref, ref_path, ref_arch)
+            if self.dtype != torch.float32:  # as the policy: every weight (norms too) in bf16, fp32 logits out
+                from megatron.core.transformer.module import Float16Module
+
+                ref = Float16Module(ref.config, ref)
+            self.ref = ref.eval().requires_grad_(False)
         self.version = 0  # policy version = optimizer steps taken
         self.pad_id = 0
         self.loss_params = loss_params(cfg)
@@ -225,9 +234,18 @@ class GRPOTrainer:
     # -- helpers -------------------------------------------------------------------------------------------------
 
     def _all_reduce(self, t: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
+        """All-reduce a host tensor over DP (NCCL reduces device tensors only: it travels there and back)."""
         if self.dp_size > 1:
-            dist.all_reduce(t, op=op, group=self.dp_group)
+            if self._nccl and t.device.type != "cuda":
+                dev = t.to(self.device)
+                dist.all_reduce(dev, op=op, group=self.dp_group)
+                t.copy_(dev.cpu())
+            else:
+                dist.all_reduce(t, op=op, group=self.dp_group)
         return t
+
+    def _to_device(self, mb: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
 
     def _logp(self, model: torch.nn.Module, ids: Tensor, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
         return token_logprobs(model, ids, self.cfg.actor.temperature, self.arch.vocab_size, with_entropy=entropy)
@@ -250,10 +268,10 @@ class GRPOTrainer:
         i = 0
         for mb in micro:
             n = mb["input_ids"].shape[0]
-            r, kl = core.kl_in_reward(local[i : i + n], mb["prox_logp"], mb["ref_logp"], mb["loss_mask"], a.kl_ctl,
-                                      a.kl_estimator)
-            shaped.append(r)
-            kls.append(kl)
+            r, kl = core.kl_in_reward(local[i : i + n].to(self.device), mb["prox_logp"], mb["ref_logp"], mb["loss_mask"],
+                                      a.kl_ctl, a.kl_estimator)
+            shaped.append(r.cpu())
+            kls.append(kl.cpu())
             i += n
         full = torch.zeros(len(rewards) + 1, dtype=torch.float64)
         full[: len(rewards)][sl] = torch.cat(shaped).double()
@@ -273,7 +291,7 @@ class GRPOTrainer:
         self.model.eval()  # dropout is 0 anyway; eval only documents that the prox pass is a pure evaluation
         with torch.no_grad():
             for i in range(0, len(samples), mbs):
-                mb = pack(samples[i : i + mbs], self.pad_id)
+                mb = self._to_device(pack(samples[i : i + mbs], self.pad_id))
                 mb["prox_logp"] = self._logp(self.model, mb["input_ids"])[0]
                 if self.ref is not None:
                     mb["ref_logp"] = self._logp(self.ref, mb["input_ids"])[0]
@@ -286,12 +304,12 @@ class GRPOTrainer:
         adv_local = adv_all[sl]
         for j, mb in enumerate(micro):
             mb["adv"] = micro_advantages(adv_local[j * mbs : (j + 1) * mbs], samples[j * mbs : (j + 1) * mbs],
-                                         mb["input_ids"])
+                                         mb["input_ids"]).to(self.device)
         # Global normalisers: tokens that enter the loss (cap-masked tokens leave it in mask mode) and sequences.
         counts = torch.zeros(2, dtype=torch.float64)
         for mb in micro:
             eff = core.effective_mask(mb["prox_logp"], mb["behav_logp"], mb["loss_mask"], lp)
-            counts += torch.stack([core.count_tokens(eff), core.count_seqs(eff)]).double()
+            counts += torch.stack([core.count_tokens(eff), core.count_seqs(eff)]).double().cpu()
         counts = self._all_reduce(counts)
         g_tokens, g_seqs = float(counts[0]), float(counts[1])
 
@@ -307,7 +325,7 @@ class GRPOTrainer:
             )
             loss.backward()
             stats["n_completion_tokens"] = core.Stat.total(mb["loss_mask"].sum())
-            micro_stats.append(stats)
+            micro_stats.append(_host_stats(stats))
 
         lr = float(self.optimizer.param_groups[0]["lr"])
         with megatron_compat.cuda_on_cpu():
@@ -350,6 +368,13 @@ class GRPOTrainer:
         from asyncgrpo.trainer.model import export_hf_state_dict
 
         return export_hf_state_dict(self.model, self.arch, dtype)
+
+
+def _host_stats(stats: dict[str, core.Stat]) -> dict[str, core.Stat]:
+    """A micro-batch's statistics on the host, where core.stat_sums accumulates them (a no-op on the CPU)."""
+    if all(s.value.device.type == "cpu" for s in stats.values()):
+        return stats
+    return {k: core.Stat(s.value.cpu(), None if s.weight is None else s.weight.cpu()) for k, s in stats.items()}
 
 
 def staleness_histogram(batch: Batch, trained_version: int) -> dict[str, float]:
