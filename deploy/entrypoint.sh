@@ -1,8 +1,11 @@
 #!/bin/sh
 # Container entry point of the asyncgrpo images, then exec of the command (it gets SIGTERM directly).
-#  - Secrets arrive as files (compose secrets, Kubernetes Secret volumes), the services read them from the
-#    environment: for each NAME below, NAME_FILE=/path sets NAME to the file's content (trailing newline
-#    dropped) and removes NAME_FILE.
+#  - The services read their keys from the environment (ASYNCGRPO_API_KEY, ASYNCGRPO_ADMIN_API_KEY,
+#    ASYNCGRPO_CONTROL_TOKEN, ASYNCGRPO_REWARD_API_KEY; services/asyncgrpo/utils/auth.py). Where they arrive as
+#    files (docker compose's secrets under /run/secrets, a mounted Kubernetes Secret), NAME_FILE=/path sets NAME
+#    to the file's content (trailing newlines dropped) and removes NAME_FILE; the file wins over a NAME already
+#    set (said on stderr). The Helm chart sets NAME itself from its Secret (secretKeyRef): nothing to do here.
+#    Exec probes do not pass through here: deploy/healthcheck.py reads NAME or NAME_FILE itself.
 #  - ASYNCGRPO_RUN_ON_INDEX=K: run the command only in the pod whose index (ASYNCGRPO_POD_INDEX, else the
 #    Job's JOB_COMPLETION_INDEX) is K, and idle elsewhere: the Helm chart's weight-sync sidecar is in every
 #    trainer pod of the Indexed Job but belongs beside rank 0 only.
@@ -15,6 +18,9 @@ for name in ASYNCGRPO_CONTROL_TOKEN ASYNCGRPO_API_KEY ASYNCGRPO_ADMIN_API_KEY AS
       exit 2
     fi
     value=$(cat "$file")
+    if [ -n "$(printenv "$name" || true)" ] && [ "$(printenv "$name")" != "$value" ]; then
+      echo "asyncgrpo-entrypoint: both $name and ${name}_FILE are set; using the file's" >&2
+    fi
     export "$name=$value"
     unset "${name}_FILE"
   fi

@@ -106,6 +106,9 @@ class Remap:
             if a == "--host" and u.argv[i + 1] in LOOPBACK:
                 out[i + 1] = "127.0.0.1"
         head = {"asyncgrpo": [sys.executable, "-m", "asyncgrpo.cli"], "python": [sys.executable]}
+        if out[:2] == ["sh", "-c"] and len(out) > 4:  # sh -c 'exec "$@" KEY FLAGS' NAME PROGRAM ...: the program
+            out = [*out[:4], *head.get(out[4], [out[4]]), *out[5:]]
+            return ["sh", str(ROOT / "deploy" / "entrypoint.sh"), *out]
         return ["sh", str(ROOT / "deploy" / "entrypoint.sh"), *head.get(out[0], [out[0]]), *out[1:]]
 
     def environment(self, u: Unit) -> dict[str, str]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from .tools import ROOT, compose, compose_model
+from .tools import ROOT, compose, compose_model, unwrap_sh
 
 GPU = {"redis", "sglang-0", "sglang-1", "sglang-2", "sglang-3", "router", "trainer", "weight-sync", "rollout", "control",
        "prometheus", "grafana"}
@@ -28,7 +28,7 @@ def test_compose_config_is_valid(profile: str) -> None:
     ("condition: service_healthy}", "condition: service_healthyy}"),  # not a depends_on condition
     ("  shm_size: 16gb\n", "  shm_size: 16gb\n  gpus_count: 1\n"),  # not a service key
     ("  trainer:\n", "  trainer:\n    command: [\n"),  # not YAML
-    ("ipc: service:trainer\n", "ipc: service:nosuchservice\n"),  # a namespace of nothing
+    ("trainer: {condition: service_started}", "nosuchservice: {condition: service_started}"),  # a dependency on nothing
 ], ids=["condition", "unknown-key", "yaml", "dangling-service"])
 @pytest.mark.parametrize("profile", ["gpu"])
 def test_compose_config_fails_on_a_broken_copy(tmp_path: Path, profile: str, breakage: tuple[str, str]) -> None:
@@ -40,11 +40,16 @@ def test_compose_config_fails_on_a_broken_copy(tmp_path: Path, profile: str, bre
     assert out.returncode != 0, f"compose accepted {breakage}"
 
 
-def test_compose_needs_the_keys(tmp_path: Path) -> None:
+@pytest.mark.parametrize("missing", ["ASYNCGRPO_API_KEY", "ASYNCGRPO_ADMIN_API_KEY"])
+def test_compose_needs_the_keys(tmp_path: Path, missing: str) -> None:
+    """An unset or empty key leaves its secret without a source: compose refuses the file, naming the secret."""
     empty = tmp_path / "empty.env"
     empty.write_text("")
-    out = compose("cpu", "config", "-q", env_file=empty, env={"ASYNCGRPO_API_KEY": "", "ASYNCGRPO_ADMIN_API_KEY": ""})
-    assert out.returncode != 0 and "ASYNCGRPO_API_KEY" in out.stderr
+    keys = {"ASYNCGRPO_API_KEY": "k", "ASYNCGRPO_ADMIN_API_KEY": "a", missing: ""}
+    for profile in ("cpu", "gpu"):
+        out = compose(profile, "config", "-q", env_file=empty, env=keys)
+        secret = missing.removeprefix("ASYNCGRPO_").lower()
+        assert out.returncode != 0 and f'secret "{secret}"' in out.stderr, out.stderr
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +75,76 @@ def test_wiring(models: dict[str, dict[str, Any]], profile: str) -> None:
     redis = services["redis"]
     assert "--appendonly" in redis["command"] and redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
     assert any(v["target"] == "/data" and v["type"] == "volume" for v in redis["volumes"])
-    trainer = services["trainer" if profile == "gpu" else "trainer-cpu"]
-    ws = services["weight-sync" if profile == "gpu" else "weight-sync-cpu"]
-    assert ws["ipc"] == ws["network_mode"] == f"service:{'trainer' if profile == 'gpu' else 'trainer-cpu'}"
-    assert trainer["ipc"] == "shareable"
+    assert snapshot_problems(models[profile], profile) == []
     control = services["control" if profile == "gpu" else "control-cpu"]
-    assert [s["source"] for s in control["secrets"]] == ["control_token"]
+    assert [s["source"] for s in control["secrets"]] == ["api_key", "admin_api_key", "control_token"]
     assert control["environment"]["ASYNCGRPO_CONTROL_TOKEN_FILE"] == "/run/secrets/control_token"
     mounts = {v["target"] for s in services.values() for v in s.get("volumes", [])}
     assert {"/checkpoints", "/data"} <= mounts and (profile == "cpu" or "/models" in mounts)
+
+
+def snapshot_problems(model: dict[str, Any], profile: str) -> list[str]:
+    """The weight snapshot's hand-over as it must be: a tmpfs named volume (size from .env) mounted at
+    weight_sync.snapshot_dir in both the trainer and weight-sync; weight-sync an ordinary peer (no namespace of
+    the trainer's, which a restarted trainer container would leave behind), reached by the trainer's publisher
+    and the servers' rendezvous under its own name; the trainer keeps its shm for NCCL."""
+    import yaml
+
+    services = model["services"]
+    trainer = services["trainer" if profile == "gpu" else "trainer-cpu"]
+    ws = services["weight-sync" if profile == "gpu" else "weight-sync-cpu"]
+    deploy = yaml.safe_load(model["configs"][f"deploy-{profile}"]["content"])["weight_sync"]
+    problems = []
+    for name, svc in (("trainer", trainer), ("weight-sync", ws)):
+        for key in ("ipc", "network_mode", "pid"):
+            if str(svc.get(key, "")).startswith(("service:", "container:")) or svc.get(key) == "shareable":
+                problems.append(f"{name} shares a namespace: {key}: {svc[key]}")
+        mounts = [v for v in svc.get("volumes", []) if v["target"] == deploy["snapshot_dir"]]
+        if len(mounts) != 1 or mounts[0]["type"] != "volume":
+            problems.append(f"{name} does not mount a volume at snapshot_dir {deploy['snapshot_dir']}")
+            continue
+        volume = model["volumes"].get(mounts[0]["source"], {})
+        opts = volume.get("driver_opts") or {}
+        if volume.get("driver", "local") != "local" or opts.get("type") != "tmpfs" or "size=" not in opts.get("o", ""):
+            problems.append(f"{name}'s snapshot volume {mounts[0]['source']} is not a sized local tmpfs: {volume}")
+        import re
+
+        users = {re.findall(r"^USER (\d+)", (ROOT / "deploy" / f).read_text(), re.M)[-1]
+                 for f in ("Dockerfile", "Dockerfile.trainer-gpu")}
+        if not any(f"uid={u}" in opts.get("o", "").split(",") for u in users):  # the images' user must write it
+            problems.append(f"the snapshot tmpfs is not owned by the images' user {users}: {opts.get('o')}")
+    sources = {v["source"] for s in (trainer, ws) for v in s.get("volumes", []) if v["target"] == deploy["snapshot_dir"]}
+    if len(sources) != 1:
+        problems.append(f"trainer and weight-sync mount different snapshot volumes: {sorted(sources)}")
+    names = {"weight-sync"} | set(((ws.get("networks") or {}).get("default") or {}).get("aliases") or [])
+    if deploy["master_address"] not in names:
+        problems.append(f"weight_sync.master_address {deploy['master_address']} is not weight-sync's name")
+    cmd = unwrap_sh(trainer["command"])
+    if not any(a.startswith("--weight_sync.host=") and a.split("=", 1)[1] in names for a in cmd):
+        problems.append("the trainer's publisher is not pointed at weight-sync (--weight_sync.host=weight-sync)")
+    if not trainer.get("shm_size"):
+        problems.append("the trainer has no shm_size (NCCL)")
+    return problems
+
+
+def test_snapshot_check_fails_on_broken_copies(models: dict[str, dict[str, Any]]) -> None:
+    for profile in ("gpu", "cpu"):
+        tr, ws = ("trainer", "weight-sync") if profile == "gpu" else ("trainer-cpu", "weight-sync-cpu")
+        shared = copy.deepcopy(models[profile])  # the old way: weight-sync in the trainer's namespaces
+        shared["services"][ws].update(ipc=f"service:{tr}", network_mode=f"service:{tr}")
+        assert any("shares a namespace" in p for p in snapshot_problems(shared, profile))
+        unmounted = copy.deepcopy(models[profile])
+        unmounted["services"][ws]["volumes"] = [v for v in unmounted["services"][ws]["volumes"] if v["target"] != "/snapshot"]
+        assert any("weight-sync does not mount" in p for p in snapshot_problems(unmounted, profile))
+        on_disk = copy.deepcopy(models[profile])
+        on_disk["volumes"]["snapshot"] = {"name": "x"}
+        assert any("not a sized local tmpfs" in p for p in snapshot_problems(on_disk, profile))
+
+
+def test_snapshot_size_is_a_knob() -> None:
+    model = compose_model("cpu", env={"ASYNCGRPO_SNAPSHOT_SIZE": "3g"})
+    assert "size=3g" in model["volumes"]["snapshot"]["driver_opts"]["o"]
+    assert "ASYNCGRPO_SNAPSHOT_SIZE=" in (ROOT / ".env.example").read_text()
 
 
 # what each GPU-profile service reads from its own mounts: the model (actor.path, the tokenizer, the disk
@@ -108,7 +174,7 @@ def test_gpu_services_reserve_gpus_and_run_torchrun(models: dict[str, dict[str, 
         ids.extend(",".join(dev["device_ids"]).split(","))
     assert len(ids) == len(set(ids)) == 8, f"the servers and the trainer share GPUs: {ids}"
     assert services["trainer"]["command"][:3] == ["python", "-m", "torch.distributed.run"]
-    sg = services["sglang-0"]["command"]
+    sg = unwrap_sh(services["sglang-0"]["command"])
     assert sg[:3] == ["python3", "-m", "sglang.launch_server"]
     for flag in ("--api-key", "--admin-api-key", "--port", "--model-path", "--host"):
         assert flag in sg

@@ -86,6 +86,12 @@ def test_entrypoint_turns_secret_files_into_the_environment(tmp_path: Path) -> N
     out = subprocess.run(["sh", str(script), "sh", "-c", 'echo "$ASYNCGRPO_CONTROL_TOKEN|${ASYNCGRPO_CONTROL_TOKEN_FILE:-gone}"'],
                          env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and out.stdout.strip() == "s3cret|gone", out.stderr
+    # the file wins over a variable already set, and says so; every key the deployment hands as a file is known
+    for name in ("ASYNCGRPO_API_KEY", "ASYNCGRPO_ADMIN_API_KEY", "ASYNCGRPO_CONTROL_TOKEN", "ASYNCGRPO_REWARD_API_KEY"):
+        both = {**os.environ, name: "old", f"{name}_FILE": str(token)}
+        out = subprocess.run(["sh", str(script), "sh", "-c", f'echo "${name}"'], env=both, capture_output=True,
+                             text=True, timeout=30)
+        assert out.returncode == 0 and out.stdout.strip() == "s3cret" and "using the file" in out.stderr, (name, out)
     env["ASYNCGRPO_CONTROL_TOKEN_FILE"] = str(tmp_path / "missing")
     out = subprocess.run(["sh", str(script), "true"], env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "not a readable file" in out.stderr
@@ -121,3 +127,73 @@ def test_build_context_holds_what_the_image_copies(dockerfile: Path) -> None:
     for line in re.findall(r"^COPY (?!--from)(.+)$", dockerfile.read_text(), re.M):
         for src in line.split()[:-1]:
             assert src.rstrip("/") in allowed and (ROOT / src).exists(), f"COPY {src} is not in the build context"
+
+
+# -- every image the deployment pulls is pinned ------------------------------------------------------------
+PINNED = re.compile(r"^(?P<name>[^@\s]+?)(?::(?P<tag>[\w][\w.-]*))?(?:@sha256:(?P<digest>[0-9a-f]{64}))?$")
+
+
+def unpinned(ref: str) -> str | None:
+    """Why an image reference is not pinned (None: pinned): a sha256 digest, or a tag holding a full x.y.z version
+    (v0.5.23-cu129, 7.4.6, 2.9.0-cuda12.8-...); never no tag, `latest`, or a bare major / major.minor (redis:7.4)."""
+    m = PINNED.match(ref.strip().strip('"'))
+    if not m:
+        return f"{ref}: not an image reference"
+    if m["digest"]:
+        return None
+    tag = m["tag"]
+    if not tag:
+        return f"{ref}: no tag (latest)"
+    if tag == "latest" or not re.search(r"(?<![\d.])v?\d+\.\d+\.\d+(?![\d])", tag):
+        return f"{ref}: tag {tag} is not a full x.y.z version"
+    return None
+
+
+def deployment_images() -> dict[str, str]:
+    """where -> image of every container compose (both profiles, .env.example's defaults and compose's own) and the
+    chart (default, CPU, multi-node values) run."""
+    from .tools import VALUES, compose_model, manifests, pod_specs, render, values
+
+    images = {}
+    for profile in ("gpu", "cpu"):
+        for env_file in (ROOT / ".env.example", None):
+            model = compose_model(profile) if env_file else _compose_defaults(profile)
+            for name, svc in model["services"].items():
+                images[f"compose {profile} {'env' if env_file else 'defaults'} {name}"] = svc["image"]
+    for vals in VALUES:
+        for workload, spec in pod_specs(manifests(render(vals=values(vals)))):
+            for c in [*spec.get("initContainers", []), *spec["containers"]]:
+                images[f"helm {vals} {workload['metadata']['name']}/{c['name']}"] = c["image"]
+    return images
+
+
+def _compose_defaults(profile: str) -> dict:
+    """The compose model with no .env: the `${VAR:-default}` defaults of docker-compose.yml itself."""
+    import json
+    import tempfile
+
+    from .tools import compose
+
+    with tempfile.TemporaryDirectory() as d:
+        empty = Path(d) / "keys-only.env"
+        empty.write_text("ASYNCGRPO_API_KEY=k\nASYNCGRPO_ADMIN_API_KEY=a\n")
+        out = compose(profile, "config", "--format", "json", env_file=empty)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_every_deployment_image_is_pinned() -> None:
+    images = deployment_images()
+    assert len(images) > 20
+    assert [why for why in map(unpinned, images.values()) if why] == []
+    for where in ("compose gpu env redis", "compose cpu defaults redis", "helm default demo-asyncgrpo-redis/redis"):
+        assert unpinned(images[where]) is None and images[where].strip('"').startswith("redis:7.4.")
+
+
+def test_the_pin_check_fails_on_floating_references() -> None:
+    for ref in ("redis:7.4", "redis:7", "redis", "redis:latest", "grafana/grafana:12.1", "lmsysorg/sglang:v0.5-cu129",
+                "registry:5000/asyncgrpo"):
+        assert unpinned(ref), ref
+    for ref in ("redis:7.4.6", "prom/prometheus:v3.5.0", "lmsysorg/sglang:v0.5.23-cu129", "asyncgrpo:0.1.0",
+                "registry:5000/asyncgrpo:0.1.0", "redis@sha256:" + "a" * 64, '"asyncgrpo-trainer-gpu:0.1.0"'):
+        assert unpinned(ref) is None, ref

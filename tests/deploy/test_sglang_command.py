@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .tools import ROOT, compose_model, manifests, render, values
+from .tools import ROOT, compose_model, manifests, render, unwrap_sh, values
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,8 @@ def unknown_flags(argv: list[str], fields: set[str]) -> list[str]:
 
 
 def sglang_commands() -> dict[str, list[str]]:
-    cmds = {name: svc["command"][3:] for name, svc in compose_model("gpu")["services"].items()
-            if (svc.get("command") or [])[:3] == ["python3", "-m", "sglang.launch_server"]}
+    cmds = {name: unwrap_sh(svc["command"])[3:] for name, svc in compose_model("gpu")["services"].items()
+            if unwrap_sh(svc.get("command") or [])[:3] == ["python3", "-m", "sglang.launch_server"]}
     for vals in ("default", "multinode-gpu"):
         for d in manifests(render(vals=values(vals))):
             for c in d.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):

@@ -8,6 +8,8 @@ the weights to the genserver, leave its checkpoint and final model, and answer o
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import yaml
 from service_procs import Proc
 
 from .local_run import Remap, Unit, check_trained_run, start_all
-from .tools import check_command, compose_model, expand_k8s, manifests, render, values
+from .tools import ROOT, check_command, compose_model, expand_k8s, manifests, render, values
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +56,8 @@ def test_compose_cpu_profile_trains_as_local_processes(redis_server, tmp_path: P
         env = {k: str(v) for k, v in svc.get("environment", {}).items()}
         after = [d for d, c in (svc.get("depends_on") or {}).items()
                  if d not in NOT_OURS and c["condition"] in ("service_healthy", "service_completed_successfully")]
-        units.append(Unit(name, ns, list(svc["command"]), env, health="ASYNCGRPO_HEALTH_URL" in env,
+        argv = [a.replace("$$", "$") for a in svc["command"]]  # the model escapes `$` as compose reads it
+        units.append(Unit(name, ns, argv, env, health="ASYNCGRPO_HEALTH_URL" in env,
                           oneshot=svc.get("restart") == "no", after=after))
         mounts.update({v["target"]: v["source"] for v in svc.get("volumes", [])})
     texts = [c["content"] for c in model["configs"].values() if "content" in c]
@@ -70,8 +73,15 @@ def test_compose_cpu_profile_trains_as_local_processes(redis_server, tmp_path: P
             files[name][ref["target"]] = local
             remap.paths[ref["target"]] = str(local)
         for ref in svc.get("secrets", []):
-            remap.paths[ref["target"]] = model["secrets"][ref["source"]]["file"]
-        check_command(list(svc["command"]), files[name], name)  # a compose/CLI mismatch fails here first
+            secret = model["secrets"][ref["source"]]
+            if "environment" in secret:  # compose copies the variable's value into the container as the file
+                local = tmp_path / "secrets" / ref["source"]
+                local.parent.mkdir(exist_ok=True)
+                local.write_text(KEYS[secret["environment"]])
+                remap.paths[ref["target"]] = str(local)
+            else:
+                remap.paths[ref["target"]] = secret["file"]
+        check_command(remap.units[name].argv, files[name], name)  # a compose/CLI mismatch fails here first
 
     procs: dict[str, Proc] = {}
     try:
@@ -128,7 +138,7 @@ def test_helm_cpu_values_train_as_local_processes(redis_server, tmp_path: Path) 
         sub = w["spec"]["template"]["spec"].get("subdomain")
         if sub:  # an Indexed Job's pod 0 through its headless Service
             dns[f"{name}-0.{sub}.rl.svc"] = name
-    units, mounts = [], {}
+    units, mounts, readiness = [], {}, {}
     gen, router = component["generation"], component["router"]
     for name, w in workloads.items():
         if w["kind"] == "StatefulSet":  # Redis: the private redis-server stands in
@@ -147,6 +157,9 @@ def test_helm_cpu_values_train_as_local_processes(redis_server, tmp_path: Path) 
             if name == router:  # the router's Kubernetes service discovery needs an API server: name its worker
                 i = argv.index("--service-discovery")
                 argv = [*argv[:i], "--worker-urls", f"http://{gen}:30000"]
+            probe = (c.get("readinessProbe") or {}).get("exec", {}).get("command")
+            if probe:
+                readiness[f"{name}/{c['name']}"] = probe
             after = list(sidecars)  # the kubelet starts a pod's native sidecars (and waits for them) first
             if c.get("restartPolicy") == "Always":
                 sidecars.append(f"{name}/{c['name']}")
@@ -186,10 +199,28 @@ def test_helm_cpu_values_train_as_local_processes(redis_server, tmp_path: Path) 
         server = f"http://127.0.0.1:{remap.port(f'{gen}/server', 30000)}"
         head = {"Authorization": f"Bearer {KEYS['ASYNCGRPO_API_KEY']}"}
         assert [m["url"] for m in httpx.get(f"{ws}/servers", headers=head, timeout=5).json()] == [server]
+
+        # the pod's readiness gate (the register sidecar's readinessProbe, run as the kubelet would: the
+        # container's environment, no entrypoint): ready once weight-sync lists the server ready
+        def gate(state: Path, keep: str = "1") -> subprocess.CompletedProcess[str]:
+            cmd = readiness[f"{gen}/register"]
+            assert cmd[:2] == ["python", "/usr/local/bin/asyncgrpo-healthcheck"], cmd
+            env = {**remap.environment(by[f"{gen}/register"]), "ASYNCGRPO_READY_STATE": str(state),
+                   "ASYNCGRPO_READY_KEEP": keep}
+            return subprocess.run([sys.executable, str(ROOT / "deploy" / "healthcheck.py"), *cmd[2:]], env=env,
+                                  capture_output=True, text=True, timeout=30)
+
+        was_ready = tmp_path / "ready-state"
+        assert gate(was_ready).returncode == 0 and was_ready.is_file()
         register = procs.pop(f"{gen}/register")
         register.stop(grace_s=30)
         assert register.p.returncode == 0 and f"removed {server}" in register.tail(), register.tail()
         assert httpx.get(f"{ws}/servers", headers=head, timeout=5).json() == []
+        # not registered: a pod that never was ready stays out; one that was stays in (keepWhenUnknown) unless
+        # the gate is strict
+        assert gate(tmp_path / "never-ready").returncode == 1
+        assert gate(was_ready).returncode == 0
+        assert gate(was_ready, keep="0").returncode == 1
     finally:
         for p in reversed(list(procs.values())):
             p.stop(grace_s=30)

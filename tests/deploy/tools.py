@@ -9,6 +9,7 @@ import importlib
 import io
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -116,11 +117,23 @@ def _parse(parser: argparse.ArgumentParser, args: list[str], what: str) -> tuple
             raise AssertionError(f"{what}: the CLI refuses {args}: {err.getvalue().strip()}") from None
 
 
+def unwrap_sh(argv: list[str]) -> list[str]:
+    """What a command that reads its keys at run time execs: `sh -c 'exec "$@" FLAGS...' NAME PROGRAM ARGS...`
+    -> PROGRAM ARGS FLAGS (the compose model's `$$` unescaped; FLAGS' values as written, e.g. "$(cat FILE)" or
+    "$VAR"). Any other command is returned as is."""
+    if argv[:2] != ["sh", "-c"]:
+        return argv
+    words = shlex.split(argv[2].replace("$$", "$"))
+    assert words[:2] == ["exec", "$@"] and len(argv) > 4, f"not an `exec \"$@\" FLAGS` wrapper: {argv[:4]}"
+    return [*argv[4:], *words[2:]]
+
+
 def check_command(argv: list[str], files: dict[str, Path], what: str) -> list[str]:
     """Parse a container's command line as its program would and return it in `asyncgrpo ...` form.
     torchrun's and sglang-router's own parsers, then `asyncgrpo COMMAND`'s parser; for a command with
     --config the run config is loaded with its dotted overrides (a wrong key or value fails). `files` maps
-    the container paths of config files to local copies."""
+    the container paths of config files to local copies. A `sh -c 'exec "$@" ...'` wrapper is unwrapped first."""
+    argv = unwrap_sh(argv)
     if argv[:3] == ["python", "-m", "sglang_router.launch_router"]:
         from sglang_router.launch_router import parse_router_args
 

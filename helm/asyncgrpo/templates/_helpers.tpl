@@ -164,3 +164,21 @@ A trainer spanning nodes needs it: refused otherwise, with the fix.
 {{- fail (printf "trainer.nodes=%d puts trainer pods on several nodes, which all write the checkpoints volume: set checkpoints.accessModes to [ReadWriteMany] (a storage class that supports it) or trainer.nodes=1" (int .Values.trainer.nodes)) -}}
 {{- end -}}
 {{- end -}}
+
+{{/* NCCL / gloo settings of the containers in weight-sync's broadcast group and the trainer's (values: nccl) */}}
+{{- define "asyncgrpo.ncclEnv" -}}
+{{- with .Values.nccl.socketIfname }}
+- {name: NCCL_SOCKET_IFNAME, value: {{ . | quote }}}
+{{- end }}
+{{- range $k, $v := .Values.nccl.env }}
+- {name: {{ $k }}, value: {{ $v | quote }}}
+{{- end }}
+{{- end -}}
+
+{{/* the pod's ephemeral port range (nccl.portRange), where NCCL and gloo listen: a pod securityContext entry */}}
+{{- define "asyncgrpo.portRangeSysctl" -}}
+{{- with .Values.nccl.portRange }}
+sysctls:
+  - {name: net.ipv4.ip_local_port_range, value: {{ . | quote }}}
+{{- end }}
+{{- end -}}
