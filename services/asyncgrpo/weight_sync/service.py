@@ -331,6 +331,8 @@ class WeightSyncService:
             if not members:
                 return
             log.info("catching up %s to version %d", [m.url for m in members], manifest.version)
+            # a server dropped mid-update may still hold that update's session open; begin would be refused
+            await asyncio.gather(*(self._close_session(m) for m in members))
             await self._sync(members, manifest, data, temporary_group=True)
 
     async def _sync(self, members: list[Member], manifest: Manifest, data: torch.Tensor, temporary_group: bool) -> None:
@@ -397,12 +399,15 @@ class WeightSyncService:
                 if not healthy:
                     report.failed[m.url] = errors[m.url]
                     self._drop(m, "update", errors[m.url])
-                elif attempt == MAX_ATTEMPTS - 1:
-                    if not self._fall_back(m, errors[m.url]):
+                else:
+                    if t.session:
+                        await self._close_session(m)  # a retry or the next transport opens its own
+                    if attempt < MAX_ATTEMPTS - 1:
+                        log.warning("update of %s to version %s over %s failed (%s); retrying", m.url, v, t.name,
+                                    errors[m.url])
+                    elif not self._fall_back(m, errors[m.url]):
                         report.failed[m.url] = errors[m.url]
                         self._drop(m, "update", errors[m.url])
-                else:
-                    log.warning("update of %s to version %s over %s failed (%s); retrying", m.url, v, t.name, errors[m.url])
             todo = failed
 
     async def _protocol(self, t: Transport, members: list[Member], manifest: Manifest, data: torch.Tensor,
@@ -410,20 +415,26 @@ class WeightSyncService:
         """pause -> begin -> send -> end for `members` over `t`; {url: error} of the members it failed for."""
         s, errors = self.s, {}
         await call_each(members, lambda m: m.client.pause(s.pause_mode), s.request_timeout_s, errors, "pause_generation: ")
+        began: list[Member] = []
         if t.session:
             await call_each([m for m in members if m.url not in errors], lambda m: m.client.begin_weight_update(),
                             s.request_timeout_s, errors, "begin_weight_update: ")
+            began = [m for m in members if m.url not in errors]
         if errors and t.collective:
-            return errors | {m.url: "group aborted: another member failed" for m in members if m.url not in errors}
+            errors |= {m.url: "group aborted: another member failed" for m in members if m.url not in errors}
         go = [m for m in members if m.url not in errors]
         if go:
             errors.update(await t.send(go, manifest, data, report))
-        if t.session:  # close every session opened, a failed member's too: it is retried or dropped next
-            ended: dict[str, str] = {}
-            await call_each(go, lambda m: m.client.end_weight_update(), s.request_timeout_s, ended, "end_weight_update: ")
-            for url, e in ended.items():
-                errors.setdefault(url, e)
+        # close the sessions of the members that got everything; a failed one's is closed only once it proved
+        # healthy (_deliver), so a frozen server cannot keep the others paused for another request timeout
+        done = [m for m in began if m.url not in errors]
+        if done:
+            await call_each(done, lambda m: m.client.end_weight_update(), s.request_timeout_s, errors, "end_weight_update: ")
         return errors
+
+    async def _close_session(self, m: Member) -> None:
+        with contextlib.suppress(SGLangError, asyncio.TimeoutError, OSError):
+            await asyncio.wait_for(m.client.end_weight_update(), self.s.request_timeout_s)
 
     async def _join_failed(self, m: Member, error: str, report: UpdateReport) -> None:
         """A server that could not join the broadcast group: dropped, or (healthy, twice) moved down its chain."""
