@@ -39,6 +39,7 @@ ADMIN_CALLS = [
     ("POST", "/begin_weight_update", {}, 200),
     ("POST", "/end_weight_update", {}, 200),
     ("POST", "/update_weights_from_distributed", {"names": ["x"], "dtypes": ["float32"], "shapes": [[1]]}, 400),
+    ("POST", "/update_weights_from_tensor", {"serialized_named_tensors": ["%%%"]}, 400),
     ("POST", "/update_weights_from_disk", {"model_path": "/nonexistent/ckpt"}, 400),
     ("POST", "/update_weight_version", {"new_version": "default", "abort_all_requests": False}, 200),
     ("POST", "/get_weights_by_name", {"name": "model.norm.weight", "truncate_size": 2}, 200),

@@ -15,8 +15,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to serve other machines: needs a key)")
     p.add_argument("--port", type=int, default=30000, help="HTTP port (SGLang's default is 30000)")
     p.add_argument("--max-batch-size", type=int, default=128, help="most requests decoded together (SGLang: max_running_requests)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (bfloat16 on a GPU; log-probs are computed in fp32 from the logits either way)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device (cpu, cuda, cuda:N): model, KV cache and sampling generators all live there")
     p.add_argument("--weight-version", default="default", help="initial weight_version label")
     p.add_argument("--dist-timeout-s", type=float, default=600.0,
                    help="timeout of every weight-sync rendezvous and collective, and of a load from disk")
@@ -55,15 +57,28 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if not (api_key or admin_api_key):
         log.warning("genserver: no --api-key/--admin-api-key: every endpoint on %s:%d is open to local users",
                     args.host, args.port)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        print(f"asyncgrpo genserver: --device {args.device!r}: {e}", file=sys.stderr)
+        return 2
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            print(f"asyncgrpo genserver: --device {args.device} but torch sees no GPU (torch {torch.__version__}, "
+                  f"cuda {torch.version.cuda}); use --device cpu", file=sys.stderr)
+            return 2
+        if device.index is not None:
+            torch.cuda.set_device(device)  # this thread's current device (the engine thread sets its own)
     torch.set_num_threads(max(1, args.threads))
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device)
     tok = AutoTokenizer.from_pretrained(args.model)
     engine = Engine(model, tok, model_path=str(args.model), max_batch_size=args.max_batch_size,
                     weight_version=args.weight_version)
     app = create_app(engine, host=args.host, port=args.port, dist_timeout_s=args.dist_timeout_s,
                      served_model_name=args.served_model_name, api_key=api_key, admin_api_key=admin_api_key)
-    log.info("genserver: %s on http://%s:%d (max batch %d, %s, vocab %d, auth: %s)", args.model, args.host, args.port,
-             args.max_batch_size, args.dtype, engine.vocab_size,
+    where = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"
+    log.info("genserver: %s on http://%s:%d (max batch %d, %s on %s (%s), vocab %d, auth: %s)", args.model, args.host,
+             args.port, args.max_batch_size, args.dtype, engine.device, where, engine.vocab_size,
              "+".join(k for k, v in (("api key", api_key), ("admin key", admin_api_key)) if v) or "none")
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30)

@@ -7,6 +7,13 @@ admits waiting requests (a prefill of just the new rows, left-padded, then conca
 and drops finished rows. So a request joins and leaves the running batch at any step (continuous
 batching), and every row keeps its own sampling params and torch.Generator.
 
+Device: all batch state lives on the model's device (`self.device`: cpu, cuda:N): the KV cache, the
+attention mask, positions, temperatures and the last sampled token of every row; seeded requests get a
+torch.Generator on that device when they join, and unseeded rows draw from one engine generator there. A
+decode step therefore copies nothing between host and device except one read-back of the sampled tokens
+and their log-probs (`sample_batch_logprobs`); a prefill copies its prompt ids in. A CPU engine is the
+same code with device cpu.
+
 Everything that touches the model or the batch (steps, pause, abort, weight application, reads of
 weights) runs on this thread; the HTTP side talks to it through `submit()` and per-request callbacks,
 so the event loop is never blocked by a forward pass.
@@ -33,7 +40,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from asyncgrpo.genserver.sampling import SamplingSpec, sample_batch, tempered_logprobs
+from asyncgrpo.genserver.sampling import SamplingSpec, device_generator, sample_batch_logprobs, tempered_logprobs
 from asyncgrpo.genserver.weights import all_finite
 from asyncgrpo.utils.metrics import counter, gauge, histogram
 
@@ -65,7 +72,8 @@ class Request:
     finish_reason: dict[str, Any] | None = None
     created: float = field(default_factory=time.time)
     # a seeded request draws from its own generator, so its tokens do not depend on what shares its batch;
-    # an unseeded one (None) draws from the engine's shared generator, all such rows in one call
+    # an unseeded one (None) draws from the engine's shared generator, all such rows in one call. Made on the
+    # CPU here; the engine remakes it on its device (same seed) when the request first joins the batch.
     generator: torch.Generator | None = None
     stop_text: str | None = None  # matched stop string, to trim the text
 
@@ -114,9 +122,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.waiting: deque[Request] = deque()
         self.rows: list[Request] = []
-        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.mask = torch.zeros(0, 0, dtype=torch.long)
-        self.pos = torch.zeros(0, dtype=torch.long)
+        self._reset_batch()
         self.paused: str | None = None
         self._cmds: queue.Queue[tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]]] = queue.Queue()
         self._wake = threading.Event()
@@ -124,7 +130,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.stats = {"steps": 0, "max_batch_seen": 0, "prefills": 0, "tokens": 0, "requests": 0}
         self._tps_window: deque[tuple[float, int]] = deque()
-        self._rng = torch.Generator().manual_seed(random.getrandbits(63))  # unseeded requests draw from it
+        self._rng = device_generator(self.device, random.getrandbits(63))  # unseeded requests draw from it
         self._set_version_metric()
 
     # ---- thread plumbing ----
@@ -172,6 +178,8 @@ class Engine:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        if self.device.type == "cuda":  # kernels without an explicit device (HF internals) go to the model's GPU
+            torch.cuda.set_device(self.device)
         while not self._stop:
             self._run_commands()
             if self.paused is None and (self.rows or self.waiting):
@@ -203,9 +211,15 @@ class Engine:
 
     # ---- batch bookkeeping ----
     def _reset_batch(self) -> None:
+        """An empty batch. Per-row state on the device: mask [B, L] (1 = a cached token), pos [B] (the position
+        the next fed token takes = the row's cached length), temps [B], last [B] (the token fed next); on the
+        host: lens (pos's values, so trimming the cache never reads the device)."""
         self.rows, self.kv = [], []
-        self.mask = torch.zeros(0, 0, dtype=torch.long)
-        self.pos = torch.zeros(0, dtype=torch.long)
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.temps = torch.zeros(0, dtype=torch.float32, device=self.device)
+        self.last = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.lens: list[int] = []
 
     def _finish(self, req: Request, reason: dict[str, Any]) -> None:
         req.finish_reason = reason
@@ -231,12 +245,10 @@ class Engine:
         """Prefill prompt + output so far for new rows, append them to the batch; returns their last logits."""
         seqs = [r.input_ids + r.output_ids for r in reqs]
         L = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(seqs), L, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, L - len(s):] = torch.tensor(s)
-            mask[i, L - len(s):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        # left-padded ids and their mask, built on the host and copied in once
+        both = torch.tensor([[[self.pad_id] * (L - len(s)) + s for s in seqs],
+                             [[0] * (L - len(s)) + [1] * len(s) for s in seqs]], dtype=torch.long, device=self.device)
+        ids, mask = both[0], both[1]
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         logits, kv = self._forward(ids, mask, pos, None)
         self.stats["prefills"] += 1
@@ -250,16 +262,22 @@ class Engine:
             new_mask = torch.cat([_lpad_mask(self.mask, Lmax), _lpad_mask(mask, Lmax)])
         else:
             new_kv, new_mask = kv, mask
-        new_pos = torch.cat([self.pos.to(self.device), torch.tensor([len(s) for s in seqs], dtype=torch.long, device=self.device)])
+        lens = [len(s) for s in seqs]
+        new_pos = torch.cat([self.pos, torch.tensor(lens, dtype=torch.long, device=self.device)])
+        new_temps = torch.cat([self.temps, torch.tensor([r.spec.temperature for r in reqs], dtype=torch.float32,
+                                                        device=self.device)])
+        new_last = torch.cat([self.last, torch.zeros(len(reqs), dtype=torch.long, device=self.device)])  # set by _sample
         self.kv, self.mask, self.pos, self.rows = new_kv, new_mask, new_pos, self.rows + reqs
+        self.temps, self.last, self.lens = new_temps, new_last, self.lens + lens
         return logits
 
     def _decode(self) -> torch.Tensor:
-        last = torch.tensor([r.output_ids[-1] for r in self.rows], dtype=torch.long, device=self.device)[:, None]
+        """One decode step of every row: feed each row's last sampled token (already on the device)."""
         mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long, device=self.device)], dim=1)
-        logits, self.kv = self._forward(last, mask, self.pos[:, None], self.kv)
+        logits, self.kv = self._forward(self.last[:, None], mask, self.pos[:, None], self.kv)
         self.mask = mask
         self.pos = self.pos + 1
+        self.lens = [n + 1 for n in self.lens]
         return logits
 
     def _keep(self, keep: list[int]) -> None:
@@ -271,11 +289,15 @@ class Engine:
             return
         idx = torch.tensor(keep, dtype=torch.long, device=self.device)
         self.rows = [self.rows[i] for i in keep]
+        self.lens = [self.lens[i] for i in keep]
         self.mask = self.mask[idx]
         self.pos = self.pos[idx]
+        self.temps = self.temps[idx]
+        self.last = self.last[idx]
         self.kv = [(k[idx], v[idx]) for k, v in self.kv]
-        used = self.mask.any(dim=0).nonzero()
-        first = int(used[0]) if len(used) else self.mask.shape[1]
+        # every row's cached tokens are the rightmost lens[i] columns (left padding): the longest row says how
+        # many left columns no row needs; from the host copy of the lengths, so no device read
+        first = self.mask.shape[1] - max(self.lens)
         if first > 0:
             self.mask = self.mask[:, first:]
             self.kv = [(k[:, :, first:], v[:, :, first:]) for k, v in self.kv]
@@ -297,6 +319,8 @@ class Engine:
         """Prefill new rows into the batch and sample their first token. A failing prefill leaves the running
         batch untouched and fails only the new rows: each alone, so the culprit fails and the others join."""
         n_old = len(self.rows)
+        for r in new:
+            self._bind_generator(r)
         try:
             logits = self._prefill(new)
         except Exception as e:  # noqa: BLE001 - isolated below
@@ -315,16 +339,30 @@ class Engine:
                 self._fail(r, e)
             self._keep([i for i, r in enumerate(self.rows) if id(r) not in joined])
 
+    def _bind_generator(self, r: Request) -> None:
+        """A seeded request's generator on the engine's device (seeded with its sampling_seed), made once: a
+        retracted request keeps its advanced generator when it re-joins."""
+        seed = r.spec.sampling_seed
+        if seed is not None and (r.generator is None or r.generator.device != self.device):
+            r.generator = device_generator(self.device, seed)
+
     def _sample(self, row_idx: list[int], logits: torch.Tensor) -> None:
-        reqs = [self.rows[i] for i in row_idx]
-        temps = torch.tensor([r.spec.temperature for r in reqs], dtype=torch.float32, device=logits.device)
-        # sampling runs on CPU with each request's own CPU generator (tiny [B, V] copy on GPU)
-        lps = tempered_logprobs(logits, temps).cpu()
+        """Sample the next token of the batch rows row_idx (a contiguous range) from their last logits, on the
+        device; one read-back of the tokens and their log-probs."""
+        assert row_idx == list(range(row_idx[0], row_idx[-1] + 1)), "rows sampled together are contiguous"
+        span = slice(row_idx[0], row_idx[-1] + 1)
+        reqs = self.rows[span]
+        lps = tempered_logprobs(logits, self.temps[span])
         live = [k for k, r in enumerate(reqs) if r.finish_reason is None]
-        toks = sample_batch(lps[live] if len(live) < len(reqs) else lps, [reqs[k].spec for k in live],
-                            [reqs[k].generator for k in live], [self._banned(reqs[k]) for k in live], self._rng)
-        chosen = [t if isinstance(t, int) else 0 for t in toks]
-        picked = lps[torch.tensor(live, dtype=torch.long), torch.tensor(chosen, dtype=torch.long)].tolist() if live else []
+        every = len(live) == len(reqs)
+        live_idx = None if every else torch.tensor(live, dtype=torch.long, device=self.device)
+        toks, picked, tok_t = sample_batch_logprobs(
+            lps if live_idx is None else lps[live_idx], [reqs[k].spec for k in live],
+            [reqs[k].generator for k in live], [self._banned(reqs[k]) for k in live], self._rng)
+        if live_idx is None:  # the next decode step feeds these tokens from the device
+            self.last[span] = tok_t
+        elif live:
+            self.last[row_idx[0] + live_idx] = tok_t
         keep = [i for i in range(len(self.rows)) if i not in set(row_idx)]
         for k, tok, lp in zip(live, toks, picked):
             r = reqs[k]

@@ -95,7 +95,7 @@ def filter_logprobs(lp: torch.Tensor, top_k: int, top_p: float, min_p: float) ->
         drop = (probs.cumsum(0) - probs) >= top_p
         out[idx[drop]] = float("-inf")
     if min_p > 0.0:
-        out[lp < lp.max() + torch.log(torch.tensor(min_p))] = float("-inf")
+        out[lp < lp.max() + math.log(min_p)] = float("-inf")
     return out
 
 
@@ -106,7 +106,8 @@ class SamplingError(RuntimeError):
 def sample_row(lp: torch.Tensor, spec: SamplingSpec, generator: torch.Generator, banned: list[int] | None = None) -> int:
     """Draw one token from a row of tempered log-probs under the request's filters, with its own generator
     (so a seeded request gives the same tokens whatever else shares its batch). Banned ids outside the row
-    are ignored (the model cannot produce them); SamplingError when nothing can be drawn."""
+    are ignored (the model cannot produce them); SamplingError when nothing can be drawn. The noise is drawn
+    on the row's device, so `generator` must live there (torch.Generator(device=lp.device))."""
     masked = lp
     if banned:
         inside = [t for t in banned if 0 <= t < lp.numel()]
@@ -118,7 +119,7 @@ def sample_row(lp: torch.Tensor, spec: SamplingSpec, generator: torch.Generator,
     else:
         masked = filter_logprobs(masked, spec.top_k, spec.top_p, spec.min_p)
         # exponential race: argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i
-        e = torch.empty(masked.shape, dtype=torch.float32).exponential_(generator=generator)
+        e = torch.empty(masked.shape, dtype=torch.float32, device=masked.device).exponential_(generator=generator)
         tok = int(torch.argmax(masked - e.log()))
     # argmax picks a NaN, or any -inf when all are: one check of the winner catches both
     if not math.isfinite(float(masked[tok])):
@@ -131,6 +132,15 @@ def _unfiltered(spec: SamplingSpec, vocab: int) -> bool:
     return spec.top_k >= vocab and spec.top_p >= 1.0 and spec.min_p <= 0.0
 
 
+def _index(rows: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def device_generator(device: torch.device | str, seed: int | None = None) -> torch.Generator:
+    """A torch.Generator on `device` (CUDA draws need a CUDA generator), seeded with `seed` or at random."""
+    return torch.Generator(device=device).manual_seed(random.getrandbits(63) if seed is None else int(seed))
+
+
 def sample_batch(lps: torch.Tensor, specs: list[SamplingSpec], generators: list[torch.Generator | None],
                  banned: list[list[int] | None], shared: torch.Generator | None = None) -> list[int | Exception]:
     """sample_row for every row of [B, V] tempered log-probs. A row with its own generator (a seeded request)
@@ -138,33 +148,66 @@ def sample_batch(lps: torch.Tensor, specs: list[SamplingSpec], generators: list[
     without one (None) draw from `shared`, all in one call. Rows without filters or banned ids (the usual case)
     are decided by one batched argmax instead of ~6 small ops each; the rest go through sample_row. A row that
     cannot be sampled gets its error (SamplingError) in place of a token, so it fails alone."""
-    vocab = lps.shape[-1]
-    shared = shared if shared is not None else torch.Generator().manual_seed(random.getrandbits(63))
+    return sample_batch_logprobs(lps, specs, generators, banned, shared)[0]
+
+
+def sample_batch_logprobs(lps: torch.Tensor, specs: list[SamplingSpec], generators: list[torch.Generator | None],
+                          banned: list[list[int] | None], shared: torch.Generator | None = None,
+                          ) -> tuple[list[int | Exception], list[float], torch.Tensor]:
+    """sample_batch, plus each row's log-prob of its token (lps[i, token]) and the tokens as a [B] long tensor
+    on lps.device (0 in a failed row's place), for the engine to feed back without a host->device copy.
+
+    Device-resident: everything is computed on lps.device with generators on that device (`shared` and the
+    rows' own), and the tokens and their log-probs come back to the host in ONE copy per call. Rows that are
+    filtered (top-k/top-p/min-p) or have banned ids go through sample_row, which reads back per row. Index
+    tensors are built only when the batch mixes kinds of rows (fast and filtered, greedy and sampled, seeded and
+    unseeded); the usual batch needs none."""
+    vocab, dev = lps.shape[-1], lps.device
+    shared = shared if shared is not None else device_generator(dev)
     out: list[int | Exception] = [0] * len(specs)
+    toks = torch.zeros(len(specs), dtype=torch.long, device=dev)
     fast = [i for i, (spec, ban) in enumerate(zip(specs, banned)) if not ban and (spec.greedy or _unfiltered(spec, vocab))]
-    for i in sorted(set(range(len(specs))) - set(fast)):
+    slow = sorted(set(range(len(specs))) - set(fast))
+    for i in slow:
         try:
             out[i] = sample_row(lps[i], specs[i], generators[i] or shared, banned[i])
+            toks[i] = out[i]
         except Exception as e:  # noqa: BLE001 - this row's failure, reported in its place
             out[i] = e
     if fast:
-        rows = lps[torch.tensor(fast, dtype=torch.long)]
+        every = len(fast) == len(specs)
+        rows = lps if every else lps[_index(fast, dev)]
         sampled = [k for k, i in enumerate(fast) if not specs[i].greedy]
-        scores = rows.clone() if sampled else rows
+        scores = rows
         if sampled:
-            noise = torch.empty(len(sampled), vocab, dtype=torch.float32)
+            noise = torch.empty(len(sampled), vocab, dtype=torch.float32, device=dev)
             pooled = [j for j, k in enumerate(sampled) if generators[fast[k]] is None]
-            for j, k in enumerate(sampled):
-                g = generators[fast[k]]
-                if g is not None:
-                    noise[j].exponential_(generator=g)
-            if pooled:
-                noise[torch.tensor(pooled, dtype=torch.long)] = torch.empty(len(pooled), vocab).exponential_(generator=shared)
-            scores[torch.tensor(sampled, dtype=torch.long)] -= noise.log()
-        toks = torch.argmax(scores, dim=-1)
-        best = rows.gather(1, toks[:, None])[:, 0]
-        for i, tok, lp in zip(fast, toks.tolist(), best.tolist()):
-            out[i] = tok if math.isfinite(lp) else SamplingError(
-                f"no token can be sampled: the best candidate has log-prob {lp} (every token masked, or log-probs "
-                "that are not numbers)")
-    return out
+            if len(pooled) == len(sampled):  # no seeded row: one draw for all
+                noise.exponential_(generator=shared)
+            else:
+                for j, k in enumerate(sampled):
+                    g = generators[fast[k]]
+                    if g is not None:
+                        noise[j].exponential_(generator=g)
+                if pooled:
+                    noise[_index(pooled, dev)] = torch.empty(len(pooled), vocab, dtype=torch.float32,
+                                                             device=dev).exponential_(generator=shared)
+            if len(sampled) == len(fast):
+                scores = rows - noise.log()
+            else:
+                scores = rows.clone()
+                scores[_index(sampled, dev)] -= noise.log()
+        best = torch.argmax(scores, dim=-1)
+        if every:
+            toks = best
+        else:
+            toks[_index(fast, dev)] = best
+    picked = lps.gather(1, toks[:, None])[:, 0]
+    # the one device->host copy: tokens and their log-probs together (float64 holds every token id exactly)
+    host_toks, host_lps = torch.stack([toks.double(), picked.double()]).tolist() if len(specs) else ([], [])
+    for i in fast:
+        tok, lp = int(host_toks[i]), host_lps[i]
+        out[i] = tok if math.isfinite(lp) else SamplingError(
+            f"no token can be sampled: the best candidate has log-prob {lp} (every token masked, or log-probs "
+            "that are not numbers)")
+    return out, host_lps, toks
