@@ -8,6 +8,7 @@ import base64
 import io
 import os
 import pickle
+import re
 import sys
 import types
 from pathlib import Path
@@ -81,6 +82,26 @@ def test_hostile_payloads_are_refused_with_the_field_named() -> None:
         tp.bucket_tensors({"flattened_tensor": flat})
     with pytest.raises(tp.PayloadError, match="not a \(name, tensor\) pair"):
         tp.named_tensors([("x", 1)])
+
+
+def test_a_payload_cannot_allocate_or_map_what_it_likes() -> None:
+    """Beyond SGLang's allowlist: torch's classes cannot be called (a pickle could allocate any size), and a
+    shared-memory storage must carry torch's file name and fit the receiver's byte limit."""
+    class Alloc:
+        def __reduce__(self):  # noqa: ANN204
+            return (torch.Tensor, (1000, 1000))
+
+    with pytest.raises(tp.PayloadError, match="constructing Tensor is not allowed"):
+        tp.deserialize(_pickled(Alloc()))
+    payload, named, _flat = _payload()
+    with pytest.raises(tp.PayloadError, match="larger than the 10 bytes"):
+        tp.deserialize(payload, max_bytes=10)
+    assert tp.bucket_tensors(tp.deserialize(payload, max_bytes=1 << 20))  # the real size passes
+    raw = base64.b64decode(payload)
+    name = re.search(rb"/torch_\d+_\d+_\d+", raw).group(0)
+    forged = raw.replace(name, b"/etc/pas" + b"s" * (len(name) - 8))  # same length: the pickle stays valid
+    with pytest.raises(tp.PayloadError, match="torch shared-memory file"):
+        tp.deserialize(base64.b64encode(forged).decode())
 
 
 class _Recorder(pickle.Unpickler):

@@ -18,8 +18,9 @@ moves by (dz_t - E_p[dz]) / T, so
     max over tokens |d log p| <= 2 sqrt(K) u max|z| / T     (the token's logit and the lse, each at worst)
     mean over tokens |d log p| <= sqrt(K) u rms(z) / T
 with z the fp32 logits of the batch (measured in the test). Here (max|z| 1.28, rms 0.17, T 0.8) that is 0.083 and
-5.5e-3; observed 2.0e-3 and 7.4e-4. A real fault (a weight mapped wrongly, an fp16 / fp32 mix-up, the master
-weights not copied back) moves log-probs by O(0.1-1) on this model (the log-probs spread over 0.9).
+5.5e-3; observed 2.0e-3 and 7.4e-4. A real fault (a weight mapped wrongly, the master weights not copied back)
+moves log-probs by O(0.1-1) on this model (the log-probs spread over 0.9). These bounds do not tell bf16 from
+fp16 (whose rounding is 8x finer); the parameter-dtype checks of the update test do.
 
 The backward pass rounds as many tensors again (the gradient of every rounded activation is itself stored in
 bf16), so a gradient carries ~2K random-signed roundings: ||g_bf16 - g_fp32|| / ||g_fp32|| <= 2 sqrt(2K) u = 0.073

@@ -176,3 +176,10 @@ def test_a_preset_sits_beneath_the_users_keys() -> None:
         load_config(overrides=["--preset=ppo"])
     with pytest.raises(ConfigError, match="gives one per token: use policy_loss=ppo"):
         load_config(overrides=["--preset=grpo_process", "--actor.policy_loss=gspo", "--actor.eps_clip=3e-4"])
+
+
+def test_the_renamed_fallback_key_still_loads_into_its_new_name() -> None:
+    from asyncgrpo.config.loader import load_config
+
+    assert load_config(overrides={"weight_sync": {"auto_disk_fallback": False}}).weight_sync.transport_fallback is False
+    assert load_config().weight_sync.transport_fallback is True

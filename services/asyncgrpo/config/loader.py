@@ -34,7 +34,8 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
 
 
 # Keys that moved to another section: an old config gets the new place in its error, not a near-miss guess.
-MOVED_KEYS = {"actor.dynamic_filtering": "rollout.dynamic_filtering"}
+MOVED_KEYS = {"actor.dynamic_filtering": "rollout.dynamic_filtering",
+              "weight_sync.auto_disk_fallback": "weight_sync.transport_fallback"}
 
 
 def migrate_moved_keys(data: Mapping[str, Any]) -> dict[str, Any]:

@@ -301,7 +301,7 @@ def create_app(engine: Engine, *, host: str = "127.0.0.1", port: int = 0, dist_t
             "version": f"genserver-{__version__}", "host": st.host, "port": st.port,
             "max_running_requests": engine.max_batch_size, "disaggregation_mode": "null",
             "incremental_streaming_output": False, "weight_version": engine.weight_version,
-            "vocab_size": engine.vocab_size,
+            "vocab_size": engine.vocab_size, "tp_size": 1,
             "internal_states": [{**engine.stats, "paused": engine.paused, "num_running_reqs": engine.num_running,
                                  "num_waiting_reqs": engine.num_waiting}],
         })
@@ -427,7 +427,7 @@ def create_app(engine: Engine, *, host: str = "127.0.0.1", port: int = 0, dist_t
         async with st.weight_lock:
             try:
                 def load() -> dict[str, Any]:
-                    obj = deserialize(body.serialized_named_tensors[0])
+                    obj = deserialize(body.serialized_named_tensors[0], max_bytes=st.model_numel * 8)
                     return bucket_tensors(obj) if body.load_format == "flattened_bucket" else named_tensors(obj)
                 tensors = await asyncio.wait_for(asyncio.to_thread(load), st.dist_timeout_s)
                 numel = sum(t.numel() for t in tensors.values())

@@ -12,7 +12,9 @@ types.SimpleNamespace, which SGLang's SafeUnpickler admits and its loader reads 
 payload loads into SGLang and into genserver without either importing the other.
 
 Unpickling is restricted to an allowlist of data containers and torch's rebuild functions (the set SGLang's
-SafeUnpickler allows, minus what we never send), because the bytes come from an HTTP body.
+SafeUnpickler allows, minus what we never send), because the bytes come from an HTTP body; beyond SGLang's
+list, torch's tensor and storage classes cannot be called (a pickle could allocate any size with them), and a
+shared-memory file must carry torch's own name and fit the caller's byte limit.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import binascii
 import io
 import math
 import pickle
+import re
 import types
 from collections.abc import Sequence
 from typing import Any
@@ -62,15 +65,63 @@ class _SgLangData(types.SimpleNamespace):
         super().__init__(**kwargs)
 
 
+_CLASSES = {("torch", "Tensor"), ("torch.storage", "UntypedStorage"), ("torch.storage", "TypedStorage"),
+            ("torch", "UntypedStorage"), ("torch.nn.parameter", "Parameter")}
+_SHM_HANDLE = re.compile(r"/torch_\d+_\d+_\d+")  # torch's names for its shared-memory files
+
+
+class _Uncallable:
+    """Stands for a torch class in a payload: the rebuild functions read its attributes and compare it, which
+    work as on the class; calling it (allocating a tensor or storage of any size) is refused."""
+
+    def __init__(self, cls: type) -> None:
+        self._cls = cls
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cls, name)
+
+    def __eq__(self, other: object) -> bool:
+        return other is self._cls or other is self
+
+    def __hash__(self) -> int:
+        return hash(self._cls)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise PayloadError(f"serialized_named_tensors: constructing {self._cls.__name__} is not allowed in a tensor payload")
+
+
 class _Unpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, max_bytes: int | None) -> None:
+        super().__init__(io.BytesIO(data))
+        self.max_bytes = max_bytes
+
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _SGLANG_DATA:
             return _SgLangData
         if (module, name) == ("sglang.srt.utils.patch_torch", "_rebuild_cuda_tensor_modified"):
             return _rebuild_cuda_tensor_by_uuid
+        if (module, name) == ("torch.multiprocessing.reductions", "rebuild_storage_filename"):
+            return self._storage_filename
+        if (module, name) in _CLASSES:
+            return _Uncallable(super().find_class(module, name))
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
         raise PayloadError(f"serialized_named_tensors: {module}.{name} is not allowed in a tensor payload")
+
+    def _storage_filename(self, cls: Any, manager: Any, handle: Any, size: Any, dtype: Any = None) -> Any:
+        """torch's rebuild_storage_filename, for a torch shared-memory file of at most max_bytes only."""
+        from torch.multiprocessing.reductions import rebuild_storage_filename
+
+        ok_names = (isinstance(manager, bytes) and manager.startswith(b"/") and manager.endswith(b"manager.sock")
+                    and isinstance(handle, bytes) and _SHM_HANDLE.fullmatch(handle.decode(errors="replace")) is not None)
+        if not ok_names or not isinstance(size, int) or size < 0 or (dtype is not None and not isinstance(dtype, torch.dtype)):
+            raise PayloadError("serialized_named_tensors: a shared-memory tensor must name a torch shared-memory file "
+                               "(/torch_<pid>_<n>_<n>) and its torch_shm_manager socket")
+        nbytes = size * (dtype.itemsize if dtype is not None else 1)
+        if self.max_bytes is not None and nbytes > self.max_bytes:
+            raise PayloadError(f"serialized_named_tensors: a {nbytes}-byte shared-memory storage is larger than the "
+                               f"{self.max_bytes} bytes this server accepts")
+        return rebuild_storage_filename(cls, manager, handle, size, dtype)
 
 
 def _rebuild_cuda_tensor_by_uuid(*args: Any) -> torch.Tensor:
@@ -102,13 +153,14 @@ def serialize(obj: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def deserialize(payload: str | bytes) -> Any:
+def deserialize(payload: str | bytes, max_bytes: int | None = None) -> Any:
+    """The object of a payload; max_bytes bounds each shared-memory storage it maps."""
     try:
         raw = base64.b64decode(payload, validate=True) if isinstance(payload, str) else bytes(payload)
     except (binascii.Error, ValueError) as e:
         raise PayloadError(f"serialized_named_tensors: not base64: {e}") from None
     try:
-        return _Unpickler(io.BytesIO(raw)).load()
+        return _Unpickler(raw, max_bytes).load()
     except PayloadError:
         raise
     except Exception as e:  # noqa: BLE001 - a truncated pickle, a shared-memory file that is gone, ...

@@ -32,7 +32,7 @@ from asyncgrpo.utils.metrics import counter, gauge, histogram
 from asyncgrpo.weight_sync.settings import SyncSettings
 from asyncgrpo.weight_sync.snapshot import READER, Manifest, SnapshotDir
 from asyncgrpo.weight_sync.transports import (TRANSPORTS, BroadcastTransport, Transport, build_transports, call_each,
-                                              fallback_chain)
+                                              describe, fallback_chain)
 
 log = logging.getLogger("asyncgrpo.weight_sync")
 
@@ -62,6 +62,8 @@ class Member:
     transport: str  # the transport it is synced by now: the first of `chain` that has not failed it
     client: SGLangClient
     chain: list[str] = field(default_factory=list)
+    tp_size: int | None = None  # the server's tensor-parallel size (the tensor transport sends one payload per rank)
+    solo: bool = False  # failed together with others in a collective: caught up alone, to tell who is at fault
     state: str = "joining"  # joining -> ready; ready -> dropped on failure; dropped -> ready after re-sync
     version: str | None = None
     group: str | None = None  # the server-side group it was last told to join
@@ -168,7 +170,8 @@ class WeightSyncService:
             m = self.members[url] = Member(url=url, transport=transport, client=client,
                                            chain=fallback_chain(transport, self.s.transport_fallback))
             log.info("server %s registered (transports %s)", url, " -> ".join(m.chain))
-        elif m.state != "ready":
+        elif m.state != "ready" and m.chain[:1] != [transport]:
+            # a different transport asked for; the same one again (a sidecar re-registering) keeps a fallback
             m.transport, m.chain = transport, fallback_chain(transport, self.s.transport_fallback)
         if m.state != "ready":
             with contextlib.suppress(SGLangError):
@@ -270,6 +273,7 @@ class WeightSyncService:
 
         for m, v in zip(ready, await asyncio.gather(*(held(m) for m in ready))):
             if v is not None and v != m.version and m.ready:
+                m.group = None  # a restarted server left every group it was in
                 self._drop(m, "version", f"holds weight version {v!r}, not {m.version!r} (restarted?)")
 
     # ---------------- snapshot ----------------
@@ -347,13 +351,24 @@ class WeightSyncService:
                 by_transport: dict[str, list[Member]] = {}
                 for m in todo:
                     by_transport.setdefault(m.transport, []).append(m)
-                await asyncio.gather(*(self._deliver(self.transports[name], ms, manifest, data, report, temporary_group)
-                                       for name, ms in by_transport.items()))
+                results = await asyncio.gather(*(self._deliver_all(self.transports[name], ms, manifest, data, report,
+                                                                   temporary_group) for name, ms in by_transport.items()),
+                                               return_exceptions=True)
+                for name, r in zip(by_transport, results):  # a bug, not a server's failure: logged, its servers retried
+                    if isinstance(r, BaseException):
+                        log.error("update over %s failed: %s", name, describe(r), exc_info=r)
+                        for m in by_transport[name]:
+                            if m.version != v and m.state == "ready":
+                                m.state, m.last_error = "joining", describe(r)
+                                self._export(m)
+                        self._resync_wake.set()
                 # a server that fell back to its next transport during this update gets the version through it now
                 todo = [m for m in todo if m.url in self.members and m.state != "dropped" and m.version != v
                         and m.transport != used[m.url]]
         finally:
             self.updating = False
+        if not any(m.transport == "tensor" for m in self.members.values()):
+            await self.transports["tensor"].close()  # its staging buffer (a bucket of GPU or shared memory)
         report.duration_s = time.perf_counter() - t0
         self.last_update = report
         if any(m.version == v for m in members):
@@ -368,6 +383,16 @@ class WeightSyncService:
                  len(members) - len(report.failed), report.duration_s, report.broadcast_s, report.bytes / 1e6, report.gbps,
                  f"; failed: {report.failed}" if report.failed else "")
 
+    async def _deliver_all(self, t: Transport, members: list[Member], manifest: Manifest, data: torch.Tensor,
+                           report: UpdateReport, temporary: bool) -> None:
+        """The members together, except those a failed collective marked solo: each of them alone, in turn."""
+        together = [m for m in members if not (temporary and t.collective and m.solo)]
+        if together:
+            await self._deliver(t, together, manifest, data, report, temporary)
+        for m in members:
+            if m not in together:
+                await self._deliver(t, [m], manifest, data, report, temporary)
+
     async def _deliver(self, t: Transport, members: list[Member], manifest: Manifest, data: torch.Tensor,
                        report: UpdateReport, temporary: bool) -> None:
         """One version to `members` over transport `t`, with retries; see transports.py for the protocol."""
@@ -377,10 +402,13 @@ class WeightSyncService:
             todo = [m for m in todo if m.state != "dropped" and m.transport == t.name and m.url in self.members]
             if not todo:
                 return
-            ready, join_errors = await t.prepare(todo, temporary)
-            for m in todo:
-                if m.url in join_errors:
-                    await self._join_failed(m, join_errors[m.url], report)
+            try:
+                ready, join_errors = await t.prepare(todo, manifest, data, temporary)
+            except Exception as e:  # noqa: BLE001 - e.g. the disk checkpoint cannot be written: nobody was paused
+                log.warning("preparing %s for %s failed: %s", t.name, [m.url for m in todo], describe(e))
+                ready, join_errors = [], {m.url: f"{t.name}: {describe(e)}" for m in todo}
+            failed_join = [m for m in todo if m.url in join_errors]
+            await asyncio.gather(*(self._join_failed(m, join_errors[m.url], report) for m in failed_join))
             if not ready:
                 return
             errors: dict[str, str] = {}
@@ -390,24 +418,31 @@ class WeightSyncService:
                 await t.finish(ready, temporary, failed=bool(errors))
             ok = [m for m in ready if m.url not in errors]
             for m in ok:
-                m.version, m.state, m.last_error = v, "ready", None
+                m.version, m.state, m.last_error, m.solo = v, "ready", None, False
             await self._resume(ok)
             if not errors:
                 return
             failed = [m for m in ready if m.url in errors]
-            for m, healthy in zip(failed, await asyncio.gather(*(self._healthy(m) for m in failed))):
-                if not healthy:
+            health = await asyncio.gather(*(self._healthy(m) for m in failed))
+            alive = [m for m, ok in zip(failed, health) if ok]
+            for m in (m for m, ok in zip(failed, health) if not ok):
+                report.failed[m.url] = errors[m.url]
+                self._drop(m, "update", errors[m.url])
+            if t.session:  # a retry or the next transport opens its own session
+                await asyncio.gather(*(self._close_session(m) for m in alive))
+            for m in alive:
+                if attempt < MAX_ATTEMPTS - 1:
+                    log.warning("update of %s to version %s over %s failed (%s); retrying", m.url, v, t.name, errors[m.url])
+                elif t.collective and len(failed) > 1:
+                    # several members failed one collective: which one is at fault is unknown (one that never
+                    # failed gets ABORTED or a receive timeout). None falls back; each stays paused and is
+                    # caught up alone, where a failure is its own
+                    m.state, m.last_error, m.solo = "joining", errors[m.url], True
+                    self._export(m)
+                    self._resync_wake.set()
+                elif not self._fall_back(m, errors[m.url]):
                     report.failed[m.url] = errors[m.url]
                     self._drop(m, "update", errors[m.url])
-                else:
-                    if t.session:
-                        await self._close_session(m)  # a retry or the next transport opens its own
-                    if attempt < MAX_ATTEMPTS - 1:
-                        log.warning("update of %s to version %s over %s failed (%s); retrying", m.url, v, t.name,
-                                    errors[m.url])
-                    elif not self._fall_back(m, errors[m.url]):
-                        report.failed[m.url] = errors[m.url]
-                        self._drop(m, "update", errors[m.url])
             todo = failed
 
     async def _protocol(self, t: Transport, members: list[Member], manifest: Manifest, data: torch.Tensor,
@@ -424,7 +459,11 @@ class WeightSyncService:
             errors |= {m.url: "group aborted: another member failed" for m in members if m.url not in errors}
         go = [m for m in members if m.url not in errors]
         if go:
-            errors.update(await t.send(go, manifest, data, report))
+            try:
+                errors.update(await t.send(go, manifest, data, report))
+            except Exception as e:  # noqa: BLE001 - e.g. no memory for the staging buffer: every member failed
+                log.warning("sending version %d over %s failed: %s", manifest.version, t.name, describe(e))
+                errors.update({m.url: f"send: {describe(e)}" for m in go})
         # close the sessions of the members that got everything; a failed one's is closed only once it proved
         # healthy (_deliver), so a frozen server cannot keep the others paused for another request timeout
         done = [m for m in began if m.url not in errors]

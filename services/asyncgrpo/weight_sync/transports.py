@@ -2,7 +2,8 @@
 
 The protocol, run by WeightSyncService._deliver for every transport (slime's and SGLang's order):
 
-    prepare (e.g. form the broadcast group) -> pause_generation -> begin_weight_update (if `session`)
+    prepare (form the broadcast group, learn TP sizes, write the disk checkpoint: nothing is paused yet)
+    -> pause_generation -> begin_weight_update (if `session`)
     -> send (the transport's own calls, bucket by bucket; the version rides on the last one)
     -> end_weight_update (if `session`) -> continue_generation (members that got the version)
 
@@ -25,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -45,6 +47,8 @@ log = logging.getLogger("asyncgrpo.weight_sync")
 
 CALL_ERRORS = (SGLangError, asyncio.TimeoutError, OSError)
 Errors = dict[str, str]
+# the error of a member that failed only because another member of the same collective did
+ABORTED = "group aborted: another member failed"
 
 
 def describe(e: BaseException) -> str:
@@ -67,7 +71,8 @@ class Transport(Protocol):
     session: ClassVar[bool]  # the update runs between begin_weight_update and end_weight_update
     collective: ClassVar[bool]  # one member's failure fails every member of the same send
 
-    async def prepare(self, members: list["Member"], temporary: bool) -> tuple[list["Member"], Errors]:
+    async def prepare(self, members: list["Member"], manifest: Manifest, data: torch.Tensor,
+                      temporary: bool) -> tuple[list["Member"], Errors]:
         """The members ready to receive now, and {url: error} for those that cannot (e.g. failed to join)."""
         ...
 
@@ -102,13 +107,17 @@ class BroadcastTransport:
         return {"group": self.group.name if self.group and not self.group.broken else None,
                 "group_members": [m.url for m in self.group_members]}
 
-    async def prepare(self, members: list["Member"], temporary: bool) -> tuple[list["Member"], Errors]:
+    async def prepare(self, members: list["Member"], manifest: Manifest, data: torch.Tensor,
+                      temporary: bool) -> tuple[list["Member"], Errors]:
         if temporary:
+            if self.s.master_port:  # one fixed rendezvous port: the standing group's store holds it
+                await self.teardown()
             self._current, joined, errors = await self._form(members)
             return joined, errors
-        urls = [m.url for m in members]
-        if self.group is not None and not self.group.broken and [m.url for m in self.group_members] == urls:
-            self._current = self.group
+        g = self.group
+        if (g is not None and not g.broken and [m.url for m in self.group_members] == [m.url for m in members]
+                and all(m.group == g.name for m in members)):  # a member caught up alone since is in another group
+            self._current = g
             return members, {}
         await self.teardown()
         group, joined, errors = await self._form(members)
@@ -137,7 +146,7 @@ class BroadcastTransport:
                 bcast_error = f"broadcast: {describe(e)}"
             await calls
             if bcast_error or errors:
-                return {m.url: errors.get(m.url) or bcast_error or "group aborted: another member failed" for m in members}
+                return {m.url: errors.get(m.url) or bcast_error or ABORTED for m in members}
             report.bytes += b.nbytes
         report.broadcast_s += time.perf_counter() - t0
         return errors
@@ -241,16 +250,31 @@ class TensorTransport:
         n = src.numel()
         if self._staging is None or self._staging.numel() < n:
             self._staging = None  # free the smaller one first
-            buf = torch.empty(n, dtype=torch.uint8, device=self.device)
-            self._staging = buf.share_memory_() if buf.device.type == "cpu" else buf
+            if self.device.type == "cpu":
+                free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else n
+                if free < n:  # a short shared-memory mount would SIGBUS on the first write, not fail
+                    raise OSError(f"/dev/shm has {free} bytes free, the tensor transport needs {n} for one bucket: "
+                                  "give it more (docker: --shm-size) or lower weight_sync.bucket_size_mb")
+                self._staging = torch.empty(n, dtype=torch.uint8).share_memory_()
+            else:
+                self._staging = torch.empty(n, dtype=torch.uint8, device=self.device)
         dst = self._staging[:n]
         dst.copy_(src)
         if dst.device.type == "cuda":
             torch.cuda.synchronize(dst.device)  # the receiver reads through its own stream
         return dst
 
-    async def prepare(self, members: list["Member"], temporary: bool) -> tuple[list["Member"], Errors]:
-        return members, {}
+    async def prepare(self, members: list["Member"], manifest: Manifest, data: torch.Tensor,
+                      temporary: bool) -> tuple[list["Member"], Errors]:
+        """Learn each new member's tensor-parallel size: SGLang wants one payload per TP rank."""
+        errors: Errors = {}
+
+        async def tp(m: "Member") -> None:
+            if m.tp_size is None:
+                info = await asyncio.wait_for(m.client.server_info(), self.s.request_timeout_s)
+                m.tp_size = max(1, int(info.get("tp_size") or 1))
+        await call_each(members, tp, self.s.request_timeout_s, errors, "server_info: ")
+        return [m for m in members if m.url not in errors], errors
 
     async def send(self, members: list["Member"], manifest: Manifest, data: torch.Tensor, report: "UpdateReport") -> Errors:
         from asyncgrpo.sglang.tensor_payload import bucket_payload, serialize
@@ -264,10 +288,13 @@ class TensorTransport:
             if not todo:
                 break
             flat = await asyncio.to_thread(self._stage, data[b.offset:b.offset + b.nbytes])
-            payload = serialize(bucket_payload(flat, b.names, b.dtypes, b.shapes))
+            obj = bucket_payload(flat, b.names, b.dtypes, b.shapes)
+            # one payload per TP rank, each serialized on its own: ranks sharing one CUDA IPC reference would
+            # break its reference counting (SGLang's Engine does the same)
+            payloads = {n: [serialize(obj) for _ in range(n)] for n in {m.tp_size or 1 for m in todo}}
             await call_each(todo, lambda m: m.client.update_weights_from_tensor(
-                [payload], weight_version=str(manifest.version) if last else None, load_format="flattened_bucket",
-                flush_cache=last), s.collective_timeout_s, errors)
+                payloads[m.tp_size or 1], weight_version=str(manifest.version) if last else None,
+                load_format="flattened_bucket", flush_cache=last), s.collective_timeout_s, errors)
             report.bytes += b.nbytes
         report.broadcast_s += time.perf_counter() - t0
         return errors
@@ -291,15 +318,18 @@ class DiskTransport:
     def state(self) -> dict[str, Any]:
         return {"checkpoint": self._ckpt[1] if self._ckpt else None}
 
-    async def prepare(self, members: list["Member"], temporary: bool) -> tuple[list["Member"], Errors]:
-        return members, {}
-
-    async def send(self, members: list["Member"], manifest: Manifest, data: torch.Tensor, report: "UpdateReport") -> Errors:
+    async def prepare(self, members: list["Member"], manifest: Manifest, data: torch.Tensor,
+                      temporary: bool) -> tuple[list["Member"], Errors]:
+        """Write the checkpoint of `manifest` (once per version) before any server is paused for it."""
         s = self.s
         if self._ckpt is None or self._ckpt[0] != (manifest.version, manifest.published_at):
             path = await asyncio.to_thread(write_checkpoint, manifest, data, s.checkpoint_dir, s.base_model_path,
                                            s.keep_checkpoints)
             self._ckpt = ((manifest.version, manifest.published_at), str(path))
+        return members, {}
+
+    async def send(self, members: list["Member"], manifest: Manifest, data: torch.Tensor, report: "UpdateReport") -> Errors:
+        s = self.s
         errors: Errors = {}
         await call_each(members, lambda m: m.client.update_weights_from_disk(self._ckpt[1], weight_version=str(manifest.version)),  # type: ignore[index]
                         s.collective_timeout_s, errors)
