@@ -36,14 +36,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from asyncgrpo.sglang.client import SGLangClient
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from asyncgrpo.sglang.client import SGLangClient  # noqa: E402
+from bench_models import append_markdown, build_qwen2  # noqa: E402
 
 PROMPT = [81, 58, 32, 49, 43, 49, 61, 63, 10, 65, 58]
 # Qwen2.5-0.5B's config.json shape (random weights here): 494M parameters with the tied embedding
-QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
-                  rms_norm_eps=1e-6, tie_word_embeddings=True)
-
 
 async def level(url: str, concurrency: int, n_requests: int, max_new: int) -> tuple[float, int, float]:
     """(tokens/s, tokens, output tokens per scheduler step) for n_requests spread over `concurrency` closed-loop workers."""
@@ -73,24 +71,7 @@ def build_model(out: Path, shape: str, device: str, dtype: str) -> Path:
         from asyncgrpo.tiny import build_tiny_model
 
         return build_tiny_model(out, preset="tiny", seed=0)
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config
-
-    from asyncgrpo.tiny.model import EOS_TOKEN, build_tokenizer
-
-    tok = build_tokenizer()
-    eos = tok.convert_tokens_to_ids(EOS_TOKEN)
-    cfg = Qwen2Config(**QWEN25_05B, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, use_sliding_window=False)
-    torch.manual_seed(0)
-    with torch.device(device):  # initialise where it runs (fast on a GPU)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
-    model.save_pretrained(out, safe_serialization=True)
-    GenerationConfig(eos_token_id=eos, pad_token_id=eos, do_sample=True).save_pretrained(out)
-    tok.save_pretrained(out)
-    del model
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return out
+    return build_qwen2(out, shape, dtype, device)
 
 
 def hf_generate(model_dir: str, device: str, dtype: str, levels: list[int], max_new: int, rounds: int) -> dict[int, float]:
@@ -200,10 +181,7 @@ def main() -> int:
         f"request; HF: `model.generate` of the same checkpoint on the same device, do_sample T=1, exactly "
         f"{args.max_new_tokens} new tokens, no log-probs, {args.hf_rounds} timed rounds per batch size.\n",
     ]
-    print("\n".join(lines))
-    if args.append:
-        with open(args.append, "a") as f:
-            f.write("\n".join(lines))
+    append_markdown(args.append, "\n".join(lines))
     return 0
 
 

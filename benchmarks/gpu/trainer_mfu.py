@@ -42,23 +42,13 @@ import shlex
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
-# HF config.json shapes (Qwen/Qwen2.5-0.5B, Qwen/Qwen2.5-1.5B); weights are random here
-SHAPES = {
-    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                         max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                         tie_word_embeddings=True),
-    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                         max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                         tie_word_embeddings=True),
-    "smoke": dict(model_type="qwen2", vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0,
-                  rms_norm_eps=1e-6, tie_word_embeddings=True),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_models import SHAPES, append_markdown  # noqa: E402
+
 # dense bf16 tensor-core peak, TFLOPS (no sparsity), matched on torch.cuda.get_device_name(); first match wins
 PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
                ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0)]
@@ -188,10 +178,7 @@ def main() -> int:
         f"N = matmul params incl. the LM head, T = micro-batch·S tokens); MFU against {peak_s}. One step = the "
         "trainer's token_logprobs forward + backward of -mean log-prob, no optimizer step; random weights and tokens.\n",
     ]
-    print("\n".join(lines))
-    if args.append:
-        with open(args.append, "a") as f:
-            f.write("\n".join(lines))
+    append_markdown(args.append, "\n".join(lines))
     return 0
 
 

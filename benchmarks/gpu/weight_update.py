@@ -1,6 +1,6 @@
 """Weight update seconds through the weight-sync service, next to a bare torch copy of the same bytes.
 
-    python benchmarks/gpu/weight_update.py [--sizes 0.5b,1.5b] [--repeats 3] [--append docs/benchmarks.md]
+    python benchmarks/gpu/weight_update.py [--sizes qwen2.5-0.5b,qwen2.5-1.5b] [--repeats 3] [--append docs/benchmarks.md]
     python benchmarks/gpu/weight_update.py --smoke          # CPU, tiny model, one update: only proves it runs
 
 Per model size (Qwen2.5-0.5B / 1.5B shapes from a config, random weights, bf16; nothing is downloaded):
@@ -33,39 +33,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "weight_sync"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from procs import Proc, start_weight_sync, wait_until  # noqa: E402
 from service_procs import start_genserver  # noqa: E402
 
+from bench_models import SHAPES, append_markdown, build_qwen2  # noqa: E402
+
 from asyncgrpo.utils.net import free_port  # noqa: E402
 from asyncgrpo.weight_sync import WeightPublisher  # noqa: E402
-
-SHAPES: dict[str, dict[str, Any]] = {
-    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=384, tie_word_embeddings=True),
-}
-
-
-def build_model(out: Path, shape: dict[str, Any], dtype: torch.dtype, device: str) -> Path:
-    """A Qwen2 model of `shape` with random weights (initialised on `device`) and the tiny byte tokenizer."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    from asyncgrpo.tiny.model import build_tokenizer
-
-    cfg = Qwen2Config(max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=1e6, bos_token_id=0,
-                      eos_token_id=0, pad_token_id=0, **shape)
-    cfg.torch_dtype = str(dtype).removeprefix("torch.")
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    model.save_pretrained(out, safe_serialization=True)
-    build_tokenizer().save_pretrained(out)
-    return out
-
 
 def named_weights(model_dir: Path, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
     from transformers import AutoModelForCausalLM
@@ -139,7 +115,7 @@ def run_transport(model_dir: Path, weights: list[tuple[str, torch.Tensor]], tran
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="0.5b,1.5b", help="comma-separated model shapes: " + ", ".join(SHAPES))
+    ap.add_argument("--sizes", default="qwen2.5-0.5b,qwen2.5-1.5b", help="comma-separated model shapes: " + ", ".join(SHAPES))
     ap.add_argument("--repeats", type=int, default=3, help="timed updates after the cold one")
     ap.add_argument("--append", type=Path, default=None, help="append the result rows to this markdown file")
     ap.add_argument("--smoke", action="store_true", help="CPU, the tiny shape, one timed update (proves it runs)")
@@ -154,7 +130,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix=f"wu-{size}-") as tmp:
             work = Path(tmp)
             tdtype = getattr(torch, dtype)
-            model_dir = build_model(work / "model", SHAPES[size], tdtype, device)
+            model_dir = build_qwen2(work / "model", size, dtype, device)
             weights = named_weights(model_dir, tdtype)
             transports = ["tensor", "distributed"] if cuda else ["tensor"]
             for transport in transports:
@@ -177,10 +153,7 @@ def main() -> int:
             "host->GPU plus GPU->GPU copy of the same bytes in one process (two memcpys on CPU); ratio = update / bare.\n\n"
             "| model | transport | GB | update s | send s | bare s | ratio | note |\n|---|---|---|---|---|---|---|---|\n"
             + "\n".join(rows) + "\n")
-    print(text)
-    if args.append:
-        with open(args.append, "a") as f:
-            f.write(text)
+    append_markdown(args.append, text)
     # NCCL refusing two ranks on one GPU is a finding, not a failure; the tensor transport must work
     return 1 if any("failed" in r and "NCCL" not in r and "distributed" not in r for r in rows) else 0
 
