@@ -4,7 +4,6 @@ and, where NCCL refuses two ranks on one device, the test says so and skips."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,8 @@ import torch
 from asyncgrpo.utils.net import free_port
 from asyncgrpo.weight_sync import WeightPublisher
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "weight_sync"))
-from procs import Proc, start_weight_sync, wait_until  # noqa: E402
-from service_procs import start_genserver  # noqa: E402
+from service_procs import start_genserver
+from weight_sync.procs import Proc, start_weight_sync, wait_until
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (benchmarks/gpu/run_all.sh on a GPU)")
 
