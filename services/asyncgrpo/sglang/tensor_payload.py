@@ -58,13 +58,6 @@ class PayloadError(ValueError):
     """A serialized_named_tensors entry that is not a valid tensor payload."""
 
 
-class _SgLangData(types.SimpleNamespace):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        if args:  # dataclass pickles with positional state are not expected; keep them visible
-            kwargs.setdefault("_args", args)
-        super().__init__(**kwargs)
-
-
 _CLASSES = {("torch", "Tensor"), ("torch.storage", "UntypedStorage"), ("torch.storage", "TypedStorage"),
             ("torch", "UntypedStorage"), ("torch.nn.parameter", "Parameter")}
 _SHM_HANDLE = re.compile(r"/torch_\d+_\d+_\d+")  # torch's names for its shared-memory files
@@ -97,7 +90,7 @@ class _Unpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _SGLANG_DATA:
-            return _SgLangData
+            return types.SimpleNamespace  # its fields come back as attributes
         if (module, name) == ("sglang.srt.utils.patch_torch", "_rebuild_cuda_tensor_modified"):
             return _rebuild_cuda_tensor_by_uuid
         if (module, name) == ("torch.multiprocessing.reductions", "rebuild_storage_filename"):

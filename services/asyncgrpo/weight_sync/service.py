@@ -31,8 +31,8 @@ from asyncgrpo.sglang.client import SGLangClient, SGLangError
 from asyncgrpo.utils.metrics import counter, gauge, histogram
 from asyncgrpo.weight_sync.settings import SyncSettings
 from asyncgrpo.weight_sync.snapshot import READER, Manifest, SnapshotDir
-from asyncgrpo.weight_sync.transports import (TRANSPORTS, BroadcastTransport, Transport, build_transports, call_each,
-                                              describe, fallback_chain)
+from asyncgrpo.weight_sync.transports import (ABORTED, CALL_ERRORS, TRANSPORTS, BroadcastTransport, Transport,
+                                              build_transports, call_each, describe, fallback_chain)
 
 log = logging.getLogger("asyncgrpo.weight_sync")
 
@@ -266,7 +266,7 @@ class WeightSyncService:
         async def held(m: Member) -> str | None:
             try:
                 info = await asyncio.wait_for(m.client.model_info(), HEALTH_TIMEOUT_S)
-            except (SGLangError, asyncio.TimeoutError, OSError):
+            except CALL_ERRORS:
                 return None  # unreachable now: the next update (or this check, once it answers) deals with it
             v = info.get("weight_version")
             return None if v is None else str(v)  # a server that does not report it cannot be checked
@@ -359,9 +359,7 @@ class WeightSyncService:
                         log.error("update over %s failed: %s", name, describe(r), exc_info=r)
                         for m in by_transport[name]:
                             if m.version != v and m.state == "ready":
-                                m.state, m.last_error = "joining", describe(r)
-                                self._export(m)
-                        self._resync_wake.set()
+                                self._catch_up_later(m, describe(r))
                 # a server that fell back to its next transport during this update gets the version through it now
                 todo = [m for m in todo if m.url in self.members and m.state != "dropped" and m.version != v
                         and m.transport != used[m.url]]
@@ -386,12 +384,13 @@ class WeightSyncService:
     async def _deliver_all(self, t: Transport, members: list[Member], manifest: Manifest, data: torch.Tensor,
                            report: UpdateReport, temporary: bool) -> None:
         """The members together, except those a failed collective marked solo: each of them alone, in turn."""
-        together = [m for m in members if not (temporary and t.collective and m.solo)]
+        split = temporary and t.collective
+        alone = [m for m in members if split and m.solo]  # decided now: the joint delivery may mark more solo
+        together = [m for m in members if not (split and m.solo)]
         if together:
             await self._deliver(t, together, manifest, data, report, temporary)
-        for m in members:
-            if m not in together:
-                await self._deliver(t, [m], manifest, data, report, temporary)
+        for m in alone:
+            await self._deliver(t, [m], manifest, data, report, temporary)
 
     async def _deliver(self, t: Transport, members: list[Member], manifest: Manifest, data: torch.Tensor,
                        report: UpdateReport, temporary: bool) -> None:
@@ -437,9 +436,8 @@ class WeightSyncService:
                     # several members failed one collective: which one is at fault is unknown (one that never
                     # failed gets ABORTED or a receive timeout). None falls back; each stays paused and is
                     # caught up alone, where a failure is its own
-                    m.state, m.last_error, m.solo = "joining", errors[m.url], True
-                    self._export(m)
-                    self._resync_wake.set()
+                    m.solo = True
+                    self._catch_up_later(m, errors[m.url])
                 elif not self._fall_back(m, errors[m.url]):
                     report.failed[m.url] = errors[m.url]
                     self._drop(m, "update", errors[m.url])
@@ -456,7 +454,7 @@ class WeightSyncService:
                             s.request_timeout_s, errors, "begin_weight_update: ")
             began = [m for m in members if m.url not in errors]
         if errors and t.collective:
-            errors |= {m.url: "group aborted: another member failed" for m in members if m.url not in errors}
+            errors |= {m.url: ABORTED for m in members if m.url not in errors}
         go = [m for m in members if m.url not in errors]
         if go:
             try:
@@ -472,7 +470,7 @@ class WeightSyncService:
         return errors
 
     async def _close_session(self, m: Member) -> None:
-        with contextlib.suppress(SGLangError, asyncio.TimeoutError, OSError):
+        with contextlib.suppress(*CALL_ERRORS):
             await asyncio.wait_for(m.client.end_weight_update(), self.s.request_timeout_s)
 
     async def _join_failed(self, m: Member, error: str, report: UpdateReport) -> None:
@@ -513,6 +511,12 @@ class WeightSyncService:
             return False
 
     # ---------------- reporting ----------------
+    def _catch_up_later(self, m: Member, error: str) -> None:
+        """Not at fault, or not known to be: `m` stays paused, not ready, and the resync loop catches it up."""
+        m.state, m.last_error = "joining", error
+        self._export(m)
+        self._resync_wake.set()
+
     def _drop(self, m: Member, stage: str, error: Any) -> None:
         m.state, m.failures, m.last_error = "dropped", m.failures + 1, str(error)
         _FAILURES.labels(m.url, stage).inc()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def _cuda() -> bool:
 
 
 def synced_servers(servers: list[str] | None, rollout_urls: list[str], disk_servers: list[str],
-                   tensor_servers: list[str] = ()) -> tuple[list[str], list[str], list[str]]:  # type: ignore[assignment]
+                   tensor_servers: Sequence[str] = ()) -> tuple[list[str], list[str], list[str]]:
     """(broadcast, disk, tensor) servers of a run: weight_sync.servers, else the rollout's server_urls, are
     broadcast members unless also listed as disk servers (they cannot join the group) or tensor servers
     (on this host: weights by reference). Trailing slashes dropped."""
