@@ -16,17 +16,9 @@ from asyncgrpo.utils.net import free_port
 from asyncgrpo.weight_sync import WeightPublisher
 
 from service_procs import start_genserver
-from weight_sync.procs import Proc, start_weight_sync, wait_until
+from weight_sync.procs import Proc, export, server_weights_equal, start_weight_sync, wait_until
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (benchmarks/gpu/run_all.sh on a GPU)")
-
-
-def export(model_dir: Path, version: int) -> list[tuple[str, torch.Tensor]]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    g = torch.Generator().manual_seed(version)
-    return [(n, (p.detach() + 0.05 * torch.randn(p.shape, generator=g)).contiguous()) for n, p in model.named_parameters()]
 
 
 class Setup:
@@ -61,20 +53,13 @@ def setup(request: pytest.FixtureRequest, tmp_path: Path, tiny_model_dir: Path) 
     s.close()
 
 
-def weights_equal(url: str, named: list[tuple[str, torch.Tensor]]) -> None:
-    for name, t in named:
-        got = httpx.post(f"{url}/get_weights_by_name", json={"name": name, "truncate_size": 1 << 20}, timeout=30).json()
-        want = t.to(torch.bfloat16).float()  # the wire dtype and the server's dtype
-        assert torch.equal(torch.tensor(got, dtype=torch.float32), want), f"{name} differs"
-
-
 @pytest.mark.parametrize("setup", ["tensor"], indirect=True)
 def test_cuda_ipc_update_into_a_genserver_on_the_same_gpu(setup: Setup, tiny_model_dir: Path) -> None:
     for v in (1, 2):
         w = export(tiny_model_dir, v)
         setup.pub.publish(w, v)
         wait_until(f"version {v}", lambda v=v: setup.server()["version"] == str(v) and setup.server()["ready"], 120, setup.procs)
-        weights_equal(setup.url, w)
+        server_weights_equal(setup.url, w, torch.bfloat16)
     assert setup.server()["transport"] == "tensor"
 
 
@@ -90,4 +75,4 @@ def test_nccl_broadcast_to_a_genserver_on_the_same_gpu_or_say_why_not(setup: Set
     s = setup.server()
     if s["state"] == "dropped":
         pytest.skip(f"NCCL refused a broadcast between two ranks on one GPU: {s['last_error']}")
-    weights_equal(setup.url, w)
+    server_weights_equal(setup.url, w, torch.bfloat16)

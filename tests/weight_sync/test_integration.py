@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,26 +16,9 @@ import torch
 from asyncgrpo.weight_sync import WeightPublisher
 
 from asyncgrpo.utils.net import free_port
-from .procs import Proc, start_genserver, start_weight_sync, wait_until
+from .procs import Proc, export, server_weights_equal, start_genserver, start_weight_sync, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def export(model_dir: Path, version: int) -> list[tuple[str, torch.Tensor]]:
-    """The "trainer export" of `version`: the tiny model's parameters plus a version-seeded perturbation."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    g = torch.Generator().manual_seed(version)
-    return [(n, (p.detach() + 0.05 * torch.randn(p.shape, generator=g)).contiguous()) for n, p in model.named_parameters()]
-
-
-def server_weights_equal(url: str, named: list[tuple[str, torch.Tensor]]) -> None:
-    for name, t in named:
-        r = httpx.post(f"{url}/get_weights_by_name", json={"name": name, "truncate_size": 1 << 20}, timeout=30)
-        r.raise_for_status()
-        got = torch.tensor(r.json(), dtype=torch.float32)
-        assert torch.equal(got, t.float()), f"{url}: {name} differs from the trainer's export"
 
 
 def model_version(url: str) -> str:
@@ -66,7 +49,7 @@ class Env:
         wait_until(f"servers at versions {want}", ok, timeout, self.procs)
 
     def start_service(self, servers: list[str], disk_servers: list[str], port: int | None = None,
-                      tensor_servers: list[str] = ()) -> Proc:  # type: ignore[assignment]
+                      tensor_servers: Sequence[str] = ()) -> Proc:
         port = port or free_port()
         self.ws_url = f"http://127.0.0.1:{port}"
         cfg = {"actor": {"path": str(self.model_dir)}, "fileroot": str(self.root / "runs"),
