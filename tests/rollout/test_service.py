@@ -192,6 +192,46 @@ def test_admission_budget_with_a_fake_trainer(redis_server, dataset) -> None:
     assert sorted(g.admission_index for g in drain(url)) == [1, 2, 3, 4, 5, 6]
 
 
+def test_workers_woken_together_ask_redis_once(redis_server, dataset) -> None:
+    """12 workers over budget, woken together by each version: one asks Redis, the others take its answer and wait
+    for the next event. Redis refuses at most once per wake-up (version bumps, released leases, the 1 s fallback),
+    while every waiting worker still counts its wait; before, each woken worker was refused on its own."""
+    url = redis_server.url
+    svc = make_service(url, dataset, FakeGenClient(), max_head_offpolicyness=0, batch_groups=2, num_workers=12)
+    state = RunState(redis.Redis.from_url(url), RUN)
+    counts = {"refusals": 0, "wakeups": 0}
+    admit, notify = svc.state.admit, svc._wake.notify
+
+    def counting_admit(**kw):
+        a = admit(**kw)
+        counts["refusals"] += a.status != "ok"
+        return a
+
+    def counting_notify() -> None:
+        counts["wakeups"] += 1
+        notify()
+
+    svc.state.admit, svc._wake.notify = counting_admit, counting_notify
+
+    async def trainer() -> None:
+        for version in range(3):
+            while not (svc.stats.admission_waits["over_budget"] >= 10 * (version + 1)
+                       and await asyncio.to_thread(state.running) == 0):
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(state.set_version, version + 1)
+
+    async def main() -> None:
+        t = asyncio.create_task(trainer())
+        await svc.run()
+        await t
+
+    asyncio.run(asyncio.wait_for(main(), HANG_S))
+    waits = svc.stats.admission_waits["over_budget"]
+    assert counts["refusals"] <= counts["wakeups"] + 1, counts
+    assert waits >= 30 > counts["refusals"], (waits, counts)
+    assert svc.stats.groups_pushed == 6
+
+
 def test_pause_stops_admission_and_in_flight_groups_finish(redis_server, dataset) -> None:
     url = redis_server.url
     client = FakeGenClient()

@@ -250,6 +250,48 @@ def test_step_independent_of_micro_batch_size(tiny_model_dir: Path, agg: str) ->
     print(numerics.summary(f"mbs {agg} (cap margin {margin:.1e})", diffs, grad_rel, update_diff, defined))
 
 
+@pytest.mark.parametrize("loss", ["ppo", "gspo"])
+def test_prox_from_the_loss_forward_is_the_separate_pass(tiny_model_dir: Path, loss: str) -> None:
+    """One optimizer step per batch: the loss's forward runs the proximal policy, so the step takes prox_logp from
+    it instead of a no-grad pass of its own. The two must give the same step: the same loss, statistics and
+    gradients within fp32 rounding (trainer/numerics.py: the same kernels on the same weights, a train-mode
+    forward instead of an eval-mode one). The behaviour cap clamps some tokens, so prox_logp is used for more
+    than a ratio of 1."""
+    batch = make_batch(13)
+    runs: list[dict] = []
+    for separate in (True, False):
+        cfg = make_config(tiny_model_dir, behav_imp_weight_cap=1.2, eps_clip=3e-4 if loss == "gspo" else 0.2,
+                          eps_clip_higher=4e-4 if loss == "gspo" else None, policy_loss=loss)
+        trainer = GRPOTrainer(cfg)
+        assert not trainer.needs_prox_pass()  # clamp mode, no KL in the reward: the default recipe
+        trainer.always_prox_pass = separate
+        before = dict(trainer.export_hf())
+        grads = capture_grads(trainer)
+        stats = trainer.train_step(batch)
+        runs.append({"exported": before, "grads": dict(grads), "stats": stats, "updated": dict(trainer.export_hf())})
+    separate_run, reused = runs
+    assert 0 < separate_run["stats"]["behav_cap_frac"] < 1  # the cap clamped some tokens, not all
+    diffs = numerics.assert_stats_close(reused["stats"], separate_run["stats"], "prox from the loss forward vs a pass")
+    grad_rel = numerics.assert_grads_close(reused["grads"], separate_run["grads"], "prox from the loss forward vs a pass")
+    opt = make_config(tiny_model_dir).optimizer
+    update_diff, defined = numerics.assert_adam_updates_agree(reused, separate_run, opt.eps, opt.gradient_clipping,
+                                                              "prox from the loss forward vs a pass")
+    print(numerics.summary(f"prox reuse {loss}", diffs, grad_rel, update_diff, defined))
+
+
+def test_prox_pass_runs_where_something_needs_prox_before_the_loss(tiny_model_dir: Path) -> None:
+    """Mask mode drops tokens from the global counts, a floor too, and KL in the reward shapes the advantages: each
+    needs prox_logp before the loss's forward, so the separate pass runs."""
+    cases = {
+        "clamp": (dict(behav_imp_weight_cap=5.0), False),
+        "no cap": (dict(behav_imp_weight_cap=None), False),
+        "mask": (dict(behav_imp_weight_cap=1.2, behav_imp_weight_mode="mask"), True),
+    }
+    for name, (kw, want) in cases.items():
+        assert GRPOTrainer(make_config(tiny_model_dir, **kw)).needs_prox_pass() is want, name
+    assert GRPOTrainer(make_config(tiny_model_dir, kl_ctl=0.1, use_kl_in_reward=True)).needs_prox_pass(), "KL in the reward"
+
+
 def test_mask_mode_behav_weight_mean_independent_of_micro_batch_size(tiny_model_dir: Path) -> None:
     means = []
     for mbs in (1, 8):

@@ -133,12 +133,14 @@ class _Wakeup:
         ev, self._event = self._event, asyncio.Event()
         ev.set()
 
-    @staticmethod
-    async def wait(ev: asyncio.Event, timeout: float) -> None:
+    async def wait(self, ev: asyncio.Event, timeout: float) -> None:
+        """Wait for `ev` to be set, at most `timeout`; a timeout spends it as if notified, so every holder re-checks
+        once (the fallback for changes nobody announces)."""
         try:
             await asyncio.wait_for(ev.wait(), timeout)
         except asyncio.TimeoutError:
-            pass
+            if ev is self._event:
+                self.notify()
 
 
 class RolloutService:
@@ -168,6 +170,8 @@ class RolloutService:
         self._in_flight: dict[int, PromptRef] = {}  # worker -> the lease it works on
         self._episodes_seen = 0
         self._reclaiming = asyncio.Lock()
+        self._admitting = asyncio.Lock()
+        self._refused: tuple[asyncio.Event, Admission] | None = None  # admission's last no, and the wake-up it was given in
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -246,12 +250,7 @@ class RolloutService:
         while not self._stop.is_set():
             if self.guard.episodes != self._episodes_seen:
                 await self._after_outage()
-            ev = self._wake.current()
-            adm = await self.guard.acall(
-                self.state.admit, max_head_offpolicyness=self.p.max_head_offpolicyness, batch_groups=self.p.batch_groups,
-                dataset_size=len(self.dataset), total_epochs=self.p.total_epochs, lease_ttl_s=self.p.lease_ttl_s,
-                owner=self.owner(wid),
-            )
+            adm, ev = await self._admit(wid)
             if adm.status == "ok":
                 assert adm.ref is not None
                 self.stats.admissions.append(adm)
@@ -274,6 +273,26 @@ class RolloutService:
                 log.info("worker %d: every prompt of %d epoch(s) is done", wid, self.p.total_epochs)
                 return
             await self._wake.wait(ev, WAIT_FALLBACK_S)
+
+    async def _admit(self, wid: int) -> tuple[Admission, asyncio.Event]:
+        """Ask Redis to start a group, one worker at a time; and the wake-up to wait on if the answer is no.
+
+        Every event of the run's channel (a version, a released lease, a re-queue) wakes every waiting worker. If
+        each asked Redis, one freed slot would cost a refusal per worker (32 round trips, ~13,000 refusals in a
+        run). Instead, once admission said no, workers that wake on the same event take that answer and wait for
+        the next one: nothing can have changed that was not announced, and the 1 s fallback, which covers the
+        leases that expire silently, is itself a new event."""
+        async with self._admitting:
+            ev = self._wake.current()
+            if self._refused is not None and self._refused[0] is ev:
+                return self._refused[1], ev
+            adm = await self.guard.acall(
+                self.state.admit, max_head_offpolicyness=self.p.max_head_offpolicyness, batch_groups=self.p.batch_groups,
+                dataset_size=len(self.dataset), total_epochs=self.p.total_epochs, lease_ttl_s=self.p.lease_ttl_s,
+                owner=self.owner(wid),
+            )
+            self._refused = (ev, adm) if adm.status != "ok" else None
+            return adm, ev
 
     def _drained(self) -> bool:
         return self.state.running() == 0 and not self.state.requeued()

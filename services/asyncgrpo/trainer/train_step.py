@@ -230,6 +230,7 @@ class GRPOTrainer:
         self.version = 0  # policy version = optimizer steps taken
         self.pad_id = 0
         self.loss_params = loss_params(cfg)
+        self.always_prox_pass = False  # tests: run the separate pass even where the loss's forward gives the same
 
     # -- helpers -------------------------------------------------------------------------------------------------
 
@@ -279,6 +280,19 @@ class GRPOTrainer:
         full = self._all_reduce(full)
         return full[:-1].to(rewards.dtype), float(full[-1]) / max(len(rewards), 1)
 
+    def needs_prox_pass(self) -> bool:
+        """Whether prox_logp needs a forward pass of its own before the loss's.
+
+        The step takes one optimizer step per batch, so the proximal policy is the policy the loss's forward runs:
+        its detached log-probs are prox_logp, and a separate no-grad pass computes the same numbers again (a third
+        of the step's compute). The pass runs only when something needs prox_logp before the loss: the behaviour
+        cap in mask mode (or a floor) drops tokens from the global counts, and KL in the reward shapes the rewards
+        the advantages are made of."""
+        lp = self.loss_params
+        drops_tokens = lp.behav_imp_weight_mode == "mask" and (lp.behav_imp_weight_cap is not None
+                                                              or lp.behav_imp_weight_floor is not None)
+        return self.always_prox_pass or drops_tokens or bool(self.cfg.actor.use_kl_in_reward)
+
     # -- the step ------------------------------------------------------------------------------------------------
 
     def train_step(self, batch: Batch) -> dict[str, float]:
@@ -288,11 +302,13 @@ class GRPOTrainer:
         samples, sl = self.local_samples(batch)
         mbs = a.micro_batch_size
         micro = []
+        prox_pass = self.needs_prox_pass()
         self.model.eval()  # dropout is 0 anyway; eval only documents that the prox pass is a pure evaluation
         with torch.no_grad():
             for i in range(0, len(samples), mbs):
                 mb = self._to_device(pack(samples[i : i + mbs], self.pad_id))
-                mb["prox_logp"] = self._logp(self.model, mb["input_ids"])[0]
+                if prox_pass:
+                    mb["prox_logp"] = self._logp(self.model, mb["input_ids"])[0]
                 if self.ref is not None:
                     mb["ref_logp"] = self._logp(self.ref, mb["input_ids"])[0]
                 micro.append(mb)
@@ -308,7 +324,8 @@ class GRPOTrainer:
         # Global normalisers: tokens that enter the loss (cap-masked tokens leave it in mask mode) and sequences.
         counts = torch.zeros(2, dtype=torch.float64)
         for mb in micro:
-            eff = core.effective_mask(mb["prox_logp"], mb["behav_logp"], mb["loss_mask"], lp)
+            eff = (core.effective_mask(mb["prox_logp"], mb["behav_logp"], mb["loss_mask"], lp) if prox_pass
+                   else mb["loss_mask"].bool())
             counts += torch.stack([core.count_tokens(eff), core.count_seqs(eff)]).double().cpu()
         counts = self._all_reduce(counts)
         g_tokens, g_seqs = float(counts[0]), float(counts[1])
@@ -319,6 +336,8 @@ class GRPOTrainer:
         micro_stats = []
         for mb in micro:
             logp, ent = self._logp(self.model, mb["input_ids"], entropy=True)
+            if not prox_pass:
+                mb["prox_logp"] = logp.detach()
             loss, stats = core.policy_objective(
                 logp, mb["prox_logp"], mb["behav_logp"], mb["adv"], mb["loss_mask"], lp,
                 global_token_count=g_tokens, global_seq_count=g_seqs, ref_logp=mb.get("ref_logp"), entropy=ent,
