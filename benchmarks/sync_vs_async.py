@@ -14,7 +14,8 @@ The bound: generation alone and training alone per batch, measured from the same
   gen    = seconds the generation server needs for the groups one trained batch costs, measured alone: a
            genserver on the same model generating that many groups the way the rollout asks (one request
            of n = G per group, the rollout's concurrency), with nothing else running
-  sync ~ gen + train, ideal async ~ max(gen, train); reported: ideal / measured for the async runs.
+  sync ~ gen + train, ideal async ~ max(gen, train); reported: ideal / measured, each pair against the parts
+  measured right after it (a shared machine drifts), and the CPU seconds per step of each service.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,12 +40,58 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_up(config: str, steps: int, bound: int, run_dir: Path, overrides: list[str]) -> dict[str, float]:
+SERVICES = ("genserver", "rollout", "trainer", "weight-sync", "control", "up")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_by_service(root_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of `up` and every process under it, summed by service name."""
+    out: dict[str, float] = {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            stat = (p / "stat").read_text()
+            argv = (p / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # exited meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid ...
+        pid, ppid = int(p.name), int(fields[1])
+        name = next((a.decode() for a in argv if a.decode() in SERVICES), None)
+        if any(b"redis-server" in a for a in argv):
+            name = "redis"
+        if name is None or not (pid == root_pid or ppid == root_pid):  # `up` starts every service itself
+            continue
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
+def run_up(config: str, steps: int, bound: int, run_dir: Path, overrides: list[str], skip: int) -> dict[str, float]:
+    """One `up` run; also the CPU seconds per trained step of each service between step `skip` and the end
+    (sampled from /proc every 0.25 s, so a slow service shows whether the machine's cores were the limit)."""
     cmd = [sys.executable, "-m", "asyncgrpo.cli", "up", "--config", config, "--steps", str(steps), "--run-dir",
            str(run_dir), "--no-live", "--evaluator.freq_steps=0", f"--rollout.max_head_offpolicyness={bound}", *overrides]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    metrics = run_dir / "metrics.jsonl"
+    samples: list[tuple[int, dict[str, float]]] = []  # (steps logged, CPU seconds by service)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) as proc:
+        def sample() -> None:
+            while proc.poll() is None:
+                n = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+                if skip <= n < steps:
+                    samples.append((n, _cpu_by_service(proc.pid)))
+                time.sleep(0.25)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        stdout, stderr = proc.communicate()
+        sampler.join()
+    out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    cpu: dict[str, float] = {}
+    if len(samples) >= 2 and samples[-1][0] > samples[0][0]:
+        (n0, c0), (n1, c1) = samples[0], samples[-1]
+        cpu = {k: (c1[k] - c0.get(k, 0.0)) / (n1 - n0) for k in c1}
     rows = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
@@ -55,7 +103,7 @@ def run_up(config: str, steps: int, bound: int, run_dir: Path, overrides: list[s
         g = re.search(r"(\d+) groups pushed, (\d+) filtered", rollout_done[-1])
         pushed, filtered = (int(g.group(1)), int(g.group(2))) if g else (None, None)
     return {"rows": rows, "final_sampled": float(m.group(2)) if m else float("nan"),
-            "final_greedy": float(m.group(4)) if m else float("nan"), "pushed": pushed, "filtered": filtered}
+            "final_greedy": float(m.group(4)) if m else float("nan"), "pushed": pushed, "filtered": filtered, "cpu": cpu}
 
 
 def per_step(rows: dict[int, dict], skip: int) -> float:
@@ -106,39 +154,62 @@ def main() -> int:
     batch, g = cfg["train_dataset"]["batch_size"], cfg["actor"]["group_size"]
     work = Path(tempfile.mkdtemp(prefix="sync_vs_async."))
     runs: dict[int, list[dict]] = {0: [], a.offpolicyness: []}
+    parts: list[dict[str, float]] = []  # per pair: generation alone and training alone, measured beside its runs
     for i in range(a.pairs):
         order = [0, a.offpolicyness] if i % 2 == 0 else [a.offpolicyness, 0]
+        pair = []
         for bound in order:
-            res = run_up(a.config, a.steps, bound, work / f"pair{i}_bound{bound}", overrides)
+            res = run_up(a.config, a.steps, bound, work / f"pair{i}_bound{bound}", overrides, a.skip)
             res["per_step"] = per_step(res["rows"], a.skip)
             runs[bound].append(res)
+            pair.append(res)
             print(f"pair {i} bound {bound}: {res['per_step']:.3f} s/step, stale "
                   f"{res['rows'][max(res['rows'])].get('groups_dropped_stale_total')}, final {res['final_sampled']:.3f}",
                   flush=True)
-    all_rows = [r for rs in runs.values() for res in rs for v, r in res["rows"].items() if v > a.skip]
-    train = statistics.median(r["step_time_s"] for r in all_rows)
-    # groups generated per trained batch: dynamic filtering drops all-equal groups after generating them
-    gen_per_batch = statistics.median((res["pushed"] + res["filtered"]) / a.steps
-                                      for rs in runs.values() for res in rs if res["pushed"])
-    gen_groups = round(gen_per_batch)
-    gen = gen_alone(cfg["actor"]["path"], cfg["train_dataset"]["path"], gen_groups, g,
-                    cfg["rollout"].get("max_concurrent_rollouts", 64), cfg["rollout"].get("max_new_tokens", 256))
-    ideal_sync, ideal_async = gen + train, max(gen, train)
-    lines = ["| bound | s/step (median of pairs) | ms per trained sample | stale drops / run | final held-out sampled / greedy | ideal / measured |",
-             "|---|---|---|---|---|---|"]
+        # The bound of this pair, measured right after it: a shared machine's speed drifts by more than the effect
+        # over the minutes of a benchmark, so each pair is compared with its own parts.
+        train = statistics.median(r["step_time_s"] for res in pair for v, r in res["rows"].items() if v > a.skip)
+        # groups generated per trained batch: dynamic filtering drops all-equal groups after generating them
+        groups = round(statistics.median((res["pushed"] + res["filtered"]) / a.steps for res in pair if res["pushed"]))
+        gen = gen_alone(cfg["actor"]["path"], cfg["train_dataset"]["path"], groups, g,
+                        cfg["rollout"].get("max_concurrent_rollouts", 64), cfg["rollout"].get("max_new_tokens", 256))
+        parts.append({"gen": gen, "train": train, "groups": groups, 0: gen + train, a.offpolicyness: max(gen, train)})
+        print(f"pair {i}: generation alone {gen:.3f} s for {groups} groups, training alone {train:.3f} s/step", flush=True)
+    lines = ["| bound | s/step (median of pairs) | ms per trained sample | stale drops / run | final held-out sampled / greedy "
+             "| ideal / measured (median of pairs) |", "|---|---|---|---|---|---|"]
+    fraction: dict[int, float] = {}
     for bound, rs in runs.items():
         s = statistics.median(r["per_step"] for r in rs)
         stale = statistics.median(r["rows"][max(r["rows"])].get("groups_dropped_stale_total", 0) for r in rs)
         fs = statistics.mean(r["final_sampled"] for r in rs)
         fg = statistics.mean(r["final_greedy"] for r in rs)
-        ideal = ideal_sync if bound == 0 else ideal_async
+        fraction[bound] = statistics.median(p[bound] / r["per_step"] for p, r in zip(parts, rs, strict=True))
         lines.append(f"| {bound} | {s:.3f} | {1000 * s / (batch * g):.2f} | {stale:.0f} | {fs:.3f} / {fg:.3f} | "
-                     f"{ideal / s:.2f} |")
+                     f"{fraction[bound]:.2f} |")
     sync_s = statistics.median(r["per_step"] for r in runs[0])
     async_s = statistics.median(r["per_step"] for r in runs[a.offpolicyness])
-    summary = (f"generation alone {gen:.3f} s for the {gen_groups} groups one batch costs (filtering included), training "
-               f"alone {train:.3f} s/step: ideal sync {ideal_sync:.3f}, ideal async {ideal_async:.3f} s/step. Async is "
-               f"{sync_s / async_s:.2f}x sync; it reaches {ideal_async / async_s:.2f} of the ideal overlap bound.")
+    gen, train = statistics.median(p["gen"] for p in parts), statistics.median(p["train"] for p in parts)
+    summary = (f"generation alone {gen:.3f} s for the {parts[0]['groups']:.0f} groups one batch costs (filtering included), "
+               f"training alone {train:.3f} s/step (medians of the pairs'): ideal sync {gen + train:.3f}, ideal async "
+               f"{max(gen, train):.3f} s/step. Async is {sync_s / async_s:.2f}x sync; it reaches "
+               f"{fraction[a.offpolicyness]:.2f} of the ideal overlap bound (per pair: "
+               + ", ".join(f"{p[a.offpolicyness] / r['per_step']:.2f}" for p, r in zip(parts, runs[a.offpolicyness], strict=True))
+               + ").")
+    # Where the CPU went: if the services' CPU per step, spread over every core, is close to the measured pace, the
+    # cores were the limit (the parts compete for them), not waiting.
+    cores = os.cpu_count() or 1
+    lines += ["", "| bound | CPU s per step: " + " / ".join(SERVICES[:4]) + " / other | total | total / cores "
+              "(the pace if every core were busy) | measured / that |", "|---|---|---|---|---|"]
+    for bound, rs in runs.items():
+        cpus = [r["cpu"] for r in rs if r["cpu"]]
+        if not cpus:
+            continue
+        med = {k: statistics.median(c.get(k, 0.0) for c in cpus) for k in {k for c in cpus for k in c}}
+        other = sum(v for k, v in med.items() if k not in SERVICES[:4])
+        total = sum(med.values())
+        s = statistics.median(r["per_step"] for r in rs)
+        lines.append(f"| {bound} | " + " / ".join(f"{med.get(k, 0.0):.3f}" for k in SERVICES[:4]) +
+                     f" / {other:.3f} | {total:.3f} | {total / cores:.3f} | {s / (total / cores):.2f} |")
     table = "\n".join(lines)
     print(table + "\n" + summary)
     if a.append:
