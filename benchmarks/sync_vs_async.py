@@ -10,7 +10,8 @@ wall-clock seconds per step and per trained sample (steps after the first --skip
 dropped as stale, and the final held-out accuracy (`up`'s before -> after evaluation).
 
 The bound: generation alone and training alone per batch, measured from the same runs' own parts.
-  train  = the trainer's compute per step (metrics.jsonl step_time_s: recompute, loss, backward, optimizer)
+  train  = the trainer's compute per step in the sync run, where generation waits for it (metrics.jsonl
+           step_time_s: loss forward, backward, optimizer)
   gen    = seconds the generation server needs for the groups one trained batch costs, measured alone: a
            genserver on the same model generating that many groups the way the rollout asks (one request
            of n = G per group, the rollout's concurrency), with nothing else running
@@ -42,11 +43,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SERVICES = ("genserver", "rollout", "trainer", "weight-sync", "control", "up")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+_SERVICE_ARGS = {s.encode() for s in SERVICES}
 
 
-def _cpu_by_service(root_pid: int) -> dict[str, float]:
-    """CPU seconds (user + system) so far of `up` and every process under it, summed by service name."""
-    out: dict[str, float] = {}
+def _processes() -> dict[int, tuple[int, str | None, float]]:
+    """pid -> (ppid, the service its command line names or None, CPU seconds so far) of every process."""
+    out: dict[int, tuple[int, str | None, float]] = {}
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
             continue
@@ -55,14 +57,39 @@ def _cpu_by_service(root_pid: int) -> dict[str, float]:
             argv = (p / "cmdline").read_bytes().split(b"\0")
         except OSError:  # exited meanwhile
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid ...
-        pid, ppid = int(p.name), int(fields[1])
-        name = next((a.decode() for a in argv if a.decode() in SERVICES), None)
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid ... utime(11) stime(12)
+        name = next((a.decode() for a in argv if a in _SERVICE_ARGS), None)
         if any(b"redis-server" in a for a in argv):
             name = "redis"
-        if name is None or not (pid == root_pid or ppid == root_pid):  # `up` starts every service itself
-            continue
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
+        out[int(p.name)] = (int(fields[1]), name, (int(fields[11]) + int(fields[12])) / CLK_TCK)
+    return out
+
+
+def _cpu_by_pid(root_pid: int) -> dict[int, tuple[str, float]]:
+    """pid -> (service, CPU seconds so far) of `up` and everything under it: a process counts for the nearest
+    ancestor (or itself) whose command line names a service (torchrun's ranks for the trainer, say)."""
+    procs = _processes()
+    out: dict[int, tuple[str, float]] = {}
+    for pid, (_, _, cpu) in procs.items():
+        name, cur, seen = None, pid, 0
+        while cur in procs and seen < 64:  # walk up to `up`
+            ppid, own, _ = procs[cur]
+            name = name or own
+            if cur == root_pid:
+                out[pid] = (name or "other", cpu)
+                break
+            cur, seen = ppid, seen + 1
+    return out
+
+
+def _cpu_per_step(first: tuple[int, dict[int, tuple[str, float]]], last: tuple[int, dict[int, tuple[str, float]]]
+                  ) -> dict[str, float]:
+    """CPU seconds per step by service between two samples, over the processes alive at both."""
+    (n0, c0), (n1, c1) = first, last
+    out: dict[str, float] = {}
+    for pid, (name, cpu) in c1.items():
+        if pid in c0:
+            out[name] = out.get(name, 0.0) + (cpu - c0[pid][1]) / (n1 - n0)
     return out
 
 
@@ -72,13 +99,18 @@ def run_up(config: str, steps: int, bound: int, run_dir: Path, overrides: list[s
     cmd = [sys.executable, "-m", "asyncgrpo.cli", "up", "--config", config, "--steps", str(steps), "--run-dir",
            str(run_dir), "--no-live", "--evaluator.freq_steps=0", f"--rollout.max_head_offpolicyness={bound}", *overrides]
     metrics = run_dir / "metrics.jsonl"
-    samples: list[tuple[int, dict[str, float]]] = []  # (steps logged, CPU seconds by service)
+    samples: list[tuple[int, dict[int, tuple[str, float]]]] = []  # (steps logged, CPU so far by process)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) as proc:
         def sample() -> None:
+            n, offset = 0, 0
             while proc.poll() is None:
-                n = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+                if metrics.exists():  # count the rows added since the last look, not the whole file again
+                    with metrics.open("rb") as f:
+                        f.seek(offset)
+                        chunk = f.read()
+                    n, offset = n + chunk.count(b"\n"), offset + len(chunk)
                 if skip <= n < steps:
-                    samples.append((n, _cpu_by_service(proc.pid)))
+                    samples.append((n, _cpu_by_pid(proc.pid)))
                 time.sleep(0.25)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -88,10 +120,7 @@ def run_up(config: str, steps: int, bound: int, run_dir: Path, overrides: list[s
     out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    cpu: dict[str, float] = {}
-    if len(samples) >= 2 and samples[-1][0] > samples[0][0]:
-        (n0, c0), (n1, c1) = samples[0], samples[-1]
-        cpu = {k: (c1[k] - c0.get(k, 0.0)) / (n1 - n0) for k in c1}
+    cpu = _cpu_per_step(samples[0], samples[-1]) if len(samples) >= 2 and samples[-1][0] > samples[0][0] else {}
     rows = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
@@ -168,9 +197,13 @@ def main() -> int:
                   flush=True)
         # The bound of this pair, measured right after it: a shared machine's speed drifts by more than the effect
         # over the minutes of a benchmark, so each pair is compared with its own parts.
-        train = statistics.median(r["step_time_s"] for res in pair for v, r in res["rows"].items() if v > a.skip)
+        # training alone: the sync run's steps, during which generation waits (in the async run it shares the cores)
+        train = statistics.median(r["step_time_s"] for v, r in runs[0][-1]["rows"].items() if v > a.skip)
         # groups generated per trained batch: dynamic filtering drops all-equal groups after generating them
-        groups = round(statistics.median((res["pushed"] + res["filtered"]) / a.steps for res in pair if res["pushed"]))
+        counted = [(res["pushed"] + res["filtered"]) / a.steps for res in pair if res["pushed"] is not None]
+        if not counted:
+            raise SystemExit(f"pair {i}: no run logged 'rollout done: N groups pushed, M filtered'; see {work}")
+        groups = round(statistics.median(counted))
         gen = gen_alone(cfg["actor"]["path"], cfg["train_dataset"]["path"], groups, g,
                         cfg["rollout"].get("max_concurrent_rollouts", 64), cfg["rollout"].get("max_new_tokens", 256))
         parts.append({"gen": gen, "train": train, "groups": groups, 0: gen + train, a.offpolicyness: max(gen, train)})
@@ -189,7 +222,8 @@ def main() -> int:
     sync_s = statistics.median(r["per_step"] for r in runs[0])
     async_s = statistics.median(r["per_step"] for r in runs[a.offpolicyness])
     gen, train = statistics.median(p["gen"] for p in parts), statistics.median(p["train"] for p in parts)
-    summary = (f"generation alone {gen:.3f} s for the {parts[0]['groups']:.0f} groups one batch costs (filtering included), "
+    groups = statistics.median(p["groups"] for p in parts)
+    summary = (f"generation alone {gen:.3f} s for the {groups:.0f} groups one batch costs (filtering included), "
                f"training alone {train:.3f} s/step (medians of the pairs'): ideal sync {gen + train:.3f}, ideal async "
                f"{max(gen, train):.3f} s/step. Async is {sync_s / async_s:.2f}x sync; it reaches "
                f"{fraction[a.offpolicyness]:.2f} of the ideal overlap bound (per pair: "
@@ -202,7 +236,7 @@ def main() -> int:
               "(the pace if every core were busy) | measured / that |", "|---|---|---|---|---|"]
     for bound, rs in runs.items():
         cpus = [r["cpu"] for r in rs if r["cpu"]]
-        if not cpus:
+        if not cpus or not sum(sum(c.values()) for c in cpus):
             continue
         med = {k: statistics.median(c.get(k, 0.0) for c in cpus) for k in {k for c in cpus for k in c}}
         other = sum(v for k, v in med.items() if k not in SERVICES[:4])

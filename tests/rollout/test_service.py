@@ -228,7 +228,8 @@ def test_workers_woken_together_ask_redis_once(redis_server, dataset) -> None:
     asyncio.run(asyncio.wait_for(main(), HANG_S))
     waits = svc.stats.admission_waits["over_budget"]
     assert counts["refusals"] <= counts["wakeups"] + 1, counts
-    assert waits >= 30 > counts["refusals"], (waits, counts)
+    # ~10 workers wait per refusal; a loaded machine adds fallback wake-ups (one refusal each), not a ratio change
+    assert counts["refusals"] * 3 <= waits, (waits, counts)
     assert svc.stats.groups_pushed == 6
 
 

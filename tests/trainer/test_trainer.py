@@ -286,6 +286,7 @@ def test_prox_pass_runs_where_something_needs_prox_before_the_loss(tiny_model_di
         "clamp": (dict(behav_imp_weight_cap=5.0), False),
         "no cap": (dict(behav_imp_weight_cap=None), False),
         "mask": (dict(behav_imp_weight_cap=1.2, behav_imp_weight_mode="mask"), True),
+        "mask, a floor only": (dict(behav_imp_weight_cap=None, behav_imp_weight_mode="mask", behav_imp_weight_floor=0.5), True),
     }
     for name, (kw, want) in cases.items():
         assert GRPOTrainer(make_config(tiny_model_dir, **kw)).needs_prox_pass() is want, name

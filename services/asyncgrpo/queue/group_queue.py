@@ -43,6 +43,7 @@ end
 local existing = redis.call('HGET', KEYS[2], ARGV[1])
 if existing then
   redis.call('HINCRBY', KEYS[5], 'duplicate_pushes', 1)
+  redis.call('PUBLISH', KEYS[6], 'pushed')  -- its lease is gone: a waiting worker may start a group
   return {0, existing}
 end
 local id = redis.call('XADD', KEYS[1], '*', 'g', ARGV[2], 'gid', ARGV[1])
@@ -87,7 +88,7 @@ if n > 0 then redis.call('PUBLISH', KEYS[5], 'dead_letter') end
 return n
 """
 
-# KEYS: stream counters  ARGV: consumer_group, msg_ids...  (groups the model already holds, delivered again)
+# KEYS: stream counters events  ARGV: consumer_group, msg_ids...  (groups the model already holds, delivered again)
 _DROP_DUPLICATES_LUA = """
 local n = 0
 for i = 2, #ARGV do
@@ -96,7 +97,10 @@ for i = 2, #ARGV do
     n = n + 1
   end
 end
-if n > 0 then redis.call('HINCRBY', KEYS[2], 'duplicates_dropped', n) end
+if n > 0 then
+  redis.call('HINCRBY', KEYS[2], 'duplicates_dropped', n)
+  redis.call('PUBLISH', KEYS[3], 'duplicates_dropped')  -- fewer accepted groups: admission budget freed
+end
 return n
 """
 
@@ -306,7 +310,7 @@ class GroupQueue:
         if not msg_ids:
             return 0
         k = self.keys
-        return int(self._drop_duplicates(keys=[k.stream, k.counters], args=[self.consumer_group, *msg_ids]))
+        return int(self._drop_duplicates(keys=[k.stream, k.counters, k.events], args=[self.consumer_group, *msg_ids]))
 
     def commit_step(self, msg_ids: Sequence[str], version: int, trained: int, trained_in_stream: int, ack: bool) -> None:
         """After an optimizer step: the new version and the trained count (absolute, so a retry after a lost

@@ -250,7 +250,10 @@ class RolloutService:
         while not self._stop.is_set():
             if self.guard.episodes != self._episodes_seen:
                 await self._after_outage()
-            adm, ev = await self._admit(wid)
+            answer = await self._admit(wid)
+            if answer is None:
+                return
+            adm, ev = answer
             if adm.status == "ok":
                 assert adm.ref is not None
                 self.stats.admissions.append(adm)
@@ -274,8 +277,9 @@ class RolloutService:
                 return
             await self._wake.wait(ev, WAIT_FALLBACK_S)
 
-    async def _admit(self, wid: int) -> tuple[Admission, asyncio.Event]:
-        """Ask Redis to start a group, one worker at a time; and the wake-up to wait on if the answer is no.
+    async def _admit(self, wid: int) -> tuple[Admission, asyncio.Event] | None:
+        """Ask Redis to start a group, one worker at a time; and the wake-up to wait on if the answer is no. None
+        once the service is stopping.
 
         Every event of the run's channel (a version, a released lease, a re-queue) wakes every waiting worker. If
         each asked Redis, one freed slot would cost a refusal per worker (32 round trips, ~13,000 refusals in a
@@ -284,6 +288,8 @@ class RolloutService:
         leases that expire silently, is itself a new event."""
         async with self._admitting:
             ev = self._wake.current()
+            if self._stop.is_set():  # stopped while this worker queued for the lock: start nothing more
+                return None
             if self._refused is not None and self._refused[0] is ev:
                 return self._refused[1], ev
             adm = await self.guard.acall(

@@ -347,6 +347,7 @@ class GRPOTrainer:
             micro_stats.append(_host_stats(stats))
 
         lr = float(self.optimizer.param_groups[0]["lr"])
+        # the one optimizer step of this batch: needs_prox_pass() relies on there being no second one
         with megatron_compat.cuda_on_cpu():
             self.model.finish_grad_sync()
             ok, grad_norm, _ = self.optimizer.step()

@@ -82,10 +82,12 @@ class WeightPublisher:
 
     def close(self) -> None:
         """Stop owning the snapshot (the weight-sync service, if it outlives us, removes it when it stops)."""
-        self.snapshot.release(OWNER)
-        if self._http is not None:
-            self._http.close()
-            self._http = None
+        try:
+            self.snapshot.release(OWNER)
+        finally:
+            if self._http is not None:
+                self._http.close()
+                self._http = None
 
     def _spec(self, name: str, t: torch.Tensor) -> TensorSpec:
         return TensorSpec(name, self.dtype or dtype_name(t.dtype), tuple(int(x) for x in t.shape))
@@ -138,7 +140,12 @@ class WeightPublisher:
         if self._http is None:
             self._http = httpx.Client(headers=self._headers, timeout=self.notify_timeout_s)
         try:
-            r = self._http.post(f"{self.service_url}/publish", json={"version": version, "blocked_s": blocked_s})
+            try:
+                r = self._http.post(f"{self.service_url}/publish", json={"version": version, "blocked_s": blocked_s})
+            except (httpx.RemoteProtocolError, httpx.ConnectError):
+                # a kept-alive connection the service closed meanwhile (or a restarted service): once more, on a
+                # new one; /publish of a version is idempotent
+                r = self._http.post(f"{self.service_url}/publish", json={"version": version, "blocked_s": blocked_s})
             r.raise_for_status()
             return True
         except httpx.HTTPError as e:
