@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 
 import pytest
 import redis
@@ -53,6 +54,16 @@ def make_service(url: str, dataset: PromptDataset, client: FakeGenClient, reward
 def drain(url: str) -> list:
     q = GroupQueue(redis.Redis.from_url(url), RUN)
     return [g for _, g in q.consume("t", count=1000)]
+
+
+def run_beside(svc: RolloutService, side: Callable[[], Awaitable[None]]) -> None:
+    """Run the service to its end with `side` (a fake trainer or control plane) beside it; both must finish."""
+    async def main() -> None:
+        t = asyncio.create_task(side())
+        await svc.run()
+        await t
+
+    asyncio.run(asyncio.wait_for(main(), HANG_S))
 
 
 def metric(name: str, **labels: str) -> float:
@@ -180,12 +191,7 @@ def test_admission_budget_with_a_fake_trainer(redis_server, dataset) -> None:
             observed.append((version, await asyncio.to_thread(q.depth)))
             await asyncio.to_thread(state.set_version, version + 1)
 
-    async def main() -> None:
-        t = asyncio.create_task(trainer())
-        await svc.run()
-        await t
-
-    asyncio.run(asyncio.wait_for(main(), HANG_S))
+    run_beside(svc, trainer)
     assert observed == [(0, 2), (1, 4), (2, 6)]
     for a in svc.stats.admissions:
         assert a.started <= (a.version + 0 + 1) * 2 == a.capacity
@@ -220,12 +226,7 @@ def test_workers_woken_together_ask_redis_once(redis_server, dataset) -> None:
                 await asyncio.sleep(0.01)
             await asyncio.to_thread(state.set_version, version + 1)
 
-    async def main() -> None:
-        t = asyncio.create_task(trainer())
-        await svc.run()
-        await t
-
-    asyncio.run(asyncio.wait_for(main(), HANG_S))
+    run_beside(svc, trainer)
     waits = svc.stats.admission_waits["over_budget"]
     assert counts["refusals"] <= counts["wakeups"] + 1, counts
     # ~10 workers wait per refusal; a loaded machine adds fallback wake-ups (one refusal each), not a ratio change
@@ -250,13 +251,8 @@ def test_pause_stops_admission_and_in_flight_groups_finish(redis_server, dataset
         seen["depth_while_paused"] = await asyncio.to_thread(q.depth)
         await asyncio.to_thread(state.set_paused, False)
 
-    async def main() -> None:
-        client.gate = asyncio.Event()
-        t = asyncio.create_task(control())
-        await svc.run()
-        await t
-
-    asyncio.run(asyncio.wait_for(main(), HANG_S))
+    client.gate = asyncio.Event()
+    run_beside(svc, control)
     # the three in-flight groups finished and were queued; nothing new started while paused
     assert seen["depth_while_paused"] == 3 and q.depth() == 6 and svc.stats.groups_pushed == 6
 
