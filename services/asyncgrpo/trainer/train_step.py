@@ -230,7 +230,6 @@ class GRPOTrainer:
         self.version = 0  # policy version = optimizer steps taken
         self.pad_id = 0
         self.loss_params = loss_params(cfg)
-        self.always_prox_pass = False  # tests: run the separate pass even where the loss's forward gives the same
 
     # -- helpers -------------------------------------------------------------------------------------------------
 
@@ -291,7 +290,7 @@ class GRPOTrainer:
         lp = self.loss_params
         drops_tokens = lp.behav_imp_weight_mode == "mask" and (lp.behav_imp_weight_cap is not None
                                                               or lp.behav_imp_weight_floor is not None)
-        return self.always_prox_pass or drops_tokens or bool(self.cfg.actor.use_kl_in_reward)
+        return drops_tokens or bool(self.cfg.actor.use_kl_in_reward)
 
     # -- the step ------------------------------------------------------------------------------------------------
 

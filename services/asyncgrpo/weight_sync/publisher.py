@@ -139,13 +139,14 @@ class WeightPublisher:
             return False
         if self._http is None:
             self._http = httpx.Client(headers=self._headers, timeout=self.notify_timeout_s)
+        url, body = f"{self.service_url}/publish", {"version": version, "blocked_s": blocked_s}
         try:
             try:
-                r = self._http.post(f"{self.service_url}/publish", json={"version": version, "blocked_s": blocked_s})
+                r = self._http.post(url, json=body)
             except (httpx.RemoteProtocolError, httpx.ConnectError):
                 # a kept-alive connection the service closed meanwhile (or a restarted service): once more, on a
                 # new one; /publish of a version is idempotent
-                r = self._http.post(f"{self.service_url}/publish", json={"version": version, "blocked_s": blocked_s})
+                r = self._http.post(url, json=body)
             r.raise_for_status()
             return True
         except httpx.HTTPError as e:
