@@ -36,7 +36,6 @@ import threading
 import time
 from pathlib import Path
 
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,8 +140,10 @@ def per_step(rows: dict[int, dict], skip: int) -> float:
     return (b["time"] - a["time"]) / (vs[-1] - vs[skip])
 
 
-def gen_alone(model: str, data: str, groups: int, g: int, concurrency: int, max_new: int, rounds: int = 3) -> float:
-    """Median seconds for `groups` groups of g through one genserver, the rollout's way, nothing else running."""
+def gen_alone(model: str, data: str, groups: int, g: int, concurrency: int, max_new: int, decode_steps: int,
+              rounds: int = 3) -> float:
+    """Median seconds for `groups` groups of g through one genserver started as `up` starts it, the rollout's
+    way, nothing else running."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import generation_paths as gp  # the same request path and server start as that benchmark
 
@@ -154,7 +155,7 @@ def gen_alone(model: str, data: str, groups: int, g: int, concurrency: int, max_
     tok = AutoTokenizer.from_pretrained(model)
     texts = [json.loads(line)["prompt"] for line in Path(data).read_text().splitlines()[: groups * (rounds + 1)]]
     times: list[float] = []
-    with gp.genserver(model) as (_, url):
+    with gp.genserver(model, "--num-continuous-decode-steps", str(decode_steps)) as (_, url):
         async def go() -> None:
             async with SGLangClient(url) as client:
                 for r in range(rounds + 1):
@@ -179,8 +180,10 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*", help="dotted overrides for both runs, e.g. --actor.group_size=16")
     a, extra = ap.parse_known_args()
     overrides = [*a.overrides, *extra]
-    cfg = yaml.safe_load((ROOT / a.config).read_text())
-    batch, g = cfg["train_dataset"]["batch_size"], cfg["actor"]["group_size"]
+    from asyncgrpo.config import load_config
+
+    cfg = load_config([ROOT / a.config], overrides)  # resolved as `up` resolves it: the parts run the same way
+    batch, g = cfg.train_dataset.batch_size, cfg.actor.group_size
     work = Path(tempfile.mkdtemp(prefix="sync_vs_async."))
     runs: dict[int, list[dict]] = {0: [], a.offpolicyness: []}
     parts: list[dict[str, float]] = []  # per pair: generation alone and training alone, measured beside its runs
@@ -204,8 +207,8 @@ def main() -> int:
         if not counted:
             raise SystemExit(f"pair {i}: no run logged 'rollout done: N groups pushed, M filtered'; see {work}")
         groups = round(statistics.median(counted))
-        gen = gen_alone(cfg["actor"]["path"], cfg["train_dataset"]["path"], groups, g,
-                        cfg["rollout"].get("max_concurrent_rollouts", 64), cfg["rollout"].get("max_new_tokens", 256))
+        gen = gen_alone(cfg.actor.path, cfg.train_dataset.path, groups, g, cfg.rollout.max_concurrent_rollouts,
+                        cfg.rollout.max_new_tokens, cfg.launch.num_continuous_decode_steps)
         parts.append({"gen": gen, "train": train, "groups": groups, 0: gen + train, a.offpolicyness: max(gen, train)})
         print(f"pair {i}: generation alone {gen:.3f} s for {groups} groups, training alone {train:.3f} s/step", flush=True)
     lines = ["| bound | s/step (median of pairs) | ms per trained sample | stale drops / run | final held-out sampled / greedy "

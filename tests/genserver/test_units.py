@@ -9,8 +9,8 @@ from pydantic import ValidationError
 from asyncgrpo.genserver.app import version_spans
 from asyncgrpo.genserver.requests import MAX_SEED, GenerateReqInput, GenerateRequestError, expand_generate
 from asyncgrpo.genserver.sampling import (
-    ALL_TOKENS, SamplingError, SamplingParamError, filter_logprobs, parse_sampling_params, sample_batch, sample_row,
-    tempered_logprobs)
+    ALL_TOKENS, SamplingError, SamplingParamError, filter_logprobs, inverse_cdf_draw, parse_sampling_params, sample_batch,
+    sample_row, tempered_logprobs)
 from asyncgrpo.sglang.client import expand_token_versions, parse_generate_response
 
 
@@ -98,6 +98,21 @@ def test_batched_sampling_draws_exactly_what_each_row_alone_draws() -> None:
     toks = sample_batch(lp.expand(n, 4), [parse_sampling_params({})] * n, [None] * n, [None] * n, torch.Generator().manual_seed(1))
     freq = torch.bincount(torch.tensor(toks), minlength=4).float() / n
     assert torch.allclose(freq, lp.exp(), atol=0.02), (freq, lp.exp())
+
+
+def test_inverse_cdf_draw_follows_the_distribution_and_never_draws_an_impossible_token() -> None:
+    """The unseeded rows' sampler. 20,000 draws: each frequency's standard error is at most
+    sqrt(0.25 / 20000) = 0.0035, so 0.02 is over five of them; tokens of probability 0 (first, middle, last
+    place) must never come out."""
+    p = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
+    lps = p.log().expand(20000, 6)
+    toks = inverse_cdf_draw(lps, torch.Generator().manual_seed(3))
+    freq = torch.bincount(toks, minlength=6).float() / len(toks)
+    assert freq[p == 0].sum() == 0, freq
+    assert torch.allclose(freq, p, atol=0.02), (freq, p)
+    one = torch.full((4, 6), float("-inf"))
+    one[torch.arange(4), torch.tensor([0, 2, 5, 5])] = 0.0  # all mass on one token, wherever it sits
+    assert inverse_cdf_draw(one, torch.Generator().manual_seed(0)).tolist() == [0, 2, 5, 5]
 
 
 def test_version_spans_round_trip_through_the_client() -> None:

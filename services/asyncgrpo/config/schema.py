@@ -279,6 +279,7 @@ class LaunchConfig(Section):
     gpus_per_server: int = Field(1, ge=1, description="GPUs of one SGLang server (its --tp-size); server i gets the next ones after the trainer's.")
     trainer_gpus: int = Field(0, ge=0, description="GPUs of the trainer, the first ones visible (more than 1: torchrun, one rank each); 0: no GPU for the trainer.")
     sglang_python: str | None = Field(None, description="Python interpreter that has sglang installed; null: the one running `up`.")
+    num_continuous_decode_steps: int = Field(3, ge=1, le=64, description="genserver: decode steps between admissions of waiting requests (SGLang's flag of that name; for engine sglang give it in sglang_args). More: fewer, larger prefills and more throughput, a few steps more until a request's first token.")
     sglang_args: list[str] = Field(default_factory=list, description="Extra flags for sglang.launch_server, e.g. ['--mem-fraction-static', '0.7'].")
     server_start_timeout_s: float = Field(900.0, gt=0, description="Limit on one generation server becoming healthy (SGLang loads weights and captures CUDA graphs).")
 

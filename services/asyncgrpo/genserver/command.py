@@ -14,6 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "--model-path", dest="model", required=True, help="HF checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to serve other machines: needs a key)")
     p.add_argument("--port", type=int, default=30000, help="HTTP port (SGLang's default is 30000)")
+    p.add_argument("--num-continuous-decode-steps", type=int, default=1,
+                   help="decode steps between admissions of waiting requests (SGLang's flag): fewer, larger prefills")
     p.add_argument("--max-batch-size", type=int, default=128, help="most requests decoded together (SGLang: max_running_requests)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="model dtype (bfloat16 on a GPU; log-probs are computed in fp32 from the logits either way)")
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device)
     tok = AutoTokenizer.from_pretrained(args.model)
     engine = Engine(model, tok, model_path=str(args.model), max_batch_size=args.max_batch_size,
-                    weight_version=args.weight_version)
+                    weight_version=args.weight_version, num_continuous_decode_steps=args.num_continuous_decode_steps)
     app = create_app(engine, host=args.host, port=args.port, dist_timeout_s=args.dist_timeout_s,
                      served_model_name=args.served_model_name, api_key=api_key, admin_api_key=admin_api_key)
     where = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"

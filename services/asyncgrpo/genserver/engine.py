@@ -107,11 +107,14 @@ class Engine:
     """Owns model + tokenizer; `start()` runs the scheduler thread."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, model_path: str, max_batch_size: int = 128,
-                 weight_version: str = "default", max_context: int | None = None) -> None:
+                 weight_version: str = "default", max_context: int | None = None,
+                 num_continuous_decode_steps: int = 1) -> None:
         self.model = model.eval()
         self.tok = tokenizer
         self.model_path = model_path
         self.max_batch_size = max_batch_size
+        self.num_continuous_decode_steps = max(1, int(num_continuous_decode_steps))
+        self._decodes_since_admit = 0
         self.max_context = int(max_context or getattr(model.config, "max_position_embeddings", 4096))
         self.vocab_size = model_vocab_size(model)
         self.weight_version = weight_version
@@ -305,13 +308,15 @@ class Engine:
     # ---- one scheduler step ----
     def _step(self) -> None:
         free = self.max_batch_size - len(self.rows)
-        if self.waiting and free > 0:
+        if self.waiting and free > 0 and (not self.rows or self._decodes_since_admit >= self.num_continuous_decode_steps):
             self._admit([self.waiting.popleft() for _ in range(min(free, len(self.waiting)))])
+            self._decodes_since_admit = 0
         # rows whose prefill just sampled their first token still need a decode step like everyone else
         if self.rows:
             self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(self.rows))
             M_BATCH.observe(len(self.rows))
             logits = self._decode()
+            self._decodes_since_admit += 1
             self.stats["steps"] += 1
             self._sample(list(range(len(self.rows))), logits)
 
@@ -363,7 +368,8 @@ class Engine:
             self.last[span] = tok_t
         elif live:
             self.last[row_idx[0] + live_idx] = tok_t
-        keep = [i for i in range(len(self.rows)) if i not in set(row_idx)]
+        sampled_rows = set(row_idx)
+        keep = [i for i in range(len(self.rows)) if i not in sampled_rows]
         for k, tok, lp in zip(live, toks, picked):
             r = reqs[k]
             if isinstance(tok, Exception):  # this row fails alone; the others go on

@@ -388,7 +388,8 @@ def plan_run(cfg: Any, run_dir: Path, *, redis_url: str | None = None) -> RunPla
         gen_urls.append(url)
         name = f"{cfg.launch.engine}{i}" if n > 1 else cfg.launch.engine
         if cfg.launch.engine == "genserver":
-            argv = [*exe, "genserver", "--model", str(cfg.actor.path), "--host", host, "--port", str(port), "--weight-version", "0"]
+            argv = [*exe, "genserver", "--model", str(cfg.actor.path), "--host", host, "--port", str(port), "--weight-version", "0",
+                    "--num-continuous-decode-steps", str(cfg.launch.num_continuous_decode_steps)]
             server_env: dict[str, str] = {}
         else:  # SGLang reads its keys from a YAML --config (mode 600), so they stay off its command line
             conf = run_dir / "sglang" / f"{name}.yaml"
