@@ -133,6 +133,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.stats = {"steps": 0, "max_batch_seen": 0, "prefills": 0, "tokens": 0, "requests": 0}
         self._tps_window: deque[tuple[float, int]] = deque()
+        self._tps_tokens = 0  # the window's token count, kept as it moves instead of re-summed every step
         self._rng = device_generator(self.device, random.getrandbits(63))  # unseeded requests draw from it
         self._set_version_metric()
 
@@ -427,11 +428,12 @@ class Engine:
         self.stats["tokens"] += n
         M_TOKENS.inc(n)
         self._tps_window.append((now, n))
+        self._tps_tokens += n
         while self._tps_window and now - self._tps_window[0][0] > 2.0:
-            self._tps_window.popleft()
+            self._tps_tokens -= self._tps_window.popleft()[1]
         span = now - self._tps_window[0][0]
         if span > 0:
-            M_TPS.set(sum(k for _, k in self._tps_window) / span)
+            M_TPS.set(self._tps_tokens / span)
 
     # ---- commands (run on the engine thread via submit) ----
     def cmd_abort(self, rid: str = "", abort_all: bool = False, message: str = "aborted by request") -> int:
