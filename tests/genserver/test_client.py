@@ -68,3 +68,29 @@ def test_generate_read_timeout_is_not_retried(genserver) -> None:
     assert not isinstance(err, SGLangUnavailable) and "may have run" in str(err)
     assert received == 1  # sent once, not retries + 1 times
     assert waiting == 0  # aborted when the client disconnected
+
+
+def test_waiting_for_a_free_connection_is_not_a_connect_timeout() -> None:
+    """Requests beyond the pool wait for a connection within the request's timeout, not the connect timeout:
+    a burst of resubmitted samples must not fail as "unreachable" against a busy but healthy server."""
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:  # keep-alive: answer every request on this connection, each after 0.3 s
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:  # the client closed the connection
+                return
+            await asyncio.sleep(0.3)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\r\n{\"loads\":[]}")
+            await writer.drain()
+
+    async def main() -> list[object]:
+        server = await asyncio.start_server(slow, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        try:
+            async with SGLangClient(url, timeout_s=10, connect_timeout_s=0.1, retries=0, max_connections=1) as c:
+                return await asyncio.gather(*(c.loads() for _ in range(3)), return_exceptions=True)
+        finally:
+            server.close()
+
+    results = asyncio.run(asyncio.wait_for(main(), 20))
+    assert results == [{"loads": []}] * 3, results  # the 2nd and 3rd waited ~0.3 and ~0.6 s for the one connection

@@ -146,7 +146,7 @@ def inverse_cdf_draw(lps: torch.Tensor, generator: torch.Generator) -> torch.Ten
     sum of probabilities exceeds a uniform draw scaled to the row's total. right=True: a token of probability 0
     (its running sum equals its left neighbour's) is never drawn; the min with the first index at the total
     keeps a draw that rounds up to the total on the last token that has probability."""
-    cdf = lps.float().exp().cumsum(-1)
+    cdf = lps.double().exp().cumsum(-1)  # float64: in float32 a 150k-token row's sum rounds each slice to ~6e-8
     u = torch.rand(lps.shape[0], 1, generator=generator, dtype=cdf.dtype, device=lps.device) * cdf[:, -1:]
     return torch.minimum(torch.searchsorted(cdf, u, right=True)[:, 0], cdf.argmax(-1))
 

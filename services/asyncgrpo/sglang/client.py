@@ -1,8 +1,9 @@
 """Async client for the SGLang HTTP API subset the project uses (works against SGLang and genserver).
 
 Retry policy (why: a retried /generate or weight update may run twice on the server):
-- Every call has a connect timeout (`connect_timeout_s`) and a total read timeout (`timeout_s`), so a
-  dead or stuck server raises, it never hangs.
+- Every call has a connect timeout (`connect_timeout_s`) and a total timeout (`timeout_s`), so a dead or
+  stuck server raises, it never hangs. Waiting for a free connection (more than `max_connections` calls at
+  once) counts against the total only.
 - Calls that change server state (generate, abort, pause, weight updates, ...) are retried only when the
   request provably never reached the server: connection refused / connect timeout. A read timeout or a
   dropped connection after sending raises `SGLangError` at once.
@@ -109,12 +110,14 @@ class SGLangClient:
     """One generation server. Use as `async with SGLangClient(url) as c: ...`."""
 
     def __init__(self, base_url: str, timeout_s: float = 600.0, connect_timeout_s: float = 5.0, retries: int = 3,
-                 backoff_s: float = 0.5, api_key: str | None = None, admin_api_key: str | None = None) -> None:
+                 backoff_s: float = 0.5, api_key: str | None = None, admin_api_key: str | None = None,
+                 max_connections: int = 1024) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url {base_url!r} must start with http:// or https://")
         self.base_url = base_url.rstrip("/")
         self.timeout_s, self.connect_timeout_s = timeout_s, connect_timeout_s
         self.retries, self.backoff_s = retries, backoff_s
+        self.max_connections = max_connections  # more requests at once wait for a free connection, within timeout_s
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         admin = admin_api_key or api_key
         self._admin_auth = {"Authorization": f"Bearer {admin}"} if admin else {}
@@ -136,7 +139,10 @@ class SGLangClient:
             self._http = None
 
     def _timeout(self, total_s: float) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(total=total_s, connect=self.connect_timeout_s)
+        # sock_connect, not connect: aiohttp's `connect` also bounds the wait for a free pool slot, which a burst of
+        # resubmitted samples may need. Kept under the total, whose expiry aiohttp does not report as a connect
+        # failure, so a server that never accepts is always "not sent".
+        return aiohttp.ClientTimeout(total=total_s, sock_connect=min(self.connect_timeout_s, 0.9 * total_s))
 
     def _client(self) -> aiohttp.ClientSession:
         # aiohttp + orjson rather than httpx + json: a /generate round trip costs the rollout about a quarter of
@@ -145,7 +151,11 @@ class SGLangClient:
         if self._http is None:
             self._http = aiohttp.ClientSession(
                 timeout=self._timeout(self.timeout_s),
-                connector=aiohttp.TCPConnector(limit=1024, limit_per_host=1024, keepalive_timeout=30.0),
+                # idle connections are dropped before the server drops them (SGLang's uvicorn: after 5 s), so a POST is
+                # never sent on a connection the server is closing, where it would fail as "may have run"
+                connector=aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=self.max_connections,
+                                               keepalive_timeout=4.0),
+                trust_env=True,  # HTTP(S)_PROXY / NO_PROXY, as httpx honoured them
             )
         return self._http
 
@@ -164,7 +174,7 @@ class SGLangClient:
             if attempt:
                 await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
-                async with self._client().request(method, url, data=data, headers=headers,
+                async with self._client().request(method, url, data=data, headers=headers, allow_redirects=False,
                                                   timeout=self._timeout(total_s)) as r:
                     status, content = r.status, await r.read()
             except _NOT_SENT as e:
