@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import generation_paths as gp  # noqa: E402 - the same genserver start as that benchmark
+from bench_models import append_markdown  # noqa: E402
 
 from asyncgrpo.sglang.client import SGLangClient  # noqa: E402
 
@@ -90,16 +91,13 @@ def main() -> int:
         lines.append(f"| {n} | {gps:.1f} | {', '.join(f'{x[0]:.1f}' for x in rows)} | "
                      f"{statistics.median(x[1] for x in rows):.2f} | {statistics.median(x[2] for x in rows):.2f} | "
                      f"{gps / base:.2f} |")
-    table = "\n".join(lines)
-    print(table)
-    if a.append:
-        cpu = platform.processor() or platform.machine()
-        with open(a.append, "a") as f:
-            f.write(f"\n## genserver under a steady load ({dt.date.today()}, {os.cpu_count()}-core CPU ({cpu}), 1 torch "
-                    f"thread, fp32, {Path(a.model).name})\n\n{table}\n\n`python benchmarks/genserver_streaming.py "
-                    f"--model {a.model} --data {a.data} --steps {a.steps} --rounds {a.rounds} --concurrency "
-                    f"{a.concurrency} --group-size {a.group_size}`: {a.concurrency} groups of {a.group_size} always in "
-                    f"flight, {a.window_s:g} s counted after {a.warmup_s:g} s.\n")
+    cpu = platform.processor() or platform.machine()
+    append_markdown(a.append, (
+        f"\n## genserver under a steady load ({dt.date.today()}, {os.cpu_count()}-core CPU ({cpu}), 1 torch thread, "
+        f"fp32, {Path(a.model).name})\n\n" + "\n".join(lines) + "\n\n`python benchmarks/genserver_streaming.py "
+        f"--model {a.model} --data {a.data} --steps {a.steps} --rounds {a.rounds} --concurrency {a.concurrency} "
+        f"--group-size {a.group_size}`: {a.concurrency} groups of {a.group_size} always in flight, {a.window_s:g} s "
+        f"counted after {a.warmup_s:g} s.\n"))
     return 0
 
 
