@@ -170,3 +170,20 @@ def test_derived_seeds_never_overflow() -> None:
 def test_expand_refuses_what_does_not_fit_the_model(body, message) -> None:
     with pytest.raises(GenerateRequestError, match=message):
         expand(body)
+
+
+@pytest.mark.parametrize("flag", ["--num-continuous-decode-steps", "--max-batch-size", "--threads"])
+def test_counts_below_one_are_refused_by_name(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from asyncgrpo.genserver.command import add_arguments
+
+    p = argparse.ArgumentParser(prog="asyncgrpo genserver")
+    add_arguments(p)
+    assert getattr(p.parse_args(["--model", "m", flag, "2"]), flag[2:].replace("-", "_")) == 2
+    for bad, why in (("0", "0 is below 1"), ("x", "'x' is not an integer")):
+        with pytest.raises(SystemExit) as e:
+            p.parse_args(["--model", "m", flag, bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}: {why}; give a whole number >= 1" in err, err

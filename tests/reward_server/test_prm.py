@@ -147,11 +147,23 @@ def test_grpo_process_supervision_trains_with_real_processes(tiny_model_dir: Pat
 
         queued = [decode_group(f[b"g"]) for _, f in run.redis.xrange(run.state.keys.stream) if f and b"g" in f]
         assert queued, "no group left in the queue to inspect"
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tiny_model_dir)
         completions = [c for g in queued for c in g.completions if c.output_ids]
+        stepped = 0
         for c in completions:
-            assert c.reward_error is None and c.step_rewards is not None and c.step_ends is not None, c
+            assert c.reward_error is None, c
+            if not tok.decode(c.output_ids, skip_special_tokens=True):
+                # e.g. EOS alone: no text, no steps; scored as an outcome (the PRM's scalar for no steps is 0),
+                # which the trainer takes as one step over its tokens
+                assert c.step_rewards is None and c.step_ends is None and c.reward == 0.0, c
+                continue
+            assert c.step_rewards is not None and c.step_ends is not None, c
             assert c.step_ends[-1] == len(c.output_ids) and all(0 <= r <= 1 for r in c.step_rewards), c
             assert c.reward == pytest.approx(min(c.step_rewards), abs=1e-6)
+            stepped += 1
+        assert stepped >= len(completions) // 2, f"only {stepped} of {len(completions)} completions had text"
         # (an untrained policy's 8 random tokens seldom hold the separator, so most are one step: several steps per
         # completion are covered by test_the_prm_reward_gives_one_reward_per_step and the trainer's per-token test)
     finally:

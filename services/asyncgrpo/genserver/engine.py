@@ -113,7 +113,10 @@ class Engine:
         self.tok = tokenizer
         self.model_path = model_path
         self.max_batch_size = max_batch_size
-        self.num_continuous_decode_steps = max(1, int(num_continuous_decode_steps))
+        if num_continuous_decode_steps < 1 or max_batch_size < 1:
+            raise ValueError(f"num_continuous_decode_steps={num_continuous_decode_steps} and max_batch_size="
+                             f"{max_batch_size} must both be >= 1")
+        self.num_continuous_decode_steps = int(num_continuous_decode_steps)
         self._decodes_since_admit = 0
         self.max_context = int(max_context or getattr(model.config, "max_position_embeddings", 4096))
         self.vocab_size = model_vocab_size(model)
