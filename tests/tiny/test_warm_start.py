@@ -85,6 +85,13 @@ def test_short_warm_start_learns_and_checkpoint_loads(tiny_model_dir: Path, task
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "asyncgrpo_warm_start.json"):
         assert (out / name).exists(), name
     assert not (tmp_path / "warm.partial").exists()
+    import json
+
+    import torch
+
+    meta = json.loads((out / "asyncgrpo_warm_start.json").read_text())
+    # which kernels ran: the weights depend on them (prepare.py's table)
+    assert meta["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and meta["threads"] >= 1, meta
 
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)

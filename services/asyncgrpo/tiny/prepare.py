@@ -32,7 +32,9 @@ from asyncgrpo.tiny.warm_start import WarmStartConfig
 #   2000     34 s         0.57         0.69
 #   3000     53 s         0.57         0.69   (cosine schedule over 3000 steps: the model's ceiling)
 # The untrained model scores 0.00 (it never writes a '#### n' line). The outcome near 1500-1750 steps is sensitive
-# to kernel rounding, so another CPU draws another warm start around these figures.
+# to kernel rounding, so another CPU draws another warm start around these figures: at 1500 steps, x 4 samples, the
+# AVX2 kernels give 0.259 / 0.366 and the AVX-512 ones 0.203 / 0.306 (same machine, ATEN_CPU_CAPABILITY=avx2 and
+# MKL_ENABLE_INSTRUCTIONS=AVX2 against the default, 2026-12-02; float64 training diverges as much).
 DEFAULTS = dict(preset="tiny", n_train=10000, n_test=500)  # the warm start's own defaults: WarmStartConfig
 
 
@@ -97,8 +99,10 @@ def step_warm(out: Path, cfg: Any, force: bool) -> tuple[bool, dict[str, Any]]:
         return False, recorded
     _log(f"warm start: {cfg.steps} steps of batch {cfg.batch_size}, lr {cfg.lr} ...")
     res = warm_start(out / "init", out / "task" / "train.jsonl", target, cfg, log=_log)
-    _log(f"warm start: loss {res.first_loss:.3f} -> {res.final_loss:.3f} in {res.seconds:.1f}s")
-    return True, _read_json(target / "asyncgrpo_warm_start.json") or {}
+    meta = _read_json(target / "asyncgrpo_warm_start.json") or {}
+    _log(f"warm start: loss {res.first_loss:.3f} -> {res.final_loss:.3f} in {res.seconds:.1f}s (torch CPU kernels "
+         f"{meta.get('cpu_capability')}: another kernel set ends at another warm start, docs/learning.md)")
+    return True, meta
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -145,7 +149,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
             "before": {"reward": before.reward[fn], "greedy_reward": before.greedy_reward[fn], "finished_fraction": before.finished_fraction},
             "after": {"reward": after.reward[fn], "greedy_reward": after.greedy_reward[fn], "finished_fraction": after.finished_fraction,
                       "mean_completion_tokens": after.mean_completion_tokens, "examples": after.examples},
-            "warm_start": {k: warm_meta.get(k) for k in ("seconds", "first_loss", "final_loss", "config")},
+            "warm_start": {k: warm_meta.get(k) for k in ("seconds", "first_loss", "final_loss", "cpu_capability", "threads", "config")},
             "paths": {"actor": str(out / "warm"), "train": str(out / "task" / "train.jsonl"), "test": str(out / "task" / "test.jsonl")},
         }
         tmp = report_path.with_name("report.json.tmp")
