@@ -187,3 +187,27 @@ def test_counts_below_one_are_refused_by_name(flag: str, capsys: pytest.CaptureF
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert f"argument {flag}: {why}; give a whole number >= 1" in err, err
+
+
+@pytest.mark.parametrize(("env", "want"), [(None, 1), ("", 1), ("0", 1), ("-2", 1), ("x", 1), ("3", 3), ("4,2", 4)])
+def test_threads_default_reads_omp_num_threads_as_openmp_does(env: str | None, want: int,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from asyncgrpo.genserver.command import add_arguments
+
+    if env is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", env)
+    p = argparse.ArgumentParser(prog="asyncgrpo genserver")
+    add_arguments(p)
+    assert p.parse_args(["--model", "m"]).threads == want
+
+
+@pytest.mark.parametrize("kw", [{"max_batch_size": 0}, {"num_continuous_decode_steps": 0}])
+def test_the_engine_refuses_counts_below_one(kw: dict[str, int]) -> None:
+    from asyncgrpo.genserver.engine import Engine
+
+    with pytest.raises(ValueError, match=r"must both be >= 1"):
+        Engine(torch.nn.Linear(2, 2), object(), model_path="m", **kw)

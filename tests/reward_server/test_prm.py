@@ -127,8 +127,9 @@ def test_the_tiny_prm_learns_which_steps_are_right(tiny_model_dir: Path, tmp_pat
 @pytest.mark.slow
 def test_grpo_process_supervision_trains_with_real_processes(tiny_model_dir: Path, prm_dir: Path, tmp_path: Path) -> None:
     """redis, genserver, weight-sync, rollout and trainer as `up` plans them, and a PRM server: 4 steps of
-    adv_estimator=grpo_process on reward.fns=[prm]. Every queued completion carries its step rewards (schema 3),
-    their ends tiling its tokens, the trainer trains on them and nothing is lost."""
+    adv_estimator=grpo_process on reward.fns=[prm]. Every queued completion with text carries its step rewards
+    (schema 3), their ends tiling its tokens; one that decodes to no text keeps an outcome reward of 0; the trainer
+    trains on them and nothing is lost."""
     from faults.system import System, fault_config, write_dataset
 
     url, rm = start_reward_server(prm_dir, tmp_path / "prm_server.log")

@@ -21,6 +21,12 @@ def _at_least_one(text: str) -> int:
     return n
 
 
+def _default_threads() -> int:
+    """OMP_NUM_THREADS as OpenMP reads it ("4", or "4,2" for nested levels: the first); unset or unusable: 1."""
+    head = (os.environ.get("OMP_NUM_THREADS") or "").split(",")[0].strip()
+    return int(head) if head.isdigit() and int(head) >= 1 else 1
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "--model-path", dest="model", required=True, help="HF checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to serve other machines: needs a key)")
@@ -35,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-version", default="default", help="initial weight_version label")
     p.add_argument("--dist-timeout-s", type=float, default=600.0,
                    help="timeout of every weight-sync rendezvous and collective, and of a load from disk")
-    p.add_argument("--threads", type=_at_least_one, default=int(os.environ.get("OMP_NUM_THREADS", "1") or 1), help="torch intra-op threads")
+    p.add_argument("--threads", type=_at_least_one, default=_default_threads(),
+                   help="torch intra-op threads (default: $OMP_NUM_THREADS, else 1)")
     p.add_argument("--served-model-name", default=None, help="name reported by /model_info (default: the path)")
     p.add_argument("--api-key", default=None,
                    help=f"bearer token every endpoint but /health* and /metrics needs, as SGLang's (default: ${ENV_API_KEY})")
@@ -82,7 +89,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
             return 2
         if device.index is not None:
             torch.cuda.set_device(device)  # this thread's current device (the engine thread sets its own)
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(args.threads)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device)
     tok = AutoTokenizer.from_pretrained(args.model)
     engine = Engine(model, tok, model_path=str(args.model), max_batch_size=args.max_batch_size,

@@ -149,7 +149,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
             "before": {"reward": before.reward[fn], "greedy_reward": before.greedy_reward[fn], "finished_fraction": before.finished_fraction},
             "after": {"reward": after.reward[fn], "greedy_reward": after.greedy_reward[fn], "finished_fraction": after.finished_fraction,
                       "mean_completion_tokens": after.mean_completion_tokens, "examples": after.examples},
-            "warm_start": {k: warm_meta.get(k) for k in ("seconds", "first_loss", "final_loss", "cpu_capability", "threads", "config")},
+            "warm_start": {k: warm_meta.get(k) for k in ("seconds", "first_loss", "final_loss", "cpu_capability", "threads",
+                                                          "mkl_enable_instructions", "config")},
             "paths": {"actor": str(out / "warm"), "train": str(out / "task" / "train.jsonl"), "test": str(out / "task" / "test.jsonl")},
         }
         tmp = report_path.with_name("report.json.tmp")

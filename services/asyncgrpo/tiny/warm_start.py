@@ -182,6 +182,7 @@ def warm_start(model_dir: str | Path, train_file: str | Path, out_dir: str | Pat
     # different weights, even in float64): record which ran, so two warm starts' numbers can be told apart
     meta = {"source": str(model_dir), "train_file": str(train_file), "config": asdict(cfg), "examples": len(examples),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "mkl_enable_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS"),
             "seconds": round(result.seconds, 2), "first_loss": result.first_loss, "final_loss": result.final_loss,
             "losses": result.losses}
     save_checkpoint(model, tok, model_dir, out_dir, meta)
