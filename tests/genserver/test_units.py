@@ -189,20 +189,23 @@ def test_counts_below_one_are_refused_by_name(flag: str, capsys: pytest.CaptureF
         assert f"argument {flag}: {why}; give a whole number >= 1" in err, err
 
 
+@pytest.mark.parametrize("command", ["genserver", "reward_server"])
 @pytest.mark.parametrize(("env", "want"), [(None, 1), ("", 1), ("0", 1), ("-2", 1), ("x", 1), ("3", 3), ("4,2", 4)])
-def test_threads_default_reads_omp_num_threads_as_openmp_does(env: str | None, want: int,
+def test_threads_default_reads_omp_num_threads_as_openmp_does(command: str, env: str | None, want: int,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
+    import importlib
 
-    from asyncgrpo.genserver.command import add_arguments
-
+    add_arguments = importlib.import_module(f"asyncgrpo.{command}.command").add_arguments
     if env is None:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     else:
         monkeypatch.setenv("OMP_NUM_THREADS", env)
-    p = argparse.ArgumentParser(prog="asyncgrpo genserver")
+    p = argparse.ArgumentParser(prog=f"asyncgrpo {command}")
     add_arguments(p)
     assert p.parse_args(["--model", "m"]).threads == want
+    with pytest.raises(SystemExit):
+        p.parse_args(["--model", "m", "--threads", "0"])
 
 
 @pytest.mark.parametrize("kw", [{"max_batch_size": 0}, {"num_continuous_decode_steps": 0}])

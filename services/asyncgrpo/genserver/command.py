@@ -4,36 +4,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from asyncgrpo.utils.auth import ENV_ADMIN_API_KEY, ENV_API_KEY
-
-
-def _at_least_one(text: str) -> int:
-    """argparse type: an integer >= 1 (a count of steps, rows or threads; 0 or less would silently mean 1)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a whole number >= 1") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n} is below 1; give a whole number >= 1")
-    return n
-
-
-def _default_threads() -> int:
-    """OMP_NUM_THREADS as OpenMP reads it ("4", or "4,2" for nested levels: the first); unset or unusable: 1."""
-    head = (os.environ.get("OMP_NUM_THREADS") or "").split(",")[0].strip()
-    return int(head) if head.isdigit() and int(head) >= 1 else 1
+from asyncgrpo.utils.cli import add_threads_argument, at_least_one
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "--model-path", dest="model", required=True, help="HF checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to serve other machines: needs a key)")
     p.add_argument("--port", type=int, default=30000, help="HTTP port (SGLang's default is 30000)")
-    p.add_argument("--num-continuous-decode-steps", type=_at_least_one, default=1,
+    p.add_argument("--num-continuous-decode-steps", type=at_least_one, default=1,
                    help="decode steps between admissions of waiting requests (SGLang's flag): fewer, larger prefills")
-    p.add_argument("--max-batch-size", type=_at_least_one, default=128, help="most requests decoded together (SGLang: max_running_requests)")
+    p.add_argument("--max-batch-size", type=at_least_one, default=128, help="most requests decoded together (SGLang: max_running_requests)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="model dtype (bfloat16 on a GPU; log-probs are computed in fp32 from the logits either way)")
     p.add_argument("--device", default="cpu",
@@ -41,8 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-version", default="default", help="initial weight_version label")
     p.add_argument("--dist-timeout-s", type=float, default=600.0,
                    help="timeout of every weight-sync rendezvous and collective, and of a load from disk")
-    p.add_argument("--threads", type=_at_least_one, default=_default_threads(),
-                   help="torch intra-op threads (default: $OMP_NUM_THREADS, else 1)")
+    add_threads_argument(p)
     p.add_argument("--served-model-name", default=None, help="name reported by /model_info (default: the path)")
     p.add_argument("--api-key", default=None,
                    help=f"bearer token every endpoint but /health* and /metrics needs, as SGLang's (default: ${ENV_API_KEY})")

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from asyncgrpo.utils.auth import ENV_ADMIN_API_KEY, ENV_API_KEY
+from asyncgrpo.utils.cli import add_threads_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout-s", type=float, default=60.0, help="a request not scored by then answers 504")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1") or 1), help="torch intra-op threads")
+    add_threads_argument(p)
     p.add_argument("--served-model-name", default=None, help="name reported by /model_info (default: the path)")
     p.add_argument("--api-key", default=None, help=f"bearer token /classify needs, as SGLang's (default: ${ENV_API_KEY})")
     p.add_argument("--admin-api-key", default=None, help=f"accepted as SGLang's (default: ${ENV_ADMIN_API_KEY}); no admin endpoints here")
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from asyncgrpo.utils.logging import setup_logging
 
     log = setup_logging("reward-server")
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(args.threads)
     try:
         model, tok = load_reward_model(args.model, args.dtype, args.device)
         scorer = Scorer(model, tok, max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000)
